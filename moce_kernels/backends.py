@@ -1,0 +1,171 @@
+"""Backend selection: which implementation every op in :mod:`moce_kernels.ops` runs.
+
+Backends:
+  ``reference``  pure PyTorch, any device (the oracle, and the CPU path)
+  ``triton``     Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
+  ``cuda``       the compiled CUDA C++ extension (``moce_kernels._C``), CUDA tensors
+  ``auto``       per call, the fastest backend available for the tensors' device
+
+The choice comes, in this order, from the innermost ``with moce_kernels.backend(name):``,
+then ``moce_kernels.set_backend(name)``, then the environment variable ``MOCE_BACKEND``,
+then ``auto``. An unknown name, or a backend that cannot run here, is an error that says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+BACKENDS: Tuple[str, ...] = ("reference", "triton", "cuda")
+_CHOICES: Tuple[str, ...] = BACKENDS + ("auto",)
+
+# op name -> backend name -> implementation
+_IMPLS: Dict[str, Dict[str, Callable]] = {}
+# Modules that register each backend's implementations when imported.
+_BACKEND_MODULES = {
+    "reference": "moce_kernels.reference",
+    "triton": "moce_kernels.triton",
+    "cuda": "moce_kernels.cuda",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a named backend cannot run on this machine or for these tensors."""
+
+
+class _State:
+    default: Optional[str] = None  # set_backend()
+    stack: List[str] = []  # backend() context managers
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in _CHOICES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_CHOICES)}")
+    return name
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _why_unavailable(name: str) -> Optional[str]:
+    """None when backend ``name`` can run on this machine, else the reason it cannot."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        try:
+            importlib.import_module("triton")
+        except ImportError as e:  # pragma: no cover - depends on the machine
+            return f"triton is not installed ({e})"
+        if not (torch.cuda.is_available() or triton_interpreted()):
+            return "triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run on the CPU interpreter"
+        return None
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            return "the cuda backend needs a CUDA GPU and a CUDA build of PyTorch"
+        try:
+            importlib.import_module("moce_kernels._C")
+        except ImportError as e:
+            return (f"the CUDA extension moce_kernels._C is not built ({e}); "
+                    "build it with `pip install --no-build-isolation -e .` on a machine with nvcc")
+        return None
+    raise ValueError(name)
+
+
+def available_backends() -> List[str]:
+    """Names of the backends that can run on this machine."""
+    return [b for b in BACKENDS if _why_unavailable(b) is None]
+
+
+def _require(name: str) -> None:
+    why = _why_unavailable(name)
+    if why is not None:
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {why}")
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (``auto`` restores automatic choice)."""
+    _check_name(name)
+    if name != "auto":
+        _require(name)
+    _State.default = name
+
+
+def get_backend() -> str:
+    """The backend name in force (may be ``auto``)."""
+    if _State.stack:
+        return _State.stack[-1]
+    if _State.default is not None:
+        return _State.default
+    return _check_name(os.environ.get("MOCE_BACKEND", "auto") or "auto")
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Context manager: run ops inside the block with backend ``name``."""
+    _check_name(name)
+    if name != "auto":
+        _require(name)
+    _State.stack.append(name)
+    try:
+        yield
+    finally:
+        _State.stack.pop()
+
+
+def register(op: str, backend_name: str) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as backend ``backend_name``'s implementation of ``op``."""
+
+    def deco(fn: Callable) -> Callable:
+        _IMPLS.setdefault(op, {})[backend_name] = fn
+        return fn
+
+    return deco
+
+
+def _load(backend_name: str) -> None:
+    importlib.import_module(_BACKEND_MODULES[backend_name])
+
+
+def _auto_order(device: torch.device) -> Tuple[str, ...]:
+    if device.type == "cuda":
+        return ("cuda", "triton", "reference")
+    if triton_interpreted():
+        return ("reference",)  # the interpreter is for tests, never chosen automatically
+    return ("reference",)
+
+
+def resolve(op: str, device: torch.device, name: Optional[str] = None) -> str:
+    """Concrete backend that runs ``op`` for tensors on ``device``."""
+    name = get_backend() if name is None else _check_name(name)
+    if name == "auto":
+        for cand in _auto_order(device):
+            if _why_unavailable(cand) is None:
+                _load(cand)
+                if cand in _IMPLS.get(op, {}):
+                    return cand
+        return "reference"
+    _require(name)
+    if name == "cuda" and device.type != "cuda":
+        raise BackendUnavailableError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
+    if name == "triton" and device.type != "cuda" and not triton_interpreted():
+        raise BackendUnavailableError(
+            f"backend 'triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
+            "before importing triton to run it on the CPU interpreter")
+    return name
+
+
+def implementation(op: str, backend_name: str) -> Callable:
+    """The function that implements ``op`` in backend ``backend_name``."""
+    _load(backend_name)
+    try:
+        return _IMPLS[op][backend_name]
+    except KeyError:
+        have = sorted(_IMPLS.get(op, {}))
+        raise NotImplementedError(
+            f"op {op!r} has no {backend_name!r} implementation (implemented by: {', '.join(have) or 'none'})"
+        ) from None

@@ -1,0 +1,85 @@
+"""Encoder, decoder and residual-group blocks of MoCE-IR."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..nvtx import annotate
+from .layers import Attention, CrossAttention, FeedForward, LayerNorm
+from .moe import AdapterLayer
+
+
+class EncoderBlock(nn.Module):
+    """``x += MDTA(LN(x)); x += GDFN(LN(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float, bias: bool, layer_norm_type: str):
+        super().__init__()
+        self.norms = nn.ModuleList([LayerNorm(dim, layer_norm_type), LayerNorm(dim, layer_norm_type)])
+        self.mixer = Attention(dim, num_heads, bias)
+        self.ffn = FeedForward(dim, ffn_expansion_factor, bias)
+
+    @annotate("EncoderBlock")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.norms[0](x))
+        return x + self.ffn(self.norms[1](x))
+
+
+class DecoderBlock(nn.Module):
+    """``n = LN(x)``; ``s = MDTA(pw_s(n))``; ``a = MoCE(pw_a(n), freq, s)``; ``x = Cross(a, s) + x``;
+    ``x += GDFN(LN(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float, bias: bool, layer_norm_type: str,
+                 rank: int, num_experts: int, top_k: int, depth_type: Union[str, int], rank_type: str,
+                 stage_depth: int, freq_dim: int, with_complexity: bool, complexity_scale: str,
+                 routing_noise: str):
+        super().__init__()
+        self.norms = nn.ModuleList([LayerNorm(dim, layer_norm_type), LayerNorm(dim, layer_norm_type)])
+        self.proj = nn.ModuleList([nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1)])
+        self.shared = Attention(dim, num_heads, bias)
+        self.mixer = CrossAttention(dim, num_heads, bias)
+        self.ffn = FeedForward(dim, ffn_expansion_factor, bias)
+        self.adapter = AdapterLayer(dim, rank, num_experts=num_experts, top_k=top_k, stage_depth=stage_depth,
+                                    depth_type=depth_type, rank_type=rank_type, freq_dim=freq_dim,
+                                    with_complexity=with_complexity, complexity_scale=complexity_scale,
+                                    routing_noise=routing_noise)
+
+    @annotate("DecoderBlock")
+    def forward(self, x: torch.Tensor, freq_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = self.norms[0](x)
+        s = self.shared(self.proj[0](n))
+        a = self.adapter(self.proj[1](n), freq_emb, s)
+        x = self.mixer(a, s) + x
+        x = x + self.ffn(self.norms[1](x))
+        return x, self.adapter.loss
+
+
+class EncoderResidualGroup(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_blocks: int, ffn_expansion: float, layer_norm_type: str,
+                 bias: bool):
+        super().__init__()
+        self.layers = nn.ModuleList([EncoderBlock(dim, num_heads, ffn_expansion, bias, layer_norm_type)
+                                     for _ in range(num_blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class DecoderResidualGroup(nn.Module):
+    """Decoder blocks in sequence; ``self.loss`` sums their auxiliary losses."""
+
+    def __init__(self, dim: int, num_heads: int, num_blocks: int, **block_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList([DecoderBlock(dim, num_heads, **block_kwargs) for _ in range(num_blocks)])
+        self.loss: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor, freq_emb: torch.Tensor) -> torch.Tensor:
+        total = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            x, loss = layer(x, freq_emb)
+            total = total + loss
+        self.loss = total
+        return x

@@ -1,0 +1,155 @@
+"""MoCE-IR: the 4-level asymmetric U-Net with mixture-of-complexity-experts decoders."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nvtx import annotate
+from .blocks import DecoderResidualGroup, EncoderResidualGroup
+from .layers import Downsample, FFTAttention, FrequencyEmbedding, OverlapPatchEmbed, Upsample
+from .moe import AdapterLayer
+from .presets import preset_config
+
+
+def _pad_reflect(x: torch.Tensor, mult: int) -> torch.Tensor:
+    """Pad the bottom/right of x to multiples of ``mult``: reflect, repeated for sides shorter than the pad."""
+    for dim in (-1, -2):
+        need = (-x.shape[dim]) % mult
+        while need > 0:
+            size = x.shape[dim]
+            step = min(need, size - 1) if size > 1 else need
+            pad = (0, step, 0, 0) if dim == -1 else (0, 0, 0, step)
+            x = F.pad(x, pad, mode="reflect" if size > 1 else "replicate")
+            need -= step
+    return x
+
+
+def _check_list(name: str, value: Sequence[int], n: int) -> List[int]:
+    if len(value) != n:
+        raise ValueError(f"{name} must have {n} entries for this number of levels, got {list(value)}")
+    return list(value)
+
+
+class MoCEIR(nn.Module):
+    """MoCE-IR (Zamfir et al., CVPR 2025), exact to the authors' released weights.
+
+    Takes the authors' constructor arguments with their defaults, plus ``routing_noise``
+    (``"train"``: router noise only in training; ``"always"``: the authors' behaviour; ``"never"``).
+    Input (B, inp_channels, H, W), any H, W (reflect-padded to a multiple of 2**(levels-1) and cropped
+    back); output the same shape. After a training forward ``total_loss`` is the auxiliary loss.
+    """
+
+    def __init__(self, inp_channels: int = 3, out_channels: int = 3, dim: int = 32, levels: int = 4,
+                 heads: Sequence[int] = (1, 1, 1, 1), num_blocks: Sequence[int] = (1, 1, 1, 3),
+                 num_dec_blocks: Sequence[int] = (1, 1, 1), ffn_expansion_factor: float = 2,
+                 num_refinement_blocks: int = 1, LayerNorm_type: str = "WithBias", bias: bool = False,  # noqa: N803
+                 rank: int = 2, num_experts: int = 4, depth_type: Union[str, int] = "lin",
+                 stage_depth: Sequence[int] = (3, 2, 1), rank_type: str = "constant", topk: int = 1,
+                 expert_layer: Optional[type] = None, with_complexity: bool = False, complexity_scale: str = "max",
+                 routing_noise: str = "train"):
+        super().__init__()
+        if expert_layer not in (None, FFTAttention) and getattr(expert_layer, "__name__", "") != "FFTAttention":
+            raise ValueError(f"only the FFTAttention expert layer is supported, got {expert_layer!r}")
+        if levels < 2:
+            raise ValueError(f"levels must be >= 2, got {levels}")
+        heads = _check_list("heads", heads, levels)
+        num_blocks = _check_list("num_blocks", num_blocks, levels)
+        num_dec_blocks = _check_list("num_dec_blocks", num_dec_blocks, levels - 1)
+        stage_depth = _check_list("stage_depth", stage_depth, levels - 1)
+        self.levels = levels
+        self.num_dec_blocks = num_dec_blocks
+        self.pad_multiple = 2 ** (levels - 1)
+        self.inp_channels = inp_channels
+        dims = [dim * 2 ** i for i in range(levels)]
+
+        self.patch_embed = OverlapPatchEmbed(inp_channels, dim, bias=False)
+        self.freq_embed = FrequencyEmbedding(dims[-1])
+        group = dict(ffn_expansion=ffn_expansion_factor, layer_norm_type=LayerNorm_type, bias=True)
+        self.enc = nn.ModuleList([
+            nn.ModuleList([EncoderResidualGroup(dims[i], heads[i], num_blocks[i], **group), Downsample(dims[i])])
+            for i in range(levels - 1)])
+        self.latent = EncoderResidualGroup(dims[-1], heads[-1], num_blocks[-1], **group)
+
+        rdims, rheads, rdec = dims[::-1], heads[::-1], num_dec_blocks[::-1]
+        block = dict(ffn_expansion_factor=ffn_expansion_factor, bias=bias, layer_norm_type=LayerNorm_type, rank=rank,
+                     num_experts=num_experts, top_k=topk, depth_type=depth_type, rank_type=rank_type,
+                     freq_dim=dims[-1], with_complexity=with_complexity, complexity_scale=complexity_scale,
+                     routing_noise=routing_noise)
+        self.dec = nn.ModuleList([
+            nn.ModuleList([
+                Upsample(rdims[i]),
+                nn.Conv2d(rdims[i], rdims[i + 1], kernel_size=1, bias=bias),
+                DecoderResidualGroup(rdims[i + 1], rheads[i + 1], rdec[i], stage_depth=stage_depth[i], **block),
+            ]) for i in range(levels - 1)])
+        self.refinement = EncoderResidualGroup(dim, heads[0], num_refinement_blocks, **group)
+        self.output = nn.Conv2d(dim, out_channels, kernel_size=3, padding=1, bias=bias)
+        self.total_loss: torch.Tensor = torch.zeros(())
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MoCEIR":
+        """``"MoCE_IR"`` (dim 48, 25.4 M parameters) or ``"MoCE_IR_S"`` (dim 32, 11.5 M)."""
+        cfg = preset_config(name)
+        cfg.update(overrides)
+        return cls(**cfg)
+
+    @classmethod
+    def from_checkpoint(cls, path, preset: Optional[str] = None, map_location="cpu", strict: bool = True,
+                        **kwargs) -> "MoCEIR":
+        """Load a released Lightning ``.ckpt`` or a plain state dict (``weights_only``); see
+        :func:`moce_kernels.model.checkpoint.load_model`."""
+        from .checkpoint import load_model
+        return load_model(cls, path, preset=preset, map_location=map_location, strict=strict, **kwargs)
+
+    # ------------------------------------------------------------ routing noise
+    def adapters(self) -> List[AdapterLayer]:
+        return [m for m in self.modules() if isinstance(m, AdapterLayer)]
+
+    @property
+    def routing_noise(self) -> str:
+        return self.adapters()[0].routing_noise
+
+    @routing_noise.setter
+    def routing_noise(self, mode: str) -> None:
+        for a in self.adapters():
+            a.routing_noise = mode
+
+    # ------------------------------------------------------------ forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"MoCEIR expects a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+        if x.shape[1] != self.inp_channels:
+            raise ValueError(f"MoCEIR expects {self.inp_channels} input channels, got {x.shape[1]}")
+        p = self.patch_embed.proj.weight
+        if x.dtype != p.dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the model's {p.dtype}; convert one of them")
+        if x.device != p.device:
+            raise ValueError(f"input is on {x.device} but the model is on {p.device}")
+        if x.numel() == 0:
+            raise ValueError(f"input is empty: {tuple(x.shape)}")
+
+    @annotate("MoCEIR")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        H, W = x.shape[-2:]
+        inp = _pad_reflect(x, self.pad_multiple)
+        feats = self.patch_embed(inp)
+        skips = []
+        for group, down in self.enc:
+            feats = group(feats)
+            skips.append(feats)
+            feats = down(feats)
+        feats = self.latent(feats)
+        freq_emb = self.freq_embed(feats)
+        total = feats.new_zeros((), dtype=torch.float32)
+        for up, fuse, group in self.dec:
+            feats = fuse(torch.cat([up(feats), skips.pop()], dim=1))
+            feats = group(feats, freq_emb)
+            total = total + group.loss
+        feats = self.refinement(feats)
+        out = self.output(feats) + inp
+        self.total_loss = total / sum(self.num_dec_blocks)
+        return out[:, :, :H, :W]

@@ -1,0 +1,178 @@
+"""The MoCE layer (``AdapterLayer``): router, complexity experts, gated combine, output projection."""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..nvtx import annotate
+from .layers import FFTAttention
+
+ROUTING_NOISE = ("train", "always", "never")
+
+
+class ModExpert(nn.Module):
+    """Complexity expert (rank r, window p): ``x + pw_2(body(pw_0(x)) * silu(pw_1(shared)))``,
+    applied ``depth`` times in a chain."""
+
+    def __init__(self, dim: int, rank: int, depth: int, patch_size: int):
+        super().__init__()
+        self.depth = depth
+        self.patch_size = patch_size
+        self.proj = nn.ModuleList([nn.Conv2d(dim, rank, 1, bias=False), nn.Conv2d(dim, rank, 1, bias=False),
+                                   nn.Conv2d(rank, dim, 1, bias=False)])
+        self.body = FFTAttention(rank, patch_size=patch_size)
+
+    def weight_list(self) -> List[torch.Tensor]:
+        """The 13 tensors in the order of :data:`moce_kernels.ops.routing.EXPERT_WEIGHT_NAMES`."""
+        b = self.body
+        return [self.proj[0].weight, self.proj[1].weight, self.proj[2].weight, b.q.weight, b.q_dwconv.weight,
+                b.q_dwconv.bias, b.kv.weight, b.kv_dwconv.weight, b.kv_dwconv.bias, b.norm.body.weight,
+                b.norm.body.bias, b.proj_out.weight, b.proj_out.bias]
+
+
+def expert_depths(depth_type: Union[str, int], stage_depth: int, n: int) -> List[int]:
+    """Per-expert depth for each ``depth_type`` the authors accept."""
+    if isinstance(depth_type, int) and not isinstance(depth_type, bool):
+        return [depth_type] * n
+    table = {
+        "lin": lambda i: stage_depth + i,
+        "double": lambda i: stage_depth + 2 * i,
+        "exp": lambda i: 2 ** i,
+        "fact": lambda i: math.factorial(i + 1),
+        "constant": lambda i: stage_depth,
+    }
+    if depth_type not in table:
+        raise ValueError(f"depth_type must be an int or one of {sorted(table)}, got {depth_type!r}")
+    return [table[depth_type](i) for i in range(n)]
+
+
+def expert_ranks(rank_type: str, rank: int, dim: int, n: int) -> List[int]:
+    """Per-expert rank for each ``rank_type`` the authors accept."""
+    table = {
+        "constant": lambda i: rank,
+        "lin": lambda i: rank + i,
+        "double": lambda i: rank + 2 * i,
+        "exp": lambda i: rank ** (i + 1),
+        "fact": lambda i: math.factorial(rank + i),
+        "spread": lambda i: dim // (2 ** (n - 1 - i)),
+    }
+    if rank_type not in table:
+        raise ValueError(f"rank_type must be one of {sorted(table)}, got {rank_type!r}")
+    ranks = [table[rank_type](i) for i in range(n)]
+    if min(ranks) < 1:
+        raise ValueError(f"rank_type {rank_type!r} with dim {dim} gives ranks {ranks}; every rank must be >= 1")
+    return ranks
+
+
+class RoutingFunction(nn.Module):
+    """Parameters of the per-image router (the computation is :func:`moce_kernels.ops.moe_route`)."""
+
+    def __init__(self, dim: int, freq_dim: int, num_experts: int, k: int, complexity: torch.Tensor,
+                 use_complexity_bias: bool = True, complexity_scale: str = "max"):
+        super().__init__()
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(dim, num_experts, bias=False))
+        self.freq_gate = nn.Linear(freq_dim, num_experts, bias=False)
+        if complexity_scale == "min":
+            complexity = complexity / complexity.min()
+        elif complexity_scale == "max":
+            complexity = complexity / complexity.max()
+        else:
+            raise ValueError(f"complexity_scale must be 'min' or 'max', got {complexity_scale!r}")
+        self.register_buffer("complexity", complexity.float())
+        self.k = k
+        self.num_experts = num_experts
+        self.noise_std = 1.0 / num_experts
+        self.use_complexity_bias = use_complexity_bias
+
+
+class AdapterLayer(nn.Module):
+    """MoCE layer: ``proj_out(sum_j gate_j * expert_{i_j}(x, shared))``, top-k per image.
+
+    ``routing_noise``: ``"train"`` samples N(0, (1/E)^2) router noise only in training, ``"always"``
+    also in eval (the authors' behaviour), ``"never"`` not at all; the noise scale enters the
+    load-balancing loss in every case. After a training forward, ``self.loss`` is the auxiliary loss.
+    """
+
+    def __init__(self, dim: int, rank: int, num_experts: int = 4, top_k: int = 2, stage_depth: int = 1,
+                 depth_type: Union[str, int] = "lin", rank_type: str = "constant", freq_dim: int = 128,
+                 with_complexity: bool = False, complexity_scale: str = "min", routing_noise: str = "train"):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"topk must be in [1, num_experts={num_experts}], got {top_k}")
+        self.top_k = top_k
+        self.num_experts = num_experts
+        self.routing_noise = routing_noise
+        self.loss: torch.Tensor = torch.zeros(())
+        windows = [2 ** (i + 2) for i in range(num_experts)]
+        depths = expert_depths(depth_type, stage_depth, num_experts)
+        ranks = expert_ranks(rank_type, rank, dim, num_experts)
+        # nn.Sequential keeps the authors' key layout: experts.<e>.0.<...>
+        self.experts = nn.ModuleList([nn.Sequential(ModExpert(dim, r, d, p))
+                                      for r, d, p in zip(ranks, depths, windows)])
+        self.proj_out = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
+        complexity = torch.tensor([sum(p.numel() for p in e.parameters()) for e in self.experts], dtype=torch.float32)
+        self.routing = RoutingFunction(dim, freq_dim, num_experts, top_k, complexity, with_complexity,
+                                       complexity_scale)
+
+    @property
+    def routing_noise(self) -> str:
+        return self._routing_noise
+
+    @routing_noise.setter
+    def routing_noise(self, mode: str) -> None:
+        if mode not in ROUTING_NOISE:
+            raise ValueError(f"routing_noise must be one of {ROUTING_NOISE}, got {mode!r}")
+        self._routing_noise = mode
+
+    def _sample_noise(self) -> bool:
+        return self._routing_noise == "always" or (self._routing_noise == "train" and self.training)
+
+    def _noise(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0], self.num_experts)
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if self._sample_noise():
+            return torch.randn(shape, device=x.device, dtype=dt) * self.routing.noise_std
+        return torch.zeros(shape, device=x.device, dtype=dt)
+
+    def expert_modules(self) -> List[ModExpert]:
+        return [seq[0] for seq in self.experts]
+
+    def expert_weights(self) -> List[torch.Tensor]:
+        return [w for e in self.expert_modules() for w in e.weight_list()]
+
+    def route(self, x: torch.Tensor, freq_emb: torch.Tensor):
+        """gates (B, k), indices (B, k), noise-free logits (B, E), aux loss () (0 in eval)."""
+        r = self.routing
+        return ops.moe_route(x, freq_emb, r.gate[2].weight, r.freq_gate.weight, r.complexity, self._noise(x),
+                             self.top_k, r.noise_std, self.training, r.use_complexity_bias)
+
+    def run_experts(self, x: torch.Tensor, shared: torch.Tensor, indices: torch.Tensor):
+        """Dispatch, expert stage: returns (expert rows (B*k, C, H, W), perm)."""
+        _, offsets, perm = ops.moe_dispatch(indices, self.num_experts)
+        experts = self.expert_modules()
+        rows = ops.moe_experts(x, shared, perm, offsets, self.top_k, self.expert_weights(),
+                               [e.patch_size for e in experts], [e.depth for e in experts])
+        return rows, perm
+
+    @annotate("MoCE")
+    def forward(self, x: torch.Tensor, freq_emb: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        gates, indices, _, loss = self.route(x, freq_emb)
+        self.loss = loss
+        rows, perm = self.run_experts(x, shared, indices)
+        return self.proj_out(ops.moe_combine(rows, gates, perm))
+
+    def all_expert_outputs(self, x: torch.Tensor, shared: torch.Tensor) -> List[torch.Tensor]:
+        """Every expert's output on (x, shared), routed or not (for inspection and tests)."""
+        B, E = x.shape[0], self.num_experts
+        outs = []
+        for e in range(E):
+            idx = torch.full((B, 1), e, dtype=torch.int64, device=x.device)
+            _, offsets, perm = ops.moe_dispatch(idx, E)
+            mods = self.expert_modules()
+            outs.append(ops.moe_experts(x, shared, perm, offsets, 1, self.expert_weights(),
+                                        [m.patch_size for m in mods], [m.depth for m in mods]))
+        return outs

@@ -1,0 +1,15 @@
+"""The ops layer: every mission computation of the model goes through these functions.
+
+Each is a ``torch.library`` custom op (namespace ``moce``) with a schema, a fake
+implementation and an autograd formula; the backend (see :mod:`moce_kernels.backends`)
+is chosen per call inside the op.
+"""
+from .expert_conv import pointwise_depthwise_conv, pointwise_depthwise_conv_gated
+from .routing import combine as moe_combine
+from .routing import dispatch as moe_dispatch
+from .routing import experts as moe_experts
+from .routing import route as moe_route
+from .window_attention import window_fft_attention
+
+__all__ = ["window_fft_attention", "pointwise_depthwise_conv", "pointwise_depthwise_conv_gated", "moe_route",
+           "moe_dispatch", "moe_experts", "moe_combine"]

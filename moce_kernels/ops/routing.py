@@ -1,0 +1,272 @@
+"""Routed expert dispatch for the MoCE layer: router, dispatch, expert stage, combine.
+
+Every op here keeps its shapes independent of the routing (sized by B * k), so a forward
+needs no host synchronisation on the fast backends.
+
+Slots: ``s = b * k + j`` is image b's j-th choice. ``perm`` (B*k,) lists the slots sorted by
+expert (stable); expert e owns ``perm[offsets[e]:offsets[e+1]]`` and the same rows of the
+expert-stage output.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from ._common import FLOAT_DTYPES, call_impl, check_same, check_tensor
+
+WEIGHTS_PER_EXPERT = 13
+EXPERT_WEIGHT_NAMES = ("proj0", "proj1", "proj2", "q", "q_dw", "q_dw_bias", "kv", "kv_dw", "kv_dw_bias",
+                       "norm_weight", "norm_bias", "proj_out", "proj_out_bias")
+
+
+# ---------------------------------------------------------------- router
+@torch.library.custom_op("moce::moe_route", mutates_args=())
+def _route(x: torch.Tensor, freq_emb: torch.Tensor, gate_weight: torch.Tensor, freq_weight: torch.Tensor,
+           complexity: torch.Tensor, noise: torch.Tensor, k: int, noise_std: float, compute_loss: bool,
+           use_complexity: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(call_impl("moe_route", x.device, x, freq_emb, gate_weight, freq_weight, complexity, noise, k,
+                           noise_std, compute_loss, use_complexity))
+
+
+def _route_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@_route.register_fake
+def _(x, freq_emb, gate_weight, freq_weight, complexity, noise, k, noise_std, compute_loss, use_complexity):
+    B, E, dt = x.shape[0], gate_weight.shape[0], _route_dtype(x)
+    return (x.new_empty(B, k, dtype=dt), x.new_empty(B, k, dtype=torch.int64), x.new_empty(B, E, dtype=dt),
+            x.new_empty((), dtype=dt))
+
+
+@torch.library.custom_op("moce::moe_route_backward", mutates_args=())
+def _route_backward(grad_gates: torch.Tensor, grad_logits: torch.Tensor, grad_loss: torch.Tensor, x: torch.Tensor,
+                    freq_emb: torch.Tensor, gate_weight: torch.Tensor, freq_weight: torch.Tensor,
+                    complexity: torch.Tensor, noise: torch.Tensor, k: int, noise_std: float, compute_loss: bool,
+                    use_complexity: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(call_impl("moe_route_backward", x.device, grad_gates, grad_logits, grad_loss, x, freq_emb,
+                           gate_weight, freq_weight, complexity, noise, k, noise_std, compute_loss, use_complexity))
+
+
+@_route_backward.register_fake
+def _(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight, freq_weight, *rest):
+    return (torch.empty_like(x), torch.empty_like(freq_emb), torch.empty_like(gate_weight),
+            torch.empty_like(freq_weight))
+
+
+def _route_setup(ctx, inputs, output):
+    x, freq_emb, gate_weight, freq_weight, complexity, noise, k, noise_std, compute_loss, use_complexity = inputs
+    ctx.save_for_backward(x, freq_emb, gate_weight, freq_weight, complexity, noise)
+    ctx.args = (k, noise_std, compute_loss, use_complexity)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _route_bwd(ctx, g_gates, g_indices, g_logits, g_loss):
+    x, freq_emb, gate_weight, freq_weight, complexity, noise = ctx.saved_tensors
+    k = ctx.args[0]
+    B, E = x.shape[0], gate_weight.shape[0]
+    dt = _route_dtype(x)
+    zeros = lambda *s: x.new_zeros(s, dtype=dt)  # noqa: E731
+    g_gates = zeros(B, k) if g_gates is None else g_gates.contiguous()
+    g_logits = zeros(B, E) if g_logits is None else g_logits.contiguous()
+    g_loss = zeros() if g_loss is None else g_loss
+    gx, gf, ggw, gfw = _route_backward(g_gates, g_logits, g_loss, x, freq_emb, gate_weight, freq_weight, complexity,
+                                       noise, *ctx.args)
+    return gx, gf, ggw, gfw, None, None, None, None, None, None
+
+
+_route.register_autograd(_route_bwd, setup_context=_route_setup)
+
+
+def route(x: torch.Tensor, freq_emb: torch.Tensor, gate_weight: torch.Tensor, freq_weight: torch.Tensor,
+          complexity: torch.Tensor, noise: torch.Tensor, k: int, noise_std: float, compute_loss: bool,
+          use_complexity: bool = True):
+    """Per-image top-k router.
+
+    ``logits = gate_weight @ mean_HW(x) + freq_weight @ freq_emb``; ``scores = softmax(logits + noise)``;
+    the top-k scores (not renormalised) are the gates. With ``compute_loss``, also the auxiliary loss
+    ``0.5 * cv2(importance) + 0.5 * cv2(load)`` (importance times ``complexity`` when ``use_complexity``;
+    load uses ``noise_std`` as the noise scale even when ``noise`` is zero).
+
+    Args:
+        x: (B, C, H, W).  freq_emb: (B, F).  gate_weight: (E, C).  freq_weight: (E, F).
+        complexity: (E,).  noise: (B, E), already scaled (zeros for no noise).
+    Returns:
+        gates (B, k) float32, indices (B, k) int64, logits (B, E) float32 (noise-free), loss () float32
+        (float64 throughout for float64 input).
+    """
+    check_tensor("x", x, 4)
+    check_tensor("freq_emb", freq_emb, 2)
+    check_tensor("gate_weight", gate_weight, 2)
+    check_tensor("freq_weight", freq_weight, 2)
+    check_tensor("complexity", complexity, 1)
+    check_tensor("noise", noise, 2)
+    B, C = x.shape[:2]
+    E = gate_weight.shape[0]
+    if gate_weight.shape[1] != C:
+        raise ValueError(f"gate_weight must be ({E}, {C}) for x with {C} channels, got {tuple(gate_weight.shape)}")
+    if freq_emb.shape[0] != B or freq_weight.shape != (E, freq_emb.shape[1]):
+        raise ValueError(f"freq_emb {tuple(freq_emb.shape)} and freq_weight {tuple(freq_weight.shape)} must be "
+                         f"(B={B}, F) and (E={E}, F)")
+    if complexity.shape[0] != E or tuple(noise.shape) != (B, E):
+        raise ValueError(f"complexity must be ({E},) and noise ({B}, {E}); got {tuple(complexity.shape)} "
+                         f"and {tuple(noise.shape)}")
+    if not 1 <= k <= E:
+        raise ValueError(f"k must be in [1, {E}], got {k}")
+    check_same(("x", "freq_emb", "gate_weight", "freq_weight", "complexity", "noise"),
+               (x, freq_emb, gate_weight, freq_weight, complexity, noise), "device")
+    return _route(x.contiguous(), freq_emb.contiguous(), gate_weight.contiguous(), freq_weight.contiguous(),
+                  complexity.contiguous(), noise.contiguous(), int(k), float(noise_std), bool(compute_loss),
+                  bool(use_complexity))
+
+
+# ---------------------------------------------------------------- dispatch
+@torch.library.custom_op("moce::moe_dispatch", mutates_args=())
+def _dispatch(indices: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(call_impl("moe_dispatch", indices.device, indices, num_experts))
+
+
+@_dispatch.register_fake
+def _(indices, num_experts):
+    n = indices.numel()
+    return (indices.new_empty(num_experts, dtype=torch.int64), indices.new_empty(num_experts + 1, dtype=torch.int64),
+            indices.new_empty(n, dtype=torch.int64))
+
+
+def dispatch(indices: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group slots by expert on the device.
+
+    Args:
+        indices: (B, k) int64 expert of each slot.
+    Returns:
+        counts (E,), offsets (E+1,), perm (B*k,) — all int64; perm lists slot ids ``b*k+j`` sorted by
+        expert, ties in slot order.
+    """
+    check_tensor("indices", indices, 2, (torch.int64,))
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    return _dispatch(indices.contiguous(), int(num_experts))
+
+
+# ---------------------------------------------------------------- expert stage
+@torch.library.custom_op("moce::moe_experts", mutates_args=())
+def _experts(x: torch.Tensor, shared: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, k: int,
+             weights: List[torch.Tensor], windows: List[int], depths: List[int]) -> torch.Tensor:
+    return call_impl("moe_experts", x.device, x, shared, perm, offsets, k, weights, windows, depths)
+
+
+@_experts.register_fake
+def _(x, shared, perm, offsets, k, weights, windows, depths):
+    return x.new_empty((perm.shape[0],) + tuple(x.shape[1:]))
+
+
+@torch.library.custom_op("moce::moe_experts_backward", mutates_args=())
+def _experts_backward(grad: torch.Tensor, x: torch.Tensor, shared: torch.Tensor, perm: torch.Tensor,
+                      offsets: torch.Tensor, k: int, weights: List[torch.Tensor], windows: List[int],
+                      depths: List[int]) -> List[torch.Tensor]:
+    return list(call_impl("moe_experts_backward", x.device, grad, x, shared, perm, offsets, k, weights, windows,
+                          depths))
+
+
+@_experts_backward.register_fake
+def _(grad, x, shared, perm, offsets, k, weights, windows, depths):
+    return [torch.empty_like(x), torch.empty_like(shared)] + [torch.empty_like(w) for w in weights]
+
+
+def _experts_setup(ctx, inputs, output):
+    x, shared, perm, offsets, k, weights, windows, depths = inputs
+    ctx.save_for_backward(x, shared, perm, offsets, *weights)
+    ctx.args = (k, windows, depths)
+
+
+def _experts_bwd(ctx, grad):
+    x, shared, perm, offsets, *weights = ctx.saved_tensors
+    k, windows, depths = ctx.args
+    grads = _experts_backward(grad.contiguous(), x, shared, perm, offsets, k, weights, windows, depths)
+    return grads[0], grads[1], None, None, None, list(grads[2:]), None, None
+
+
+_experts.register_autograd(_experts_bwd, setup_context=_experts_setup)
+
+
+def experts(x: torch.Tensor, shared: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, k: int,
+            weights: Sequence[torch.Tensor], windows: Sequence[int], depths: Sequence[int]) -> torch.Tensor:
+    """Run every routed (image, expert) pair.
+
+    Expert e (rank r_e, window p_e, depth d_e) applies, d_e times,
+    ``x <- x + pw_2(window_attention_body(pw_0(x)) * silu(pw_1(shared)))``.
+
+    Args:
+        x, shared: (B, C, H, W).  perm, offsets: from :func:`dispatch`.  k: slots per image.
+        weights: 13 tensors per expert, in the order of ``EXPERT_WEIGHT_NAMES``.
+        windows, depths: per expert.
+    Returns:
+        (B*k, C, H, W): row r (in expert e's segment) is expert e applied to image ``perm[r] // k``.
+    """
+    check_tensor("x", x, 4)
+    check_tensor("shared", shared, 4)
+    if shared.shape != x.shape:
+        raise ValueError(f"shared has shape {tuple(shared.shape)} but x has {tuple(x.shape)}")
+    E = len(windows)
+    if len(depths) != E or len(weights) != WEIGHTS_PER_EXPERT * E:
+        raise ValueError(f"expected {WEIGHTS_PER_EXPERT} weights per expert and one window and depth each for "
+                         f"{E} experts; got {len(weights)} weights, {len(depths)} depths")
+    if offsets.shape != (E + 1,) or perm.shape != (x.shape[0] * k,):
+        raise ValueError(f"offsets must be ({E + 1},) and perm ({x.shape[0] * k},); got {tuple(offsets.shape)} "
+                         f"and {tuple(perm.shape)}")
+    check_same(("x", "shared") + tuple(f"weights[{i}]" for i in range(len(weights))), (x, shared, *weights), "dtype")
+    return _experts(x.contiguous(), shared.contiguous(), perm, offsets, int(k), [w.contiguous() for w in weights],
+                    [int(w) for w in windows], [int(d) for d in depths])
+
+
+# ---------------------------------------------------------------- combine
+@torch.library.custom_op("moce::moe_combine", mutates_args=())
+def _combine(expert_out: torch.Tensor, gates: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    return call_impl("moe_combine", expert_out.device, expert_out, gates, perm)
+
+
+@_combine.register_fake
+def _(expert_out, gates, perm):
+    return expert_out.new_empty((gates.shape[0],) + tuple(expert_out.shape[1:]))
+
+
+@torch.library.custom_op("moce::moe_combine_backward", mutates_args=())
+def _combine_backward(grad: torch.Tensor, expert_out: torch.Tensor, gates: torch.Tensor,
+                      perm: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return tuple(call_impl("moe_combine_backward", expert_out.device, grad, expert_out, gates, perm))
+
+
+@_combine_backward.register_fake
+def _(grad, expert_out, gates, perm):
+    return torch.empty_like(expert_out), torch.empty_like(gates)
+
+
+def _combine_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _combine_bwd(ctx, grad):
+    expert_out, gates, perm = ctx.saved_tensors
+    g_eo, g_gates = _combine_backward(grad.contiguous(), expert_out, gates, perm)
+    return g_eo, g_gates, None
+
+
+_combine.register_autograd(_combine_bwd, setup_context=_combine_setup)
+
+
+def combine(expert_out: torch.Tensor, gates: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Deterministic gated sum: ``out[b] = sum_j gates[b, j] * expert_out[pos(b*k + j)]``.
+
+    Args:
+        expert_out: (B*k, C, H, W) from :func:`experts`.  gates: (B, k).  perm: (B*k,) from :func:`dispatch`.
+    Returns:
+        (B, C, H, W) in expert_out's dtype (accumulated in float32).
+    """
+    check_tensor("expert_out", expert_out, 4)
+    check_tensor("gates", gates, 2)
+    B, k = gates.shape
+    if expert_out.shape[0] != B * k or perm.shape != (B * k,):
+        raise ValueError(f"expert_out must have B*k={B * k} rows and perm ({B * k},); got {expert_out.shape[0]} "
+                         f"rows and perm {tuple(perm.shape)}")
+    return _combine(expert_out.contiguous(), gates.contiguous(), perm.contiguous())

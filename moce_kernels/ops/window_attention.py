@@ -1,0 +1,95 @@
+"""Window FFT attention: ``LN_C(crop(circconv_p(q, k))) * v`` in p x p windows.
+
+Inside every non-overlapping p x p window (q and k zero-padded at the bottom/right to a
+multiple of p) and every channel, the 2-D circular convolution of q with k
+(``irfft2(rfft2(q) * rfft2(k))``, no conjugate); the result is cropped back to H x W,
+layer-normalised over channels (biased variance, ``eps``), and multiplied by v.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from ._common import FLOAT_DTYPES, call_impl, check_same, check_tensor
+
+OP = "window_fft_attention"
+WINDOW_SIZES = (4, 8, 16, 32)
+
+
+@torch.library.custom_op("moce::window_fft_attention", mutates_args=())
+def _window_fft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
+                          norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return call_impl(OP, q.device, q, k, v, window_size, norm_weight, norm_bias, eps)
+
+
+@_window_fft_attention.register_fake
+def _(q, k, v, window_size, norm_weight, norm_bias, eps):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("moce::window_fft_attention_backward", mutates_args=())
+def _window_fft_attention_backward(
+        grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
+        norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(call_impl(OP + "_backward", q.device, grad, q, k, v, window_size, norm_weight, norm_bias, eps))
+
+
+@_window_fft_attention_backward.register_fake
+def _(grad, q, k, v, window_size, norm_weight, norm_bias, eps):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(norm_weight), torch.empty_like(norm_bias))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, window_size, norm_weight, norm_bias, eps = inputs
+    ctx.save_for_backward(q, k, v, norm_weight, norm_bias)
+    ctx.window_size, ctx.eps = window_size, eps
+
+
+def _backward(ctx, grad):
+    q, k, v, w, b = ctx.saved_tensors
+    gq, gk, gv, gw, gb = _window_fft_attention_backward(grad.contiguous(), q, k, v, ctx.window_size, w, b, ctx.eps)
+    return gq, gk, gv, None, gw, gb, None
+
+
+_window_fft_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
+                 norm_weight: torch.Tensor, norm_bias: torch.Tensor) -> None:
+    """Raise a clear error for any input the op does not accept."""
+    for n, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(n, t, 4, FLOAT_DTYPES)
+    for n, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{n} has shape {tuple(t.shape)} but q has shape {tuple(q.shape)}; they must match")
+    for n, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        check_tensor(n, t, 1, FLOAT_DTYPES)
+        if t.shape[0] != q.shape[1]:
+            raise ValueError(f"{n} has {t.shape[0]} entries but q has {q.shape[1]} channels")
+    check_same(("q", "k", "v", "norm_weight", "norm_bias"), (q, k, v, norm_weight, norm_bias), "device")
+    check_same(("q", "k", "v"), (q, k, v), "dtype")
+    check_same(("norm_weight", "norm_bias"), (norm_weight, norm_bias), "dtype")
+    if isinstance(window_size, bool) or window_size not in WINDOW_SIZES:
+        raise ValueError(f"window_size must be one of {WINDOW_SIZES}, got {window_size!r}")
+    if q.numel() == 0:
+        raise ValueError(f"q is empty (shape {tuple(q.shape)}); B, C, H and W must all be >= 1")
+
+
+def window_fft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
+                         norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Fused window FFT attention.
+
+    Args:
+        q, k, v: (B, C, H, W), one floating dtype; low precision accumulates in float32.
+        window_size: p in {4, 8, 16, 32}.
+        norm_weight, norm_bias: (C,) LayerNorm affine parameters.
+        eps: LayerNorm epsilon.
+    Returns:
+        (B, C, H, W) in q's dtype: ``LN_C(crop(circconv_p(q, k))) * v``.
+    """
+    check_inputs(q, k, v, window_size, norm_weight, norm_bias)
+    return _window_fft_attention(q.contiguous(), k.contiguous(), v.contiguous(), int(window_size),
+                                 norm_weight.contiguous(), norm_bias.contiguous(), float(eps))

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op family; importing this package registers them as backend ``triton``."""
