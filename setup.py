@@ -30,8 +30,7 @@ def _cuda_extension():
         name="moce_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + gencode},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + gencode},
     )
     return ext, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

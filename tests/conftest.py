@@ -1,0 +1,37 @@
+"""Test setup: without a GPU, Triton runs in its CPU interpreter (set before triton is imported)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import moce_kernels  # noqa: E402
+
+REFERENCE_DIR = os.environ.get(
+    "MOCE_REFERENCE_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_backend():
+    """Fresh random inputs every run (seeded from the clock by pytest's order); backend reset after."""
+    yield
+    moce_kernels.set_backend("auto")
+
+
+@pytest.fixture
+def reference_dir():
+    if not os.path.isdir(REFERENCE_DIR):
+        pytest.fail(f"reference data not found at {REFERENCE_DIR}; set MOCE_REFERENCE_DIR")
+    return REFERENCE_DIR
