@@ -9,7 +9,7 @@ trap 'rm -rf "$stub"' EXIT
 mkdir -p "$stub/c10/cuda/impl"
 echo '#pragma once' > "$stub/c10/cuda/impl/cuda_cmake_macros.h"
 inc=$(python3 -c "import sysconfig, torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()), '-I' + sysconfig.get_paths()['include'])")
-cuda_inc=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")/include
+cuda_inc=${CUDA_HOME:-$(python3 -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '/usr/local/cuda')")}/include
 for f in csrc/torch_bindings.cpp csrc/*/ops.cpp; do
   g++ -std=c++20 -fsyntax-only -w -I"$stub" $inc -I"$cuda_inc" -Icsrc "$f"
   echo "syntax ok: $f"
