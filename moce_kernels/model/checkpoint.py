@@ -1,0 +1,166 @@
+"""Loading the authors' released checkpoints (Lightning ``.ckpt``) and plain state dicts, safely.
+
+Files are read with ``torch.load(weights_only=True)``: no arbitrary pickled code runs. Lightning
+hyper-parameters that hold an ``argparse.Namespace`` are allowed explicitly.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import zipfile
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from .presets import PRESETS, preset_config
+
+_PREFIXES = ("net.", "model.", "module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, or does not fit the model."""
+
+
+def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Any:
+    """``torch.load`` with ``weights_only=True`` and clear errors for missing or corrupt files."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds objects that cannot be loaded safely (weights_only=True refuses them): {e}. "
+            "Re-save it as a plain state dict: torch.save(model.state_dict(), path)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from None
+
+
+def extract_state_dict(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(state dict without ``net.``-style prefixes, hyper-parameters dict) from a loaded file."""
+    hparams: Dict[str, Any] = {}
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        hp = obj.get("hyper_parameters") or obj.get("hparams") or {}
+        hparams = vars(hp) if isinstance(hp, argparse.Namespace) else dict(hp) if isinstance(hp, Mapping) else {}
+        for v in list(hparams.values()):
+            if isinstance(v, argparse.Namespace):
+                hparams.update(vars(v))
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError("checkpoint holds no state dict (expected a mapping of parameter names to tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"state dict entries that are not tensors: {bad[:5]}")
+    sd = dict(obj)
+    for prefix in _PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd, hparams
+
+
+def _count(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """Constructor arguments implied by the tensor shapes (topk cannot be inferred: it is left out)."""
+    try:
+        dim, inp = sd["patch_embed.proj.weight"].shape[:2]
+        out_ch = sd["output.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"not a MoCE-IR state dict: missing {e.args[0]!r}") from None
+    levels = _count(sd, r"enc\.(\d+)\.") + 1
+    heads = [sd[f"enc.{i}.0.layers.0.mixer.temperature"].shape[0] for i in range(levels - 1)]
+    heads.append(sd["latent.layers.0.mixer.temperature"].shape[0])
+    num_blocks = [_count(sd, rf"enc\.{i}\.0\.layers\.(\d+)\.") for i in range(levels - 1)]
+    num_blocks.append(_count(sd, r"latent\.layers\.(\d+)\."))
+    num_dec = [_count(sd, rf"dec\.{i}\.2\.layers\.(\d+)\.") for i in range(levels - 1)][::-1]
+    num_experts = _count(sd, r"dec\.0\.2\.layers\.0\.adapter\.experts\.(\d+)\.")
+    ranks = [sd[f"dec.0.2.layers.0.adapter.experts.{e}.0.proj.0.weight"].shape[0] for e in range(num_experts)]
+    c0 = sd["dec.0.2.layers.0.adapter.proj_out.weight"].shape[0]
+    hidden = sd["enc.0.0.layers.0.ffn.project_out.weight"].shape[1]
+    cfg: Dict[str, Any] = dict(
+        inp_channels=int(inp), out_channels=int(out_ch), dim=int(dim), levels=levels, heads=heads,
+        num_blocks=num_blocks, num_dec_blocks=num_dec, num_refinement_blocks=_count(sd, r"refinement\.layers\.(\d+)\."),
+        num_experts=num_experts, ffn_expansion_factor=hidden / dim,
+        LayerNorm_type="WithBias" if "enc.0.0.layers.0.norms.0.body.bias" in sd else "BiasFree",
+        bias="output.bias" in sd,
+    )
+    if ranks == [c0 // 2 ** (num_experts - 1 - i) for i in range(num_experts)]:
+        cfg["rank_type"] = "spread"
+    elif len(set(ranks)) == 1:
+        cfg.update(rank_type="constant", rank=ranks[0])
+    if cfg["ffn_expansion_factor"] == int(cfg["ffn_expansion_factor"]):
+        cfg["ffn_expansion_factor"] = int(cfg["ffn_expansion_factor"])
+    return cfg
+
+
+def matching_preset(cfg: Mapping[str, Any]) -> Optional[str]:
+    """The preset whose shape-determining arguments equal ``cfg``'s, if any."""
+    keys = ("dim", "levels", "heads", "num_blocks", "num_dec_blocks", "num_refinement_blocks", "num_experts")
+    for name in PRESETS:
+        p = preset_config(name)
+        if all(list(p[k]) == list(cfg[k]) if isinstance(p[k], list) else p[k] == cfg[k] for k in keys):
+            return name
+    return None
+
+
+def _from_hparams(hparams: Mapping[str, Any]) -> Dict[str, Any]:
+    """Constructor arguments found among Lightning hyper-parameters (``topk`` and friends)."""
+    names = ("topk", "with_complexity", "complexity_scale", "depth_type", "stage_depth", "rank")
+    return {n: hparams[n] for n in names if n in hparams}
+
+
+def describe_mismatch(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> List[str]:
+    """Human-readable differences between the model's state dict and ``sd``."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    out = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+            out.append(f"{len(items)} {label}: {', '.join(items[:8])}{more}")
+    return out
+
+
+def load_model(cls, path, preset: Optional[str] = None, map_location="cpu", strict: bool = True, **kwargs):
+    """Build a model for the checkpoint at ``path`` and load its weights.
+
+    The configuration comes from ``preset`` if given, else from the tensor shapes (the matching preset,
+    or the released routing settings with the inferred shapes), then any Lightning hyper-parameters
+    (``topk``, ``depth_type``, ...), then ``kwargs``: what shapes cannot tell (``topk``, depths) must come
+    from one of those.
+    """
+    sd, hparams = extract_state_dict(read_checkpoint(path, map_location))
+    inferred = infer_config(sd)
+    looks_like = matching_preset(inferred)
+    if preset is not None:
+        cfg = preset_config(preset)
+    elif looks_like is not None:
+        cfg = preset_config(looks_like)
+    else:  # shapes of no preset: the released routing settings, with the inferred shapes
+        cfg = preset_config("MoCE_IR")
+        cfg.pop("rank_type")
+        cfg.update(inferred)
+    cfg.update(_from_hparams(hparams))
+    cfg.update(kwargs)
+    try:
+        model = cls(**cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot build a model for this checkpoint ({e}); shapes suggest {inferred}")
+    problems = describe_mismatch(model, sd)
+    if problems and strict:
+        hint = f"it looks like preset {looks_like!r}" if looks_like else f"its shapes suggest {inferred}"
+        asked = f"preset {preset!r}" if preset else "the inferred configuration"
+        raise CheckpointError(f"{path} does not fit {asked}; {hint}.\n  " + "\n  ".join(problems))
+    model.load_state_dict(sd, strict=strict)
+    return model
