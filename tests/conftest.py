@@ -30,7 +30,7 @@ def _seed_and_backend():
     moce_kernels.set_backend("auto")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def reference_dir():
     if not os.path.isdir(REFERENCE_DIR):
         pytest.fail(f"reference data not found at {REFERENCE_DIR}; set MOCE_REFERENCE_DIR")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import register
+from ._vjp import vjp
 
 
 def pointwise_depthwise_conv(x, pw_weight, dw_weight, pw_bias=None, dw_bias=None) -> torch.Tensor:
@@ -21,12 +22,17 @@ def pointwise_depthwise_conv_gated(x, pw_weight, dw_weight, pw_bias=None, dw_bia
 
 
 def _grads(fn, grad, x, pw_weight, dw_weight, pw_bias, dw_bias) -> List[torch.Tensor]:
-    inputs = [t.detach().requires_grad_(True) for t in (x, pw_weight, dw_weight, pw_bias, dw_bias) if t is not None]
-    with torch.enable_grad():
-        it = iter(inputs)
-        args = [next(it) if t is not None else None for t in (x, pw_weight, dw_weight, pw_bias, dw_bias)]
-        out = fn(*args)
-        return [g.contiguous() for g in torch.autograd.grad(out, inputs, grad)]
+    """[grad_x, grad_pw, grad_dw] plus the grads of the biases that are present."""
+    present = [t is not None for t in (pw_bias, dw_bias)]
+    inputs = [t for t in (x, pw_weight, dw_weight, pw_bias, dw_bias) if t is not None]
+
+    def f(*args):
+        it = iter(args[3:])
+        pb = next(it) if present[0] else None
+        db = next(it) if present[1] else None
+        return fn(args[0], args[1], args[2], pb, db)
+
+    return [g.contiguous() for g in vjp(f, grad, *inputs)]
 
 
 @register("pointwise_depthwise_conv", "reference")

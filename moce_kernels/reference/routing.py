@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import register
+from ._vjp import vjp
 from . import expert_conv as conv
 from . import window_attention as wattn
 
@@ -67,14 +68,12 @@ def _route(x, freq_emb, gate_weight, freq_weight, complexity, noise, k, noise_st
 @register("moe_route_backward", "reference")
 def _route_backward(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight, freq_weight, complexity, noise,
                     k, noise_std, compute_loss, use_complexity):
-    inputs = [t.detach().requires_grad_(True) for t in (x, freq_emb, gate_weight, freq_weight)]
-    with torch.enable_grad():
-        gates, _, logits, loss = route(*inputs, complexity, noise, k, noise_std, compute_loss, use_complexity)
-        outs, gouts = [gates, logits], [grad_gates, grad_logits]
-        if compute_loss:
-            outs.append(loss)
-            gouts.append(grad_loss)
-        grads = torch.autograd.grad(outs, inputs, gouts, allow_unused=True, materialize_grads=True)
+    def f(x_, f_, gw_, fw_):
+        gates, _, logits, loss = route(x_, f_, gw_, fw_, complexity, noise, k, noise_std, compute_loss,
+                                       use_complexity)
+        return gates, logits, loss
+
+    grads = vjp(f, (grad_gates, grad_logits, grad_loss), x, freq_emb, gate_weight, freq_weight)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -144,11 +143,8 @@ def _experts(x, shared, perm, offsets, k, weights, windows, depths):
 
 @register("moe_experts_backward", "reference")
 def _experts_backward(grad, x, shared, perm, offsets, k, weights, windows, depths) -> List[torch.Tensor]:
-    inputs = [t.detach().requires_grad_(True) for t in [x, shared, *weights]]
-    with torch.enable_grad():
-        out = experts(inputs[0], inputs[1], perm, offsets, k, inputs[2:], windows, depths)
-        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True, materialize_grads=True)
-    return [g.contiguous() for g in grads]
+    fn = lambda x_, s_, *w_: experts(x_, s_, perm, offsets, k, w_, windows, depths)  # noqa: E731
+    return [g.contiguous() for g in vjp(fn, grad, x, shared, *weights)]
 
 
 # ---------------------------------------------------------------- combine
@@ -178,8 +174,5 @@ def _combine(expert_out, gates, perm):
 
 @register("moe_combine_backward", "reference")
 def _combine_backward(grad, expert_out, gates, perm):
-    inputs = [expert_out.detach().requires_grad_(True), gates.detach().requires_grad_(True)]
-    with torch.enable_grad():
-        out = combine(inputs[0], inputs[1], perm)
-        g_eo, g_gates = torch.autograd.grad(out, inputs, grad)
+    g_eo, g_gates = vjp(lambda e_, g_: combine(e_, g_, perm), grad, expert_out, gates)
     return g_eo.contiguous(), g_gates.contiguous()

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import register
+from ._vjp import vjp
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,8 +51,5 @@ def _forward(q, k, v, window_size, norm_weight, norm_bias, eps):
 
 @register("window_fft_attention_backward", "reference")
 def _backward(grad, q, k, v, window_size, norm_weight, norm_bias, eps) -> Tuple[torch.Tensor, ...]:
-    inputs = [t.detach().requires_grad_(True) for t in (q, k, v, norm_weight, norm_bias)]
-    with torch.enable_grad():
-        out = window_fft_attention(inputs[0], inputs[1], inputs[2], window_size, inputs[3], inputs[4], eps)
-        grads = torch.autograd.grad(out, inputs, grad)
-    return tuple(g.contiguous() for g in grads)
+    fn = lambda q_, k_, v_, w_, b_: window_fft_attention(q_, k_, v_, window_size, w_, b_, eps)  # noqa: E731
+    return tuple(g.contiguous() for g in vjp(fn, grad, q, k, v, norm_weight, norm_bias))
