@@ -23,6 +23,13 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, or does not fit the model."""
 
 
+def _unsupported_global(msg: str) -> str:
+    for line in msg.splitlines():
+        if "global" in line.lower():
+            return line.strip()
+    return msg.splitlines()[0] if msg else "unknown object"
+
+
 def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Any:
     """``torch.load`` with ``weights_only=True`` and clear errors for missing or corrupt files."""
     path = os.fspath(path)
@@ -34,8 +41,12 @@ def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
+                                  f"{str(e).splitlines()[-1] if str(e) else e!r}") from None
         raise CheckpointError(
-            f"{path} holds objects that cannot be loaded safely (weights_only=True refuses them): {e}. "
+            f"{path} holds objects that cannot be loaded safely (weights_only=True refuses them): "
+            f"{_unsupported_global(str(e))}. "
             "Re-save it as a plain state dict: torch.save(model.state_dict(), path)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from None

@@ -1,0 +1,66 @@
+"""Backend selection API: set_backend, the context manager, MOCE_BACKEND, clear errors."""
+import pytest
+import torch
+
+import moce_kernels
+from moce_kernels import backends
+
+
+def test_available_and_default():
+    assert "reference" in moce_kernels.available_backends()
+    assert moce_kernels.get_backend() in ("auto",) + backends.BACKENDS
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        moce_kernels.set_backend("fast")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with moce_kernels.backend("nope"):
+            pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_cuda_backend_unavailable_without_gpu():
+    with pytest.raises(backends.BackendUnavailableError, match="cuda"):
+        moce_kernels.set_backend("cuda")
+    assert "cuda" not in moce_kernels.available_backends()
+
+
+def test_context_manager_nests_and_restores():
+    moce_kernels.set_backend("auto")
+    with moce_kernels.backend("reference"):
+        assert moce_kernels.get_backend() == "reference"
+        with moce_kernels.backend("auto"):
+            assert moce_kernels.get_backend() == "auto"
+        assert moce_kernels.get_backend() == "reference"
+    assert moce_kernels.get_backend() == "auto"
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setattr(backends._State, "default", None)
+    monkeypatch.setenv("MOCE_BACKEND", "reference")
+    assert moce_kernels.get_backend() == "reference"
+    monkeypatch.setenv("MOCE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        moce_kernels.get_backend()
+
+
+def test_auto_on_cpu_resolves_to_reference():
+    assert backends.resolve("window_fft_attention", torch.device("cpu"), "auto") == "reference"
+
+
+def test_missing_implementation_names_op_and_backend():
+    with pytest.raises(NotImplementedError, match="op 'no_such_op' has no 'reference' implementation"):
+        backends.implementation("no_such_op", "reference")
+
+
+def test_ops_follow_the_selected_backend(monkeypatch):
+    calls = []
+    ref = backends.implementation("window_fft_attention", "reference")
+    monkeypatch.setitem(backends._IMPLS["window_fft_attention"], "reference",
+                        lambda *a: calls.append(1) or ref(*a))
+    q = torch.randn(1, 2, 4, 4)
+    w, b = torch.ones(2), torch.zeros(2)
+    with moce_kernels.backend("reference"):
+        moce_kernels.ops.window_fft_attention(q, q, q, 4, w, b)
+    assert calls == [1]

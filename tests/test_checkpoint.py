@@ -1,0 +1,118 @@
+"""Checkpoint round trips (Lightning-style and plain) and the errors users get for bad files."""
+import argparse
+import os
+
+import pytest
+import torch
+
+from moce_kernels import MoCEIR
+from moce_kernels.model.checkpoint import CheckpointError
+
+from _models import FILES, load_data, model_for
+
+
+def _lightning_ckpt(model, path, hparams):
+    sd = {"net." + k: v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 3, "global_step": 100, "pytorch-lightning_version": "2.1.0", "state_dict": sd,
+                "hyper_parameters": hparams, "optimizer_states": [], "lr_schedulers": []}, path)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_lightning_roundtrip_with_namespace_hparams(tmp_path, reference_dir, name):
+    data = load_data(reference_dir, name)
+    model = model_for(data)
+    path = tmp_path / "model.ckpt"
+    _lightning_ckpt(model, path, {"opt": argparse.Namespace(lr=2e-4, topk=data["config"]["topk"], batch_size=8)})
+    loaded = MoCEIR.from_checkpoint(path).eval()
+    assert loaded.adapters()[0].top_k == data["config"]["topk"], "topk comes from the hyper-parameters"
+    x = torch.randn(1, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_plain_state_dict_roundtrip_and_kwargs(tmp_path, reference_dir):
+    data = load_data(reference_dir, FILES[1])
+    model = model_for(data)
+    path = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), path)
+    loaded = MoCEIR.from_checkpoint(path, topk=2).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("preset", ["MoCE_IR_S", "MoCE_IR"])
+def test_preset_inferred_from_shapes(tmp_path, preset):
+    model = MoCEIR.from_preset(preset)
+    path = tmp_path / "m.ckpt"
+    _lightning_ckpt(model, path, {})
+    loaded = MoCEIR.from_checkpoint(path)
+    assert loaded.patch_embed.proj.weight.shape[0] == model.patch_embed.proj.weight.shape[0]
+    for (k, a), (_, b) in zip(loaded.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        MoCEIR.from_checkpoint(tmp_path / "nope.ckpt")
+
+
+def test_corrupt_and_truncated_files(tmp_path, reference_dir):
+    bad = tmp_path / "garbage.ckpt"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        MoCEIR.from_checkpoint(bad)
+    good = tmp_path / "good.pth"
+    torch.save(model_for(load_data(reference_dir, FILES[0])).state_dict(), good)
+    blob = good.read_bytes()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        MoCEIR.from_checkpoint(cut)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_arbitrary_code_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Evil()}, path)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        MoCEIR.from_checkpoint(path)
+
+
+def test_mismatched_preset_names_keys_shapes_and_lookalike(tmp_path):
+    path = tmp_path / "s.ckpt"
+    _lightning_ckpt(MoCEIR.from_preset("MoCE_IR_S"), path, {})
+    with pytest.raises(CheckpointError) as e:
+        MoCEIR.from_checkpoint(path, preset="MoCE_IR")
+    msg = str(e.value)
+    assert "shape mismatches" in msg and "patch_embed.proj.weight" in msg
+    assert "looks like preset 'MoCE_IR_S'" in msg
+
+
+def test_missing_and_unexpected_keys(tmp_path, reference_dir):
+    model = model_for(load_data(reference_dir, FILES[0]))
+    sd = model.state_dict()
+    sd.pop("refinement.layers.0.ffn.dwconv.weight")
+    sd["extra.thing"] = torch.zeros(2)
+    path = tmp_path / "x.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError) as e:
+        MoCEIR.from_checkpoint(path)
+    msg = str(e.value)
+    assert "1 missing keys: refinement.layers.0.ffn.dwconv.weight" in msg
+    assert "1 unexpected keys: extra.thing" in msg
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="no state dict"):
+        MoCEIR.from_checkpoint(path)
+    path2 = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(3)}, path2)
+    with pytest.raises(CheckpointError, match="not a MoCE-IR state dict"):
+        MoCEIR.from_checkpoint(path2)
