@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One-shot GPU session: build the CUDA extension and the standalone harnesses, run the whole test
+# suite on the GPU, then the benchmarks; everything lands in $OUT (default ./gpu_out).
+#   bash benchmarks/gpu_run.sh [build] [test] [bench] [bench-quick] [harness]
+# Uses the machine's own python3/torch/triton (no installs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+PHASES=${*:-build test bench}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+log() { echo "=== $(date +%T) $*"; }
+
+env_report() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 - <<'PY'
+import json, torch, triton, platform
+info = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+        "gpu": torch.cuda.get_device_name(0), "python": platform.python_version()}
+print(json.dumps(info))
+PY
+}
+
+build() {
+  log build extension
+  MOCE_CUDA_ARCHS=90 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  local rc=$?
+  tail -5 "$OUT/build.log"; grep -E "error|warning: .*spill" "$OUT/build.log" | head -40
+  python3 -c "import moce_kernels, torch; print('backends:', moce_kernels.available_backends())"
+  return $rc
+}
+
+harness() {
+  log cmake harness build
+  cmake -S . -B build/cmake -DCMAKE_CUDA_ARCHITECTURES=90 > "$OUT/cmake.log" 2>&1 &&
+    cmake --build build/cmake -j 16 >> "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; return 1; }
+  for h in build/cmake/*_harness; do log "$h"; timeout 60 "$h" 2>&1 | tail -8; done
+}
+
+tests() {
+  log tests
+  timeout ${TEST_TIMEOUT:-420} python3 -m pytest tests -q -x -p no:cacheprovider \
+    --deselect tests/test_cuda_build.py::test_cmake_builds_kernels_for_sm80_and_sm90 \
+    --junitxml="$OUT/tests.xml" 2>&1 | tail -40
+}
+
+bench() {
+  log "benchmarks $1"
+  timeout ${BENCH_TIMEOUT:-540} python3 -m pytest benchmarks/$1 --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench_${1%.py}.json" 2>&1 | grep -vE "^(test_|-{20,}|Name \(time)" | tail -15
+}
+
+env_report 2>&1 | tee "$OUT/env.txt"
+for phase in $PHASES; do
+  case $phase in
+    build) build ;;
+    harness) harness ;;
+    test) tests ;;
+    bench) for b in bench_window_attention.py bench_expert_conv.py bench_routing.py bench_model.py; do bench $b; done ;;
+    bench-*) bench "${phase#bench-}" ;;
+  esac
+done
+log done
