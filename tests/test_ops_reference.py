@@ -93,6 +93,31 @@ def test_opcheck_every_op():
     opcheck(torch.ops.moce.moe_combine.default, (rows, gates, perm))
 
 
+def test_opcheck_backward_ops():
+    """The backward ops are ops too: schema, fake implementation, traceability."""
+    from torch.library import opcheck
+    d = lambda args: tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)  # noqa: E731
+    wa = d(_wa_args(torch.float32))
+    opcheck(torch.ops.moce.window_fft_attention_backward.default, (torch.randn_like(wa[0]),) + wa)
+    for name in ("pointwise_depthwise_conv_backward", "pointwise_depthwise_conv_gated_backward"):
+        for args in (d(_pwdw_args()), d(_pwdw_args(k=7, bias=False))):
+            c_out = args[1].shape[0] // (2 if "gated" in name else 1)
+            opcheck(getattr(torch.ops.moce, name).default, (torch.randn(2, c_out, 5, 7, dtype=torch.float64),) + args)
+    ra = d(_route_args())
+    grads = (torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64),
+             torch.randn((), dtype=torch.float64))
+    opcheck(torch.ops.moce.moe_route_backward.default, grads + ra)
+    idx = torch.tensor([[1, 3], [0, 1], [3, 2]])
+    _, offsets, perm = ops.moe_dispatch(idx, 4)
+    x, s = torch.randn(3, 4, 5, 6, dtype=torch.float64), torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    ws = [w.detach() for w in _expert_weights(4, [1, 1, 2, 4])]
+    opcheck(torch.ops.moce.moe_experts_backward.default,
+            (torch.randn(6, 4, 5, 6, dtype=torch.float64), x, s, perm, offsets, 2, ws, [4, 8, 16, 32], [1, 1, 2, 1]))
+    opcheck(torch.ops.moce.moe_combine_backward.default,
+            (torch.randn(3, 4, 5, 6, dtype=torch.float64), torch.randn(6, 4, 5, 6, dtype=torch.float64),
+             torch.rand(3, 2, dtype=torch.float64), perm))
+
+
 def test_gradcheck_window_attention_and_convs():
     q, k, v, p, w, b, eps = _wa_args()
     assert torch.autograd.gradcheck(lambda *a: ops.window_fft_attention(a[0], a[1], a[2], p, a[3], a[4]),

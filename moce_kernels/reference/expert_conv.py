@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import register
-from ._vjp import vjp
+from .grads import gelu_grad, pointwise_depthwise_grads
 
 
 def pointwise_depthwise_conv(x, pw_weight, dw_weight, pw_bias=None, dw_bias=None) -> torch.Tensor:
@@ -21,18 +21,14 @@ def pointwise_depthwise_conv_gated(x, pw_weight, dw_weight, pw_bias=None, dw_bia
     return F.gelu(a) * b
 
 
-def _grads(fn, grad, x, pw_weight, dw_weight, pw_bias, dw_bias) -> List[torch.Tensor]:
-    """[grad_x, grad_pw, grad_dw] plus the grads of the biases that are present."""
-    present = [t is not None for t in (pw_bias, dw_bias)]
-    inputs = [t for t in (x, pw_weight, dw_weight, pw_bias, dw_bias) if t is not None]
-
-    def f(*args):
-        it = iter(args[3:])
-        pb = next(it) if present[0] else None
-        db = next(it) if present[1] else None
-        return fn(args[0], args[1], args[2], pb, db)
-
-    return [g.contiguous() for g in vjp(f, grad, *inputs)]
+def pointwise_depthwise_conv_backward(grad, x, pw_weight, dw_weight, pw_bias, dw_bias, gated: bool):
+    """Closed form: [grad_x, grad_pw, grad_dw] plus the grads of the biases that are present."""
+    if gated:
+        a, b = pointwise_depthwise_conv(x, pw_weight, dw_weight, pw_bias, dw_bias).chunk(2, dim=1)
+        grad = torch.cat([grad * b * gelu_grad(a), grad * F.gelu(a)], dim=1)
+    gx, gpw, gdw, gpb, gdb = pointwise_depthwise_grads(grad, x, pw_weight, dw_weight, pw_bias)
+    out = [gx, gpw, gdw] + [g for g, b in ((gpb, pw_bias), (gdb, dw_bias)) if b is not None]
+    return [t.contiguous() for t in out]
 
 
 @register("pointwise_depthwise_conv", "reference")
@@ -49,9 +45,11 @@ def _fwd_gated(x, pw_weight, dw_weight, pw_bias, dw_bias):
 
 @register("pointwise_depthwise_conv_backward", "reference")
 def _bwd(grad, x, pw_weight, dw_weight, pw_bias, dw_bias):
-    return _grads(pointwise_depthwise_conv, grad, x, pw_weight, dw_weight, pw_bias, dw_bias)
+    with torch.no_grad():
+        return pointwise_depthwise_conv_backward(grad, x, pw_weight, dw_weight, pw_bias, dw_bias, gated=False)
 
 
 @register("pointwise_depthwise_conv_gated_backward", "reference")
 def _bwd_gated(grad, x, pw_weight, dw_weight, pw_bias, dw_bias):
-    return _grads(pointwise_depthwise_conv_gated, grad, x, pw_weight, dw_weight, pw_bias, dw_bias)
+    with torch.no_grad():
+        return pointwise_depthwise_conv_backward(grad, x, pw_weight, dw_weight, pw_bias, dw_bias, gated=True)

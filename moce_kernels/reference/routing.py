@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import register
-from ._vjp import vjp
+from .grads import conv1x1_grads, cv_squared_grad, pointwise_depthwise_grads, silu_grad
 from . import expert_conv as conv
 from . import window_attention as wattn
 
@@ -65,15 +65,45 @@ def _route(x, freq_emb, gate_weight, freq_weight, complexity, noise, k, noise_st
     return tuple(t.contiguous() for t in out)
 
 
+def route_backward(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight, freq_weight, complexity, noise,
+                   k: int, noise_std: float, compute_loss: bool, use_complexity: bool):
+    """Closed form: (grad_x, grad_freq_emb, grad_gate_weight, grad_freq_weight)."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    B, C, H, W = x.shape
+    pooled = x.to(cdt).mean(dim=(2, 3))
+    logits = router_logits(x, freq_emb, gate_weight, freq_weight)
+    noisy = logits + noise.to(cdt)
+    scores = noisy.softmax(-1)
+    _, idx = scores.topk(k, dim=-1)
+    # gates = top-k of softmax(noisy): softmax backward of the scattered gate grads
+    g_scores = torch.zeros_like(scores).scatter_(1, idx, grad_gates.to(cdt))
+    g_noisy = scores * (g_scores - (g_scores * scores).sum(-1, keepdim=True))
+    g_logits = grad_logits.to(cdt) + g_noisy
+    if compute_loss:
+        gl = grad_loss.to(cdt)
+        probs = logits.softmax(-1)
+        cx = complexity.to(cdt) if use_complexity else torch.ones_like(complexity, dtype=cdt)
+        g_imp = 0.5 * gl * cv_squared_grad(probs.sum(0) * cx) * cx  # d/d probs[b, e], same for every b
+        g_logits = g_logits + probs * (g_imp - (g_imp * probs).sum(-1, keepdim=True))
+        kth = noisy.topk(k, dim=-1).indices[:, -1:]
+        z = (noisy.gather(1, kth) - logits) / noise_std
+        load = (1.0 - 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))).mean(0)
+        g_p = 0.5 * gl * cv_squared_grad(load) / B  # d/d p[b, e]
+        g_z = -g_p * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+        g_logits = g_logits - g_z / noise_std
+        g_logits = g_logits.scatter_add(1, kth, (g_z / noise_std).sum(-1, keepdim=True))
+    g_pooled = g_logits @ gate_weight.to(cdt)
+    gx = (g_pooled / (H * W))[:, :, None, None].expand(B, C, H, W)
+    return (gx.to(x.dtype), (g_logits @ freq_weight.to(cdt)).to(freq_emb.dtype),
+            (g_logits.T @ pooled).to(gate_weight.dtype), (g_logits.T @ freq_emb.to(cdt)).to(freq_weight.dtype))
+
+
 @register("moe_route_backward", "reference")
 def _route_backward(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight, freq_weight, complexity, noise,
                     k, noise_std, compute_loss, use_complexity):
-    def f(x_, f_, gw_, fw_):
-        gates, _, logits, loss = route(x_, f_, gw_, fw_, complexity, noise, k, noise_std, compute_loss,
-                                       use_complexity)
-        return gates, logits, loss
-
-    grads = vjp(f, (grad_gates, grad_logits, grad_loss), x, freq_emb, gate_weight, freq_weight)
+    with torch.no_grad():
+        grads = route_backward(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight, freq_weight,
+                               complexity, noise, k, noise_std, compute_loss, use_complexity)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -141,10 +171,61 @@ def _experts(x, shared, perm, offsets, k, weights, windows, depths):
         return experts(x, shared, perm, offsets, k, weights, windows, depths).contiguous()
 
 
+def expert_step_backward(g_out, x, shared, w: Sequence[torch.Tensor], window: int):
+    """Closed-form backward of :func:`expert_step`: (grad_x, grad_shared, [13 weight grads])."""
+    proj0, proj1, proj2, qw, qdw, qdb, kvw, kvdw, kvdb, nw, nb, ow, ob = w
+    z = F.conv2d(x, proj0)
+    q = conv.pointwise_depthwise_conv(z, qw, qdw, None, qdb)
+    k, v = conv.pointwise_depthwise_conv(z, kvw, kvdw, None, kvdb).chunk(2, dim=1)
+    a = wattn.window_fft_attention(q, k, v, window, nw, nb)
+    body = F.conv2d(a, ow, ob)
+    gate_pre = F.conv2d(shared, proj1)
+    gate = F.silu(gate_pre)
+    gy, g_proj2 = conv1x1_grads(g_out, body * gate, proj2)
+    g_body, g_gate_pre = gy * gate, gy * body * silu_grad(gate_pre)
+    g_shared, g_proj1 = conv1x1_grads(g_gate_pre, shared, proj1)
+    g_a, g_ow = conv1x1_grads(g_body, a, ow)
+    g_q, g_k, g_v, g_nw, g_nb = wattn.window_fft_attention_backward(g_a, q, k, v, window, nw, nb, 1e-5)
+    gz_q, g_qw, g_qdw, _, g_qdb = pointwise_depthwise_grads(g_q, z, qw, qdw, None)
+    gz_kv, g_kvw, g_kvdw, _, g_kvdb = pointwise_depthwise_grads(torch.cat([g_k, g_v], 1), z, kvw, kvdw, None)
+    gx, g_proj0 = conv1x1_grads(gz_q + gz_kv, x, proj0)
+    grads = [g_proj0, g_proj1, g_proj2, g_qw, g_qdw, g_qdb, g_kvw, g_kvdw, g_kvdb, g_nw, g_nb, g_ow,
+             g_body.sum((0, 2, 3))]
+    return gx + g_out, g_shared, grads
+
+
+def experts_backward(grad, x, shared, perm, offsets, k: int, weights, windows: Sequence[int], depths: Sequence[int]):
+    """Closed form: [grad_x, grad_shared, grad per weight] (zeros for experts without images)."""
+    gx, gs = torch.zeros_like(x), torch.zeros_like(shared)
+    gws = [torch.zeros_like(w) for w in weights]
+    bounds = offsets.tolist()
+    images = torch.div(perm, k, rounding_mode="floor")
+    for e in range(len(windows)):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            continue
+        idx = images[lo:hi]
+        w = expert_weights(weights, e)
+        xs, ss = [x[idx]], shared[idx]
+        for _ in range(depths[e] - 1):
+            xs.append(expert_step(xs[-1], ss, w, windows[e]))
+        g = grad[lo:hi]
+        g_s_rows = torch.zeros_like(ss)
+        for x_in in reversed(xs):
+            g, g_s, g_w = expert_step_backward(g, x_in, ss, w, windows[e])
+            g_s_rows += g_s
+            for i, gw in enumerate(g_w):
+                gws[e * WEIGHTS_PER_EXPERT + i] += gw
+        gx.index_add_(0, idx, g)
+        gs.index_add_(0, idx, g_s_rows)
+    return [gx, gs] + gws
+
+
 @register("moe_experts_backward", "reference")
 def _experts_backward(grad, x, shared, perm, offsets, k, weights, windows, depths) -> List[torch.Tensor]:
-    fn = lambda x_, s_, *w_: experts(x_, s_, perm, offsets, k, w_, windows, depths)  # noqa: E731
-    return [g.contiguous() for g in vjp(fn, grad, x, shared, *weights)]
+    with torch.no_grad():
+        grads = experts_backward(grad, x, shared, perm, offsets, k, weights, windows, depths)
+    return [g.contiguous() for g in grads]
 
 
 # ---------------------------------------------------------------- combine
@@ -172,7 +253,21 @@ def _combine(expert_out, gates, perm):
         return combine(expert_out, gates, perm).contiguous()
 
 
+def combine_backward(grad, expert_out, gates, perm):
+    """Closed form: grad_expert_out[pos(b,j)] = gates[b,j] * grad[b]; grad_gates[b,j] = <grad[b], row>."""
+    B, k = gates.shape
+    cdt = torch.float64 if expert_out.dtype == torch.float64 else torch.float32
+    images = torch.div(perm, k, rounding_mode="floor")
+    g_rows = grad.to(cdt)[images]
+    slot_gates = gates.to(cdt).reshape(-1)[perm]
+    g_eo = g_rows * slot_gates[:, None, None, None]
+    g_slot = (g_rows * expert_out.to(cdt)).sum((1, 2, 3))
+    g_gates = torch.zeros(B * k, dtype=cdt, device=gates.device).index_copy_(0, perm, g_slot).view(B, k)
+    return g_eo.to(expert_out.dtype), g_gates.to(gates.dtype)
+
+
 @register("moe_combine_backward", "reference")
 def _combine_backward(grad, expert_out, gates, perm):
-    g_eo, g_gates = vjp(lambda e_, g_: combine(e_, g_, perm), grad, expert_out, gates)
+    with torch.no_grad():
+        g_eo, g_gates = combine_backward(grad, expert_out, gates, perm)
     return g_eo.contiguous(), g_gates.contiguous()

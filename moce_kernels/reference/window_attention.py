@@ -7,25 +7,35 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import register
-from ._vjp import vjp
+from .grads import channel_layer_norm_grads
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _windows(t: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> zero-padded (B, C, Hp/p, Wp/p, p, p) windows."""
+    B, C, H, W = t.shape
+    ph, pw = (-H) % p, (-W) % p
+    t = F.pad(t, (0, pw, 0, ph))
+    return t.view(B, C, (H + ph) // p, p, (W + pw) // p, p).transpose(3, 4)
+
+
+def _unwindows(t: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    B, C, nh, nw, p, _ = t.shape
+    return t.transpose(3, 4).reshape(B, C, nh * p, nw * p)[:, :, :H, :W]
+
+
+def _circular(a: torch.Tensor, b: torch.Tensor, p: int, conj_b: bool = False) -> torch.Tensor:
+    """Per window: circular convolution of a with b (cross-correlation with ``conj_b``)."""
+    fb = torch.fft.rfft2(b)
+    return torch.fft.irfft2(torch.fft.rfft2(a) * (torch.conj_physical(fb) if conj_b else fb), s=(p, p))
+
+
 def circular_window_conv(q: torch.Tensor, k: torch.Tensor, p: int) -> torch.Tensor:
     """Per p x p window and channel, the circular convolution of q with k, cropped to (H, W)."""
-    B, C, H, W = q.shape
-    ph, pw = (-H) % p, (-W) % p
-    Hp, Wp = H + ph, W + pw
-
-    def windows(t: torch.Tensor) -> torch.Tensor:
-        t = F.pad(t, (0, pw, 0, ph))
-        return t.view(B, C, Hp // p, p, Wp // p, p).transpose(3, 4)
-
-    out = torch.fft.irfft2(torch.fft.rfft2(windows(q)) * torch.fft.rfft2(windows(k)), s=(p, p))
-    return out.transpose(3, 4).reshape(B, C, Hp, Wp)[:, :, :H, :W]
+    return _unwindows(_circular(_windows(q, p), _windows(k, p), p), q.shape[2], q.shape[3])
 
 
 def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,7 +59,27 @@ def _forward(q, k, v, window_size, norm_weight, norm_bias, eps):
         return window_fft_attention(q, k, v, window_size, norm_weight, norm_bias, eps).contiguous()
 
 
+def window_fft_attention_backward(grad, q, k, v, window_size: int, norm_weight, norm_bias, eps: float):
+    """Closed form: (grad_q, grad_k, grad_v, grad_norm_weight, grad_norm_bias) in the inputs' dtypes.
+
+    With ``c = circconv(q, k)``, ``y = LN(c)``, ``out = y * v``: ``gv = g * y``; ``gc`` from the
+    LayerNorm backward of ``g * v``; ``gq = crosscorr(gc, k)``, ``gk = crosscorr(gc, q)`` per window.
+    """
+    cdt = _compute_dtype(q.dtype)
+    p, (H, W) = window_size, q.shape[2:]
+    qc, kc, vc, g = q.to(cdt), k.to(cdt), v.to(cdt), grad.to(cdt)
+    conv = circular_window_conv(qc, kc, p)
+    y = channel_layer_norm(conv, norm_weight.to(cdt), norm_bias.to(cdt), eps)
+    gconv, gw, gb = channel_layer_norm_grads(g * vc, conv, norm_weight.to(cdt), eps)
+    gcw = _windows(gconv, p)
+    gq = _unwindows(_circular(gcw, _windows(kc, p), p, conj_b=True), H, W)
+    gk = _unwindows(_circular(gcw, _windows(qc, p), p, conj_b=True), H, W)
+    return (gq.to(q.dtype), gk.to(k.dtype), (g * y).to(v.dtype), gw.to(norm_weight.dtype),
+            gb.to(norm_bias.dtype))
+
+
 @register("window_fft_attention_backward", "reference")
 def _backward(grad, q, k, v, window_size, norm_weight, norm_bias, eps) -> Tuple[torch.Tensor, ...]:
-    fn = lambda q_, k_, v_, w_, b_: window_fft_attention(q_, k_, v_, window_size, w_, b_, eps)  # noqa: E731
-    return tuple(g.contiguous() for g in vjp(fn, grad, q, k, v, norm_weight, norm_bias))
+    with torch.no_grad():
+        grads = window_fft_attention_backward(grad, q, k, v, window_size, norm_weight, norm_bias, eps)
+    return tuple(g.contiguous() for g in grads)
