@@ -239,11 +239,8 @@ def _opcheck_args(dtype: torch.dtype = torch.float32):
     }
 
 
-OPCHECK_CASES = ([(b, op) for b in BACKENDS for op in ("moe_route", "moe_dispatch", "moe_combine")]
-                 # the backward ops directly: fast backends only (the reference backward runs torch.func.vjp
-                 # inside the op, which opcheck's cross-reference tensor modes cannot wrap; its backward is
-                 # covered through the forward ops' autograd checks and gradcheck)
-                 + [(b, op) for b in FAST for op in ("moe_route_backward", "moe_combine_backward")])
+OPCHECK_CASES = [(b, op) for b in BACKENDS for op in ("moe_route", "moe_dispatch", "moe_combine", "moe_route_backward",
+                                                      "moe_combine_backward")]
 
 
 @pytest.mark.parametrize("backend,op", OPCHECK_CASES)

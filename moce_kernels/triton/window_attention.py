@@ -1,0 +1,541 @@
+"""Triton window FFT attention: ``LN_C(crop(circconv_p(q, k))) * v``, forward and backward.
+
+Design (details and byte/FLOP counts in benchmarks/notes/window_attention.md). One program owns
+one batch row ``n`` and one pixel tile and loops over the channels. Every per-window 2-D DFT is a
+matrix product on tensor cores (tl.dot), with constant DFT matrices loaded once per program:
+
+* separable layout (p = 8, 16, 32): a T x T pixel tile, T = max(p, 16) (tl.dot needs >= 16), and
+  ``F = C - iS`` the T x T block-diagonal DFT matrix of size-p blocks (``C[a, b] = cos(2 pi ab/p)``,
+  ``S`` the sine, both symmetric): ``X^ = F x F`` (left and right products);
+* Kronecker layout (p = 4): one window per tile row, its 16 pixels along the columns, and
+  ``X^ = x (F (x) F)``: one 16-wide product instead of two 4x-wasteful block-diagonal ones.
+
+Both real inputs ride in one complex transform: with ``z = q + ik`` and ``Z = DFT(z)``,
+``q (*) k = Im(z (*) z) / 2 = Im(IDFT(Z^2)) / 2`` (14 real dots per channel and tile in the
+separable layout instead of 18; 6 in the Kronecker layout). Zero padding to a multiple of p is the
+masked load (tiles may run past the padded image; those windows are all zero and never stored).
+
+The LayerNorm couples all channels of a pixel; the kernel makes two passes over the channels
+(statistics, then normalise and store), recomputing the convolution instead of spilling C x tile
+fp32 values (see the notes for the byte/FLOP trade); statistics are shifted by channel 0's value
+for a numerically safe one-pass variance.
+
+Backward (g = d out): with y the convolution, yh = (y - mu) * rstd, z = yh * w + b, out = z * v:
+    grad_v = g * z;  gz = g * v;  grad_w = sum gz * yh;  grad_b = sum gz;  gyh = gz * w
+    gy = rstd * (gyh - mean_C(gyh) - yh * mean_C(gyh * yh))     (zero outside H x W)
+    grad_k + i grad_q = sum_i gy[i] (q + ik)[i - a] = F (Z conj(DFT(gy))) F / p^2
+in three channel passes (statistics; channel means and per-tile weight/bias partials; gradients).
+
+Entry points ``window_attention_rows`` / ``window_attention_rows_backward`` compute only the batch
+rows ``rows[0] <= n < rows[1]`` (``rows`` a device int64 tensor, never read on the host); the grid
+is sized by N and programs outside the range exit at once.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, NamedTuple, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import register
+from ..testing import new_output
+
+WINDOW_SIZES = (4, 8, 16, 32)
+# fp32 inputs: "ieee" (exact fp32 FMA dots) by default; "tf32x3" trades a little accuracy for tensor
+# cores (set MOCE_WFA_FP32_PRECISION=tf32x3). bf16/fp16 inputs use tf32 dots (fp32 range, 10-bit
+# mantissa like fp16) with fp32 accumulation.
+FP32_PRECISION = os.environ.get("MOCE_WFA_FP32_PRECISION", "ieee")
+
+# Programs below which the channels are split into chunks (None: 2x the GPU's SM count; CPU: never).
+SPLIT_TARGET_PROGRAMS = None
+
+_MATS: Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+# p = 4 uses the Kronecker layout: one window per tile row, its 16 pixels along the columns, so
+# the 2-D DFT is a single (M, 16) x (16, 16) product with F (x) F instead of two products with
+# 4x-wasteful block-diagonal 16 x 16 matrices. KRON_WC windows per block row (coalescing along W).
+KRON_P = 4
+KRON_WINDOWS = 64
+KRON_WC = 16
+
+
+class Layout(NamedTuple):
+    """Tile geometry of the kernels for one window size."""
+    br: int      # tile rows (separable: T pixels; kron: windows)
+    bc: int      # tile cols (separable: T pixels; kron: p*p pixels of a window)
+    kron: bool
+    tile_h: int  # pixels covered per program
+    tile_w: int
+    wc: int      # kron: windows per block row
+
+
+def tile_size(p: int) -> int:
+    """Pixel tile edge T of the separable layout for window p: a multiple of p and >= 16 (tl.dot's minimum)."""
+    return max(p, 16)
+
+
+def layout(p: int) -> Layout:
+    if p == KRON_P:
+        return Layout(KRON_WINDOWS, p * p, True, (KRON_WINDOWS // KRON_WC) * p, KRON_WC * p, KRON_WC)
+    t = tile_size(p)
+    return Layout(t, t, False, t, t, 1)
+
+
+def n_tiles(p: int, H: int, W: int) -> int:
+    lay = layout(p)
+    return triton.cdiv(H, lay.tile_h) * triton.cdiv(W, lay.tile_w)
+
+
+def dft_matrices(p: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(C, S), float32 on device: separable layout, the (T, T) block-diagonal cos/sin DFT matrices
+    of size-p blocks; Kronecker layout, cos/sin(2 pi (a u + b f) / p) for e = (a, b), e' = (u, f)."""
+    lay = layout(p)
+    key = (p, str(device))
+    if key not in _MATS:
+        if lay.kron:
+            e = torch.arange(p * p, dtype=torch.int64)
+            a, b = e // p, e % p
+            m = (a[:, None] * a[None, :] + b[:, None] * b[None, :]) % p
+            same = torch.ones(p * p, p * p, dtype=torch.bool)
+        else:
+            a = torch.arange(lay.br, dtype=torch.int64)
+            same = (a[:, None] // p) == (a[None, :] // p)
+            m = ((a[:, None] % p) * (a[None, :] % p)) % p
+        ang = 2.0 * math.pi * m.double() / p
+        zero = torch.zeros((), dtype=torch.float64)
+        c = torch.where(same, torch.cos(ang), zero)
+        s = torch.where(same, torch.sin(ang), zero)
+        _MATS[key] = (c.float().contiguous().to(device), s.float().contiguous().to(device))
+    return _MATS[key]
+
+
+def _num_warps(p: int) -> int:
+    return 8 if p >= 32 else 4
+
+
+def _constexprs(p: int, dtype: torch.dtype) -> dict:
+    lay = layout(p)
+    return dict(BR=lay.br, BC=lay.bc, KRON=lay.kron, P=p, WC=lay.wc, PREC=_precision(dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    return tl.dot(a, b, input_precision=PREC, out_dtype=tl.float32)
+
+
+@triton.jit
+def _fwd(x, cm, sm, PREC: tl.constexpr, KRON: tl.constexpr):
+    """Per-window 2-D DFT of a real tile: (Re, Im) of F x F with F = C - iS (6 dots); KRON: the
+    (M, p*p) tile holds one window per row and the DFT is x (KC - iKS) (2 dots)."""
+    if KRON:
+        re = _mm(x, cm, PREC)
+        im = -_mm(x, sm, PREC)
+    else:
+        a = _mm(x, cm, PREC)
+        b = _mm(x, sm, PREC)
+        re = _mm(cm, a, PREC) - _mm(sm, b, PREC)
+        im = -(_mm(cm, b, PREC) + _mm(sm, a, PREC))
+    return re, im
+
+
+@triton.jit
+def _fwd_c(xr, xi, cm, sm, PREC: tl.constexpr, KRON: tl.constexpr):
+    """Per-window 2-D DFT F x F of a complex tile xr + i xi (8 dots; KRON: 4)."""
+    ar = _mm(xr, cm, PREC) + _mm(xi, sm, PREC)
+    ai = _mm(xi, cm, PREC) - _mm(xr, sm, PREC)
+    if KRON:
+        re = ar
+        im = ai
+    else:
+        re = _mm(cm, ar, PREC) + _mm(sm, ai, PREC)
+        im = _mm(cm, ai, PREC) - _mm(sm, ar, PREC)
+    return re, im
+
+
+@triton.jit
+def _inv_im(pr, pi, cm, sm, PREC: tl.constexpr, KRON: tl.constexpr):
+    """Imaginary part of F* P F* (unnormalised per-window inverse 2-D DFT), F* = C + iS (6 dots;
+    KRON: Im(P (KC + iKS)), 2 dots)."""
+    ti = _mm(pr, sm, PREC) + _mm(pi, cm, PREC)
+    if KRON:
+        res = ti
+    else:
+        tr = _mm(pr, cm, PREC) - _mm(pi, sm, PREC)
+        res = _mm(cm, ti, PREC) + _mm(sm, tr, PREC)
+    return res
+
+
+@triton.jit
+def _spectrum(q, k, cm, sm, PREC: tl.constexpr, KRON: tl.constexpr):
+    """Z = DFT(q + i k): one complex transform carries both real inputs."""
+    return _fwd_c(q, k, cm, sm, PREC, KRON)
+
+
+@triton.jit
+def _conv_from_spectrum(zr, zi, cm, sm, half_inv_pp, PREC: tl.constexpr, KRON: tl.constexpr):
+    """q (*) k = Im((q + ik) (*) (q + ik)) / 2 = Im(IDFT(Z^2)) / 2 (circular, per window)."""
+    return _inv_im(zr * zr - zi * zi, 2.0 * zr * zi, cm, sm, PREC, KRON) * half_inv_pp
+
+
+@triton.jit
+def _conv(q, k, cm, sm, half_inv_pp, PREC: tl.constexpr, KRON: tl.constexpr):
+    """Per-window circular convolution of q with k on a (T, T) tile (14 dots)."""
+    zr, zi = _spectrum(q, k, cm, sm, PREC, KRON)
+    return _conv_from_spectrum(zr, zi, cm, sm, half_inv_pp, PREC, KRON)
+
+
+@triton.jit
+def _tile_setup(rows_ptr, cmat_ptr, smat_ptr, H, W, BR: tl.constexpr, BC: tl.constexpr,
+                KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr):
+    """Row range, tile pixel offsets/mask and the DFT matrices of this program.
+
+    Separable: a (BR, BC) = (T, T) pixel tile. KRON: a (BR, BC) = (windows, p*p) tile, row m is
+    window (m // WC, m % WC) of a block of BR // WC x WC windows, column e = a*p + b its pixel (a, b).
+    """
+    begin = tl.load(rows_ptr)
+    end = tl.load(rows_ptr + 1)
+    pid = tl.program_id(0)
+    if KRON:
+        n_tw = tl.cdiv(W, WC * P)
+        m = tl.arange(0, BR)
+        e = tl.arange(0, BC)
+        r = (pid // n_tw) * ((BR // WC) * P) + (m // WC)[:, None] * P + (e // P)[None, :]
+        c = (pid % n_tw) * (WC * P) + (m % WC)[:, None] * P + (e % P)[None, :]
+        mask = (r < H) & (c < W)
+        offs = r * W + c
+    else:
+        n_tw = tl.cdiv(W, BC)
+        r = (pid // n_tw) * BR + tl.arange(0, BR)
+        c = (pid % n_tw) * BC + tl.arange(0, BC)
+        mask = (r < H)[:, None] & (c < W)[None, :]
+        offs = r[:, None] * W + c[None, :]
+    m_idx = tl.arange(0, BC)[:, None] * BC + tl.arange(0, BC)[None, :]
+    cm = tl.load(cmat_ptr + m_idx)
+    sm = tl.load(smat_ptr + m_idx)
+    return begin, end, offs, mask, cm, sm
+
+
+@triton.jit
+def _load_f32(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_moments(q_ptr, k_ptr, row_base, HW, offs, mask, c0, c1, cm, sm, half_inv_pp,
+                   PREC: tl.constexpr, KRON: tl.constexpr):
+    """Per-pixel mean and M2 (sum of squared deviations) of the convolution over channels
+    [c0, c1), from one-pass sums shifted by channel c0's value (numerically safe)."""
+    shift = _conv(_load_f32(q_ptr, row_base + c0 * HW + offs, mask), _load_f32(k_ptr, row_base + c0 * HW + offs, mask),
+                  cm, sm, half_inv_pp, PREC, KRON)
+    s1 = tl.zeros_like(shift)
+    s2 = tl.zeros_like(shift)
+    for ch in range(c0 + 1, c1):
+        base = row_base + ch * HW
+        d = _conv(_load_f32(q_ptr, base + offs, mask), _load_f32(k_ptr, base + offs, mask),
+                  cm, sm, half_inv_pp, PREC, KRON) - shift
+        s1 += d
+        s2 += d * d
+    m = s1 / (c1 - c0)
+    return shift + m, tl.maximum(s2 - s1 * m, 0.0)
+
+
+@triton.jit
+def _ln_stats(q_ptr, k_ptr, stats_ptr, row_base, stat_base, stat_stride, HW, offs, mask, e_idx, C, CS, S,
+              cm, sm, half_inv_pp, eps, BR: tl.constexpr, BC: tl.constexpr, SPLIT: tl.constexpr,
+              PREC: tl.constexpr, KRON: tl.constexpr):
+    """Per-pixel LayerNorm (mean, rstd) over all C channels. SPLIT: Chan's parallel combination of
+    the S per-chunk (mean, M2) tiles written by _wfa_stats_kernel; else computed here."""
+    if SPLIT:
+        mean = tl.zeros([BR, BC], dtype=tl.float32)
+        m2 = tl.zeros([BR, BC], dtype=tl.float32)
+        na = 0.0
+        for s in range(0, S):
+            nb = (tl.minimum(C, (s + 1) * CS) - s * CS).to(tl.float32)
+            base = stat_base + s * stat_stride
+            mb = tl.load(stats_ptr + base + e_idx)
+            m2b = tl.load(stats_ptr + base + BR * BC + e_idx)
+            nab = na + nb
+            delta = mb - mean
+            mean += delta * (nb / nab)
+            m2 += m2b + delta * delta * (na * nb / nab)
+            na = nab
+    else:
+        mean, m2 = _chunk_moments(q_ptr, k_ptr, row_base, HW, offs, mask, 0, C, cm, sm, half_inv_pp, PREC, KRON)
+    return mean, 1.0 / tl.sqrt(m2 / C + eps)
+
+
+@triton.jit
+def _program(rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR: tl.constexpr, BC: tl.constexpr,
+             KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr):
+    """Everything a program needs: (active, offs, mask, DFT matrices, row base, channel chunk
+    [c0, c1), base/stride of its tiles in the (N, S, num_tiles, 2, BR*BC) statistics workspaces,
+    element index inside a tile)."""
+    n = tl.program_id(1)
+    chunk = tl.program_id(2)
+    begin, end, offs, mask, cm, sm = _tile_setup(rows_ptr, cmat_ptr, smat_ptr, H, W, BR, BC, KRON, P, WC)
+    active = (n >= begin) & (n < end)
+    row_base = n.to(tl.int64) * C * H * W
+    c0 = chunk * CS
+    c1 = tl.minimum(C, c0 + CS)
+    stat_stride = num_tiles.to(tl.int64) * 2 * BR * BC
+    stat_base = (n.to(tl.int64) * S * num_tiles + tl.program_id(0)) * 2 * BR * BC
+    e_idx = tl.arange(0, BR)[:, None] * BC + tl.arange(0, BC)[None, :]
+    return active, offs, mask, cm, sm, row_base, c0, c1, stat_base, stat_stride, e_idx
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Grid (num_tiles, N, S): S channel chunks of CS channels (S = 1: fused statistics).
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _wfa_stats_kernel(q_ptr, k_ptr, stats_ptr, cmat_ptr, smat_ptr, rows_ptr, C, H, W, num_tiles, CS, S,
+                      half_inv_pp, BR: tl.constexpr, BC: tl.constexpr, KRON: tl.constexpr, P: tl.constexpr,
+                      WC: tl.constexpr, PREC: tl.constexpr):
+    """Per-chunk (mean, M2) of the convolution over the chunk's channels -> stats workspace."""
+    active, offs, mask, cm, sm, row_base, c0, c1, stat_base, stat_stride, e_idx = _program(
+        rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR, BC, KRON, P, WC)
+    if active:
+        mean, m2 = _chunk_moments(q_ptr, k_ptr, row_base, H * W, offs, mask, c0, c1, cm, sm, half_inv_pp,
+                                  PREC, KRON)
+        base = stat_base + tl.program_id(2) * stat_stride
+        tl.store(stats_ptr + base + e_idx, mean)
+        tl.store(stats_ptr + base + BR * BC + e_idx, m2)
+
+
+@triton.jit
+def _wfa_fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, cmat_ptr, smat_ptr, rows_ptr,
+                    C, H, W, num_tiles, CS, S, half_inv_pp, eps, BR: tl.constexpr, BC: tl.constexpr,
+                    KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr, SPLIT: tl.constexpr,
+                    PREC: tl.constexpr):
+    active, offs, mask, cm, sm, row_base, c0, c1, stat_base, stat_stride, e_idx = _program(
+        rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR, BC, KRON, P, WC)
+    if active:
+        HW = H * W
+        mean, rstd = _ln_stats(q_ptr, k_ptr, stats_ptr, row_base, stat_base, stat_stride, HW, offs, mask, e_idx,
+                               C, CS, S, cm, sm, half_inv_pp, eps, BR, BC, SPLIT, PREC, KRON)
+        for ch in range(c0, c1):
+            base = row_base + ch * HW
+            y = _conv(_load_f32(q_ptr, base + offs, mask), _load_f32(k_ptr, base + offs, mask),
+                      cm, sm, half_inv_pp, PREC, KRON)
+            wc = tl.load(w_ptr + ch).to(tl.float32)
+            bc = tl.load(b_ptr + ch).to(tl.float32)
+            o = ((y - mean) * rstd * wc + bc) * _load_f32(v_ptr, base + offs, mask)
+            tl.store(out_ptr + base + offs, o.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_sums(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, part_ptr, part_base, row_base, HW, offs, mask, c0, c1, C,
+              mean, rstd, cm, sm, half_inv_pp, PREC: tl.constexpr, KRON: tl.constexpr):
+    """Backward pass 2 over channels [c0, c1): per-pixel sums of gyh = g v w and gyh * yh, and the
+    per-tile weight/bias partials part[.., 0, c] = sum gz * yh, part[.., 1, c] = sum gz."""
+    s1 = tl.zeros_like(mean)
+    s2 = tl.zeros_like(mean)
+    for ch in range(c0, c1):
+        base = row_base + ch * HW
+        yh = (_conv(_load_f32(q_ptr, base + offs, mask), _load_f32(k_ptr, base + offs, mask),
+                    cm, sm, half_inv_pp, PREC, KRON) - mean) * rstd
+        gz = _load_f32(g_ptr, base + offs, mask) * _load_f32(v_ptr, base + offs, mask)
+        wc = tl.load(w_ptr + ch).to(tl.float32)
+        s1 += gz * wc
+        s2 += gz * wc * yh
+        tl.store(part_ptr + part_base + ch, tl.sum(tl.sum(gz * yh, axis=1), axis=0))
+        tl.store(part_ptr + part_base + C + ch, tl.sum(tl.sum(gz, axis=1), axis=0))
+    return s1, s2
+
+
+@triton.jit
+def _wfa_bwd_sums_kernel(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, part_ptr, stats_ptr, sums_ptr, cmat_ptr, smat_ptr,
+                         rows_ptr, C, H, W, num_tiles, CS, S, half_inv_pp, eps, BR: tl.constexpr,
+                         BC: tl.constexpr, KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr,
+                         PREC: tl.constexpr):
+    """Split backward, pass 2: per-chunk channel sums -> sums workspace; weight/bias partials."""
+    active, offs, mask, cm, sm, row_base, c0, c1, stat_base, stat_stride, e_idx = _program(
+        rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR, BC, KRON, P, WC)
+    if active:
+        HW = H * W
+        mean, rstd = _ln_stats(q_ptr, k_ptr, stats_ptr, row_base, stat_base, stat_stride, HW, offs, mask, e_idx,
+                               C, CS, S, cm, sm, half_inv_pp, eps, BR, BC, True, PREC, KRON)
+        part_base = (tl.program_id(1).to(tl.int64) * num_tiles + tl.program_id(0)) * 2 * C
+        s1, s2 = _bwd_sums(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, part_ptr, part_base, row_base, HW, offs, mask,
+                           c0, c1, C, mean, rstd, cm, sm, half_inv_pp, PREC, KRON)
+        base = stat_base + tl.program_id(2) * stat_stride
+        tl.store(sums_ptr + base + e_idx, s1)
+        tl.store(sums_ptr + base + BR * BC + e_idx, s2)
+
+
+@triton.jit
+def _wfa_bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, gq_ptr, gk_ptr, gv_ptr, part_ptr, stats_ptr,
+                    sums_ptr, cmat_ptr, smat_ptr, rows_ptr, C, H, W, num_tiles, CS, S, half_inv_pp, eps,
+                    BR: tl.constexpr, BC: tl.constexpr, KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr,
+                    SPLIT: tl.constexpr, PREC: tl.constexpr):
+    active, offs, mask, cm, sm, row_base, c0, c1, stat_base, stat_stride, e_idx = _program(
+        rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR, BC, KRON, P, WC)
+    if active:
+        HW = H * W
+        mean, rstd = _ln_stats(q_ptr, k_ptr, stats_ptr, row_base, stat_base, stat_stride, HW, offs, mask, e_idx,
+                               C, CS, S, cm, sm, half_inv_pp, eps, BR, BC, SPLIT, PREC, KRON)
+        if SPLIT:
+            m1 = tl.zeros([BR, BC], dtype=tl.float32)
+            m2 = tl.zeros([BR, BC], dtype=tl.float32)
+            for s in range(0, S):
+                base = stat_base + s * stat_stride
+                m1 += tl.load(sums_ptr + base + e_idx)
+                m2 += tl.load(sums_ptr + base + BR * BC + e_idx)
+        else:
+            part_base = (tl.program_id(1).to(tl.int64) * num_tiles + tl.program_id(0)) * 2 * C
+            m1, m2 = _bwd_sums(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, part_ptr, part_base, row_base, HW, offs, mask,
+                               0, C, C, mean, rstd, cm, sm, half_inv_pp, PREC, KRON)
+        m1 = m1 / C
+        m2 = m2 / C
+        # pass 3: gradients
+        for ch in range(c0, c1):
+            base = row_base + ch * HW
+            q = _load_f32(q_ptr, base + offs, mask)
+            k = _load_f32(k_ptr, base + offs, mask)
+            g = _load_f32(g_ptr, base + offs, mask)
+            wc = tl.load(w_ptr + ch).to(tl.float32)
+            bc = tl.load(b_ptr + ch).to(tl.float32)
+            zr, zi = _spectrum(q, k, cm, sm, PREC, KRON)
+            yh = (_conv_from_spectrum(zr, zi, cm, sm, half_inv_pp, PREC, KRON) - mean) * rstd
+            tl.store(gv_ptr + base + offs, (g * (yh * wc + bc)).to(gv_ptr.dtype.element_ty), mask=mask)
+            gy = rstd * (g * _load_f32(v_ptr, base + offs, mask) * wc - m1 - yh * m2)
+            gy = tl.where(mask, gy, 0.0)
+            gr, gi = _fwd(gy, cm, sm, PREC, KRON)
+            # r[a] = sum_i gy[i] (q + ik)[i - a] = grad_k + i grad_q = F (Z conj(G)) F / p^2
+            rr, ri = _fwd_c(zr * gr + zi * gi, zi * gr - zr * gi, cm, sm, PREC, KRON)
+            tl.store(gq_ptr + base + offs, (ri * (2.0 * half_inv_pp)).to(gq_ptr.dtype.element_ty), mask=mask)
+            tl.store(gk_ptr + base + offs, (rr * (2.0 * half_inv_pp)).to(gk_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch wrappers
+# ----------------------------------------------------------------------------------------------
+
+def _precision(dtype: torch.dtype) -> str:
+    return FP32_PRECISION if dtype == torch.float32 else "tf32"
+
+
+def _check_rows_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
+                     rows: torch.Tensor, *outs: torch.Tensor) -> None:
+    if window_size not in WINDOW_SIZES:
+        raise ValueError(f"window_size must be one of {WINDOW_SIZES}, got {window_size!r}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be (N, C, H, W), got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)) + tuple((f"out{i}", o) for i, o in enumerate(outs)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must match q in shape, dtype and device")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if not q.is_contiguous():
+        raise ValueError("q must be contiguous")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"unsupported dtype {q.dtype}")
+    if rows.dtype != torch.int64 or rows.numel() != 2 or rows.device != q.device:
+        raise ValueError("rows must be an int64 tensor of 2 elements on q's device")
+
+
+def _split(N: int, C: int, tiles: int, device: torch.device) -> Tuple[int, int]:
+    """(S, CS): split the channels into S chunks of CS when tiles * N programs cannot fill the GPU."""
+    target = SPLIT_TARGET_PROGRAMS
+    if target is None:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    if tiles * N >= target or C == 1:
+        return 1, C
+    s = min(C, triton.cdiv(target, tiles * N))
+    cs = triton.cdiv(C, s)
+    return triton.cdiv(C, cs), cs
+
+
+def _stats_workspace(N: int, S: int, tiles: int, p: int, device: torch.device) -> torch.Tensor:
+    lay = layout(p)
+    if S == 1:
+        return torch.empty(1, dtype=torch.float32, device=device)  # unused
+    return torch.empty((N, S, tiles, 2, lay.br * lay.bc), dtype=torch.float32, device=device)
+
+
+def window_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
+                          norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                          out: torch.Tensor, rows: torch.Tensor) -> None:
+    """Forward on batch rows ``rows[0] <= n < rows[1]`` only, written into ``out``.
+
+    q, k, v, out: (N, C, H, W) contiguous, one dtype; norm_weight, norm_bias: (C,);
+    rows: int64 (2,) device tensor [begin, end), never read on the host. Other rows of out untouched.
+    """
+    _check_rows_args(q, k, v, window_size, rows, out)
+    N, C, H, W = q.shape
+    if q.numel() == 0:
+        return
+    p = window_size
+    tiles = n_tiles(p, H, W)
+    S, CS = _split(N, C, tiles, q.device)
+    cm, sm = dft_matrices(p, q.device)
+    w, b = norm_weight.contiguous(), norm_bias.contiguous()
+    stats = _stats_workspace(N, S, tiles, p, q.device)
+    meta = dict(**_constexprs(p, q.dtype), num_warps=_num_warps(p))
+    common = (C, H, W, tiles, CS, S, 0.5 / (p * p))
+    if S > 1:
+        _wfa_stats_kernel[(tiles, N, S)](q, k, stats, cm, sm, rows, *common, **meta)
+    _wfa_fwd_kernel[(tiles, N, S)](q, k, v, w, b, out, stats, cm, sm, rows, *common, float(eps),
+                                   SPLIT=S > 1, **meta)
+
+
+def window_attention_rows_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   window_size: int, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                                   eps: float, grad_q: torch.Tensor, grad_k: torch.Tensor,
+                                   grad_v: torch.Tensor, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Backward on batch rows ``rows[0] <= n < rows[1]`` only.
+
+    Writes those rows of grad_q, grad_k, grad_v (preallocated, shaped like q) and returns
+    (grad_norm_weight, grad_norm_bias), float32 (C,), summed over those rows only.
+    """
+    _check_rows_args(q, k, v, window_size, rows, grad, grad_q, grad_k, grad_v)
+    N, C, H, W = q.shape
+    p = window_size
+    tiles = n_tiles(p, H, W)
+    # zero-filled: rows outside [begin, end) keep zero partials (no host read of rows)
+    part = torch.zeros((N, tiles, 2, C), dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return part[:, :, 0].sum((0, 1)), part[:, :, 1].sum((0, 1))
+    S, CS = _split(N, C, tiles, q.device)
+    cm, sm = dft_matrices(p, q.device)
+    w, b = norm_weight.contiguous(), norm_bias.contiguous()
+    stats = _stats_workspace(N, S, tiles, p, q.device)
+    sums = _stats_workspace(N, S, tiles, p, q.device)
+    meta = dict(**_constexprs(p, q.dtype), num_warps=_num_warps(p))
+    common = (C, H, W, tiles, CS, S, 0.5 / (p * p))
+    grid = (tiles, N, S)
+    if S > 1:
+        _wfa_stats_kernel[grid](q, k, stats, cm, sm, rows, *common, **meta)
+        _wfa_bwd_sums_kernel[grid](grad, q, k, v, w, part, stats, sums, cm, sm, rows, *common, float(eps), **meta)
+    _wfa_bwd_kernel[grid](grad, q, k, v, w, b, grad_q, grad_k, grad_v, part, stats, sums, cm, sm, rows,
+                          *common, float(eps), SPLIT=S > 1, **meta)
+    return part[:, :, 0].sum((0, 1)), part[:, :, 1].sum((0, 1))
+
+
+def _all_rows(q: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([0, q.shape[0]], dtype=torch.int64, device=q.device)
+
+
+@register("window_fft_attention", "triton")
+def _forward(q, k, v, window_size, norm_weight, norm_bias, eps):
+    out = new_output(q.shape, q.dtype, q.device)
+    window_attention_rows(q, k, v, window_size, norm_weight, norm_bias, eps, out, _all_rows(q))
+    return out
+
+
+@register("window_fft_attention_backward", "triton")
+def _backward(grad, q, k, v, window_size, norm_weight, norm_bias, eps):
+    gq = new_output(q.shape, q.dtype, q.device)
+    gk = new_output(k.shape, k.dtype, k.device)
+    gv = new_output(v.shape, v.dtype, v.device)
+    gw, gb = window_attention_rows_backward(grad.contiguous(), q, k, v, window_size, norm_weight, norm_bias,
+                                            eps, gq, gk, gv, _all_rows(q))
+    return gq, gk, gv, gw.to(norm_weight.dtype), gb.to(norm_bias.dtype)
