@@ -1,6 +1,319 @@
-// Torch-facing wrappers of the expert_conv kernels: input checks, allocation, launch on the current stream.
+// Torch-facing wrappers of the expert_conv kernels: input checks, launch on the current stream.
+// Outputs and scratch are allocated by the Python side (moce_kernels/cuda/expert_conv.py, experts.py,
+// through the shared driver moce_kernels/ops/grouped_conv.py) and passed in; every op returns nothing.
+// Ops (namespace moce_C): xc_pwdw, xc_pwdw_bwd, xc_gemm, xc_wgrad, xc_final_fwd, xc_final_bwd, xc_gather_sum.
 #include "expert_conv/ops.h"
 
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/torch.h>
+
+#include <optional>
+
+#include "expert_conv/kernels.h"
+
 namespace moce {
-void register_expert_conv(torch::Library& m) {}
+namespace {
+
+using expert_conv::DType;
+using OptT = std::optional<torch::Tensor>;
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "moce_C expert_conv: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+DType dtype_of(const torch::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case torch::kFloat: return DType::kFloat32;
+    case torch::kHalf: return DType::kFloat16;
+    case torch::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "expert_conv (cuda): ", name, " must be float32, float16 or bfloat16, got ",
+                         t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+void check(const torch::Tensor& t, const char* name, const torch::Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), "expert_conv (cuda): ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == like.device(), "expert_conv (cuda): ", name, " is on ", t.device(), ", expected ",
+              like.device());
+  TORCH_CHECK(t.is_contiguous(), "expert_conv (cuda): ", name, " must be contiguous");
+}
+
+// A tensor of the activation dtype T (same as like).
+void check_t(const torch::Tensor& t, const char* name, const torch::Tensor& like) {
+  check(t, name, like);
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "expert_conv (cuda): ", name, " has dtype ", t.scalar_type(),
+              ", expected ", like.scalar_type());
+}
+
+void check_f32(const torch::Tensor& t, const char* name, const torch::Tensor& like) {
+  check(t, name, like);
+  TORCH_CHECK(t.scalar_type() == torch::kFloat, "expert_conv (cuda): ", name, " must be float32");
+}
+
+const int64_t* i64(const torch::Tensor& t, const char* name, const torch::Tensor& like) {
+  check(t, name, like);
+  TORCH_CHECK(t.scalar_type() == torch::kLong, "expert_conv (cuda): ", name, " must be int64");
+  return t.data_ptr<int64_t>();
+}
+
+const int64_t* opt_i64(const OptT& t, const char* name, const torch::Tensor& like) {
+  return t.has_value() ? i64(*t, name, like) : nullptr;
+}
+
+const void* opt_t(const OptT& t, const char* name, const torch::Tensor& like) {
+  if (!t.has_value()) return nullptr;
+  check_t(*t, name, like);
+  return t->data_ptr();
+}
+
+// meta: (E, 16) int64; offsets: (E+1,) int64. Returns E.
+int check_meta(const torch::Tensor& meta, const torch::Tensor& offsets, const torch::Tensor& like) {
+  i64(meta, "meta", like);
+  i64(offsets, "offsets", like);
+  TORCH_CHECK(meta.dim() == 2 && meta.size(1) == 16, "expert_conv (cuda): meta must be (E, 16)");
+  TORCH_CHECK(offsets.numel() == meta.size(0) + 1, "expert_conv (cuda): offsets must have E+1 entries");
+  return (int)meta.size(0);
+}
+
+int to_int(int64_t v, const char* name) {
+  TORCH_CHECK(v >= 0 && v <= INT32_MAX, "expert_conv (cuda): ", name, " out of range: ", v);
+  return (int)v;
+}
+
+void xc_pwdw(const torch::Tensor& src, const torch::Tensor& w, const torch::Tensor& dw, const OptT& pb,
+             const OptT& db, torch::Tensor& out, const torch::Tensor& offsets, const torch::Tensor& meta,
+             const OptT& perm, int64_t kslots, int64_t N, int64_t H, int64_t W, int64_t K, int64_t max_nch,
+             int64_t mode, const OptT& g, torch::Tensor& gofull) {
+  const c10::cuda::OptionalCUDAGuard guard(src.device());
+  const DType dt = dtype_of(src, "src");
+  check_t(w, "w", src);
+  check_t(dw, "dw", src);
+  check_t(out, "out", src);
+  TORCH_CHECK(mode >= 0 && mode <= 2, "expert_conv (cuda): mode must be 0, 1 or 2");
+  TORCH_CHECK(mode != 2 || g.has_value(), "expert_conv (cuda): mode 2 needs g");
+  if (mode == 2) check_t(gofull, "gofull", src);
+  expert_conv::PwdwParams p{};
+  p.src = src.data_ptr();
+  p.w = w.data_ptr();
+  p.dw = dw.data_ptr();
+  p.pb = opt_t(pb, "pb", src);
+  p.db = opt_t(db, "db", src);
+  p.out = out.data_ptr();
+  p.g = opt_t(g, "g", src);
+  p.gofull = gofull.data_ptr();
+  p.E = check_meta(meta, offsets, src);
+  p.offsets = offsets.data_ptr<int64_t>();
+  p.meta = meta.data_ptr<int64_t>();
+  p.perm = opt_i64(perm, "perm", src);
+  TORCH_CHECK(kslots >= 1, "expert_conv (cuda): kslots must be >= 1");
+  p.kslots = kslots;
+  p.N = to_int(N, "N");
+  p.H = to_int(H, "H");
+  p.W = to_int(W, "W");
+  p.K = to_int(K, "K");
+  p.max_nch = to_int(max_nch, "max_nch");
+  p.mode = (int)mode;
+  check_cuda(expert_conv::launch_pwdw(dt, p, c10::cuda::getCurrentCUDAStream()), "fused pw->dw");
+}
+
+void xc_pwdw_bwd(const torch::Tensor& src, const torch::Tensor& w, const torch::Tensor& dw, const OptT& pb,
+                 const torch::Tensor& go, torch::Tensor& gy, torch::Tensor& gdw, torch::Tensor& gdb, bool has_db,
+                 const torch::Tensor& offsets, const torch::Tensor& meta, const OptT& perm, int64_t kslots, int64_t N,
+                 int64_t H, int64_t W, int64_t K, int64_t max_cout) {
+  const c10::cuda::OptionalCUDAGuard guard(src.device());
+  const DType dt = dtype_of(src, "src");
+  check_t(w, "w", src);
+  check_t(dw, "dw", src);
+  check_t(go, "go", src);
+  check_t(gy, "gy", src);
+  check_f32(gdw, "gdw", src);
+  if (has_db) check_f32(gdb, "gdb", src);
+  expert_conv::PwdwBwdParams p{};
+  p.src = src.data_ptr();
+  p.w = w.data_ptr();
+  p.dw = dw.data_ptr();
+  p.pb = opt_t(pb, "pb", src);
+  p.go = go.data_ptr();
+  p.gy = gy.data_ptr();
+  p.gdw = gdw.data_ptr<float>();
+  p.gdb = has_db ? gdb.data_ptr<float>() : nullptr;
+  p.E = check_meta(meta, offsets, src);
+  p.offsets = offsets.data_ptr<int64_t>();
+  p.meta = meta.data_ptr<int64_t>();
+  p.perm = opt_i64(perm, "perm", src);
+  TORCH_CHECK(kslots >= 1, "expert_conv (cuda): kslots must be >= 1");
+  p.kslots = kslots;
+  p.N = to_int(N, "N");
+  p.H = to_int(H, "H");
+  p.W = to_int(W, "W");
+  p.K = to_int(K, "K");
+  p.max_cout = to_int(max_cout, "max_cout");
+  check_cuda(expert_conv::launch_pwdw_bwd(dt, p, c10::cuda::getCurrentCUDAStream()), "fused pw->dw backward");
+}
+
+void xc_gemm(const torch::Tensor& x, const torch::Tensor& w, const OptT& b, torch::Tensor& y,
+             const torch::Tensor& offsets, const torch::Tensor& meta, const OptT& perm, int64_t kslots, int64_t N,
+             int64_t HW, int64_t max_cout, bool accumulate) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const DType dt = dtype_of(x, "x");
+  check_t(w, "w", x);
+  check(y, "y", x);
+  const bool y_f32 = y.scalar_type() == torch::kFloat && x.scalar_type() != torch::kFloat;
+  TORCH_CHECK(y_f32 || y.scalar_type() == x.scalar_type(), "expert_conv (cuda): y must be float32 or x's dtype");
+  expert_conv::GemmParams p{};
+  p.x = x.data_ptr();
+  p.w = w.data_ptr();
+  p.b = opt_t(b, "b", x);
+  p.y = y.data_ptr();
+  p.y_f32 = y_f32;
+  p.accumulate = accumulate;
+  p.E = check_meta(meta, offsets, x);
+  p.offsets = offsets.data_ptr<int64_t>();
+  p.meta = meta.data_ptr<int64_t>();
+  p.perm = opt_i64(perm, "perm", x);
+  TORCH_CHECK(kslots >= 1, "expert_conv (cuda): kslots must be >= 1");
+  p.kslots = kslots;
+  p.N = to_int(N, "N");
+  p.HW = to_int(HW, "HW");
+  p.max_cout = to_int(max_cout, "max_cout");
+  check_cuda(expert_conv::launch_gemm(dt, p, c10::cuda::getCurrentCUDAStream()), "grouped 1x1");
+}
+
+void xc_wgrad(const torch::Tensor& g, const torch::Tensor& x, torch::Tensor& o, torch::Tensor& bo, bool has_bias,
+              const torch::Tensor& offsets, const torch::Tensor& meta, const OptT& perm, int64_t kslots, int64_t HW,
+              int64_t max_cout, int64_t max_cin, int64_t n_split) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const DType dt = dtype_of(x, "x");
+  check(g, "g", x);
+  const bool g_f32 = g.scalar_type() == torch::kFloat && x.scalar_type() != torch::kFloat;
+  TORCH_CHECK(g_f32 || g.scalar_type() == x.scalar_type(), "expert_conv (cuda): g must be float32 or x's dtype");
+  check_f32(o, "o", x);
+  if (has_bias) check_f32(bo, "bo", x);
+  expert_conv::WgradParams p{};
+  p.g = g.data_ptr();
+  p.x = x.data_ptr();
+  p.o = o.data_ptr<float>();
+  p.bo = has_bias ? bo.data_ptr<float>() : nullptr;
+  p.g_f32 = g_f32;
+  p.E = check_meta(meta, offsets, x);
+  p.offsets = offsets.data_ptr<int64_t>();
+  p.meta = meta.data_ptr<int64_t>();
+  p.perm = opt_i64(perm, "perm", x);
+  TORCH_CHECK(kslots >= 1, "expert_conv (cuda): kslots must be >= 1");
+  p.kslots = kslots;
+  p.HW = to_int(HW, "HW");
+  p.max_cout = to_int(max_cout, "max_cout");
+  p.max_cin = to_int(max_cin, "max_cin");
+  TORCH_CHECK(n_split >= 1, "expert_conv (cuda): n_split must be >= 1");
+  p.n_split = to_int(n_split, "n_split");
+  check_cuda(expert_conv::launch_wgrad(dt, p, c10::cuda::getCurrentCUDAStream()), "grouped weight grad");
+}
+
+void xc_final_fwd(const torch::Tensor& xs, const torch::Tensor& shared, const torch::Tensor& attn,
+                  const torch::Tensor& w, torch::Tensor& out, const torch::Tensor& offsets, const torch::Tensor& meta,
+                  const torch::Tensor& perm, int64_t kslots, int64_t N, int64_t C, int64_t HW, bool x_gather) {
+  const c10::cuda::OptionalCUDAGuard guard(xs.device());
+  const DType dt = dtype_of(xs, "xs");
+  for (const torch::Tensor* t : {&shared, &attn, &w}) check_t(*t, "expert tensor", xs);
+  check_t(out, "out", xs);
+  expert_conv::FinalParams p{};
+  p.xs = xs.data_ptr();
+  p.shared = shared.data_ptr();
+  p.attn = attn.data_ptr();
+  p.w = w.data_ptr();
+  p.out = out.data_ptr();
+  p.E = check_meta(meta, offsets, xs);
+  p.offsets = offsets.data_ptr<int64_t>();
+  p.meta = meta.data_ptr<int64_t>();
+  p.perm = i64(perm, "perm", xs);
+  TORCH_CHECK(kslots >= 1, "expert_conv (cuda): kslots must be >= 1");
+  p.kslots = kslots;
+  p.N = to_int(N, "N");
+  p.C = to_int(C, "C");
+  p.HW = to_int(HW, "HW");
+  p.x_gather = x_gather;
+  check_cuda(expert_conv::launch_final_fwd(dt, p, c10::cuda::getCurrentCUDAStream()), "expert epilogue");
+}
+
+void xc_final_bwd(const torch::Tensor& g, const torch::Tensor& shared, const torch::Tensor& attn,
+                  const torch::Tensor& w, torch::Tensor& gt, torch::Tensor& gu, torch::Tensor& h,
+                  const torch::Tensor& offsets, const torch::Tensor& meta, const torch::Tensor& perm, int64_t kslots,
+                  int64_t N, int64_t C, int64_t HW, int64_t max_r) {
+  const c10::cuda::OptionalCUDAGuard guard(shared.device());
+  const DType dt = dtype_of(shared, "shared");
+  check(g, "g", shared);
+  const bool g_f32 = g.scalar_type() == torch::kFloat && shared.scalar_type() != torch::kFloat;
+  TORCH_CHECK(g_f32 || g.scalar_type() == shared.scalar_type(), "expert_conv (cuda): g must be float32 or T");
+  check_t(attn, "attn", shared);
+  check_t(w, "w", shared);
+  check_t(gt, "gt", shared);
+  check_t(gu, "gu", shared);
+  check_t(h, "h", shared);
+  expert_conv::FinalBwdParams p{};
+  p.g = g.data_ptr();
+  p.g_f32 = g_f32;
+  p.shared = shared.data_ptr();
+  p.attn = attn.data_ptr();
+  p.w = w.data_ptr();
+  p.gt = gt.data_ptr();
+  p.gu = gu.data_ptr();
+  p.h = h.data_ptr();
+  p.E = check_meta(meta, offsets, shared);
+  p.offsets = offsets.data_ptr<int64_t>();
+  p.meta = meta.data_ptr<int64_t>();
+  p.perm = i64(perm, "perm", shared);
+  TORCH_CHECK(kslots >= 1, "expert_conv (cuda): kslots must be >= 1");
+  p.kslots = kslots;
+  p.N = to_int(N, "N");
+  p.C = to_int(C, "C");
+  p.HW = to_int(HW, "HW");
+  p.max_r = to_int(max_r, "max_r");
+  check_cuda(expert_conv::launch_final_bwd(dt, p, c10::cuda::getCurrentCUDAStream()), "expert epilogue backward");
+}
+
+void xc_gather_sum(const torch::Tensor& src, const torch::Tensor& inv, torch::Tensor& out, int64_t kslots) {
+  const c10::cuda::OptionalCUDAGuard guard(out.device());
+  const DType dt = dtype_of(out, "out");
+  check(out, "out", out);
+  check_f32(src, "src", out);
+  i64(inv, "inv", out);
+  TORCH_CHECK(kslots >= 1 && out.dim() >= 1, "expert_conv (cuda): bad gather_sum arguments");
+  const int64_t B = out.size(0), L = out.numel() / std::max<int64_t>(B, 1);
+  TORCH_CHECK(src.numel() == B * kslots * L && inv.numel() == B * kslots,
+              "expert_conv (cuda): gather_sum src must be (B*k, ...) and inv (B*k,)");
+  check_cuda(expert_conv::launch_gather_sum(dt, src.data_ptr<float>(), inv.data_ptr<int64_t>(), out.data_ptr(), B, L,
+                                            kslots, c10::cuda::getCurrentCUDAStream()),
+             "gather-sum");
+}
+
+}  // namespace
+
+void register_expert_conv(torch::Library& m) {
+  m.def("xc_pwdw(Tensor src, Tensor w, Tensor dw, Tensor? pb, Tensor? db, Tensor(a!) out, Tensor offsets, "
+        "Tensor meta, Tensor? perm, int kslots, int N, int H, int W, int K, int max_nch, int mode, Tensor? g, "
+        "Tensor(b!) gofull) -> ()");
+  m.def("xc_pwdw_bwd(Tensor src, Tensor w, Tensor dw, Tensor? pb, Tensor go, Tensor(a!) gy, Tensor(b!) gdw, "
+        "Tensor(c!) gdb, bool has_db, Tensor offsets, Tensor meta, Tensor? perm, int kslots, int N, int H, int W, "
+        "int K, int max_cout) -> ()");
+  m.def("xc_gemm(Tensor x, Tensor w, Tensor? b, Tensor(a!) y, Tensor offsets, Tensor meta, Tensor? perm, "
+        "int kslots, int N, int HW, int max_cout, bool accumulate) -> ()");
+  m.def("xc_wgrad(Tensor g, Tensor x, Tensor(a!) o, Tensor(b!) bo, bool has_bias, Tensor offsets, Tensor meta, "
+        "Tensor? perm, int kslots, int HW, int max_cout, int max_cin, int n_split) -> ()");
+  m.def("xc_final_fwd(Tensor xs, Tensor shared, Tensor attn, Tensor w, Tensor(a!) out, Tensor offsets, "
+        "Tensor meta, Tensor perm, int kslots, int N, int C, int HW, bool x_gather) -> ()");
+  m.def("xc_final_bwd(Tensor g, Tensor shared, Tensor attn, Tensor w, Tensor(a!) gt, Tensor(b!) gu, "
+        "Tensor(c!) h, Tensor offsets, Tensor meta, Tensor perm, int kslots, int N, int C, int HW, int max_r) -> ()");
+  m.def("xc_gather_sum(Tensor src, Tensor inv, Tensor(a!) out, int kslots) -> ()");
+  m.impl("xc_pwdw", torch::kCUDA, &xc_pwdw);
+  m.impl("xc_pwdw_bwd", torch::kCUDA, &xc_pwdw_bwd);
+  m.impl("xc_gemm", torch::kCUDA, &xc_gemm);
+  m.impl("xc_wgrad", torch::kCUDA, &xc_wgrad);
+  m.impl("xc_final_fwd", torch::kCUDA, &xc_final_fwd);
+  m.impl("xc_final_bwd", torch::kCUDA, &xc_final_bwd);
+  m.impl("xc_gather_sum", torch::kCUDA, &xc_gather_sum);
+}
+
 }  // namespace moce

@@ -1,0 +1,638 @@
+// CUDA kernels of the expert_conv family (see kernels.h for the layouts and meta columns).
+//
+// Fused pw->dw: one block per (row, 8x32 output tile, channel block). The block computes the 1x1
+// result over the tile plus its (k-1)/2 halo for its channels into shared memory (zero outside the
+// image: the depthwise conv pads the 1x1 *output*), then each thread produces one output pixel of
+// every channel of the block from shared memory. The wide intermediate never reaches global memory.
+// The grouped 1x1 / epilogue kernels use one 32 (channels) x 64 (pixels) register-blocked tile per
+// block with shared-memory staging (tile_mm).
+#include "expert_conv/kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <type_traits>
+
+namespace moce {
+namespace expert_conv {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kTH = 8, kTW = 32;  // fused pw->dw output tile (kTH * kTW == kThreads)
+constexpr int kBC = 16;           // channels per block (8 + 8 for the gated modes)
+constexpr int kMmC = 32, kMmP = 64, kMmK = 32;  // tile_mm: output channels x pixels, reduction chunk
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ int expert_of(const int64_t* offsets, int64_t n, int E) {
+  int e = 0;
+  for (int i = 1; i < E; ++i) e += (offsets[i] <= n) ? 1 : 0;
+  return e;
+}
+
+__device__ __forceinline__ float gelu_f(float a) { return 0.5f * a * (1.f + erff(a * 0.70710678118654752f)); }
+__device__ __forceinline__ float gelu_grad_f(float a) {
+  return 0.5f * (1.f + erff(a * 0.70710678118654752f)) + a * expf(-0.5f * a * a) * 0.3989422804014327f;
+}
+__device__ __forceinline__ float sigmoid_f(float u) { return 1.f / (1.f + expf(-u)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// ------------------------------------------------------------------ fused pw -> dw
+template <int K>
+struct Halo {
+  static constexpr int HWD = kTW + K - 1, N = (kTH + K - 1) * HWD;
+  static constexpr int LD = (N + 15) / 16 * 16;  // row stride of the halo tile in smem (16-pixel MMA tiles)
+};
+
+// 1x1 over the tile + halo for NB*BC channels (channel q: block channel q % BC of half q / BC) into
+// smem[q * LD + j], zero outside the image. Scalar fp32 path (used for float).
+template <typename T, int K, int NB, int BC>
+__device__ void halo_pw_scalar(const T* __restrict__ src, int64_t src_off, const T* __restrict__ w, int64_t w_off,
+                        const T* __restrict__ pb, int64_t pb_off, int cin, int c0, int nch, int ty0, int tx0, int H,
+                        int W, float* smem) {
+  constexpr int P = K / 2, HWD = kTW + K - 1, HALO = Halo<K>::N, LD = Halo<K>::LD;
+  const int64_t HW = (int64_t)H * W;
+  for (int j = threadIdx.x; j < HALO; j += kThreads) {
+    const int iy = ty0 - P + j / HWD, ix = tx0 - P + j % HWD;
+    const bool valid = iy >= 0 && iy < H && ix >= 0 && ix < W;
+    float acc[NB * BC];
+#pragma unroll
+    for (int q = 0; q < NB * BC; ++q) acc[q] = 0.f;
+    if (valid) {
+      const int64_t pix = (int64_t)iy * W + ix;
+      for (int ci = 0; ci < cin; ++ci) {
+        const float xv = to_f(src[src_off + ci * HW + pix]);
+#pragma unroll
+        for (int q = 0; q < NB * BC; ++q) {
+          const int c = c0 + q % BC;
+          if (c < nch) acc[q] += to_f(w[w_off + (int64_t)(c + (q / BC) * nch) * cin + ci]) * xv;
+        }
+      }
+      if (pb != nullptr) {
+#pragma unroll
+        for (int q = 0; q < NB * BC; ++q) {
+          const int c = c0 + q % BC;
+          if (c < nch) acc[q] += to_f(pb[pb_off + c + (q / BC) * nch]);
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < NB * BC; ++q) smem[q * LD + j] = acc[q];
+  }
+}
+
+// Tensor-core path for half / bfloat16 (wmma 16x16x16, fp32 accumulation): the block's 16 weight rows
+// times the halo's input pixels, 16 input channels at a time staged in smem (aliasing the output tile,
+// which is written only after the last MMA). Same result layout as halo_pw_scalar.
+template <typename T, int K, int NB, int BC>
+__device__ void halo_pw_mma(const T* __restrict__ src, int64_t src_off, const T* __restrict__ w, int64_t w_off,
+                            const T* __restrict__ pb, int64_t pb_off, int cin, int c0, int nch, int ty0, int tx0,
+                            int H, int W, float* smem) {
+  using namespace nvcuda;
+  static_assert(NB * BC == 16, "one 16-row MMA tile of output channels");
+  constexpr int P = K / 2, HWD = kTW + K - 1, HALO = Halo<K>::N, LD = Halo<K>::LD, NT = LD / 16;
+  constexpr int WARPS = kThreads / 32, PER_WARP = (NT + WARPS - 1) / WARPS;
+  const int64_t HW = (int64_t)H * W;
+  T* sx = reinterpret_cast<T*>(smem);           // [16][LD]
+  T* sw = reinterpret_cast<T*>(smem + 8 * LD);  // [16][16]
+  const int warp = threadIdx.x / 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[PER_WARP];
+#pragma unroll
+  for (int t = 0; t < PER_WARP; ++t) wmma::fill_fragment(acc[t], 0.f);
+  for (int k0 = 0; k0 < cin; k0 += 16) {
+    __syncthreads();  // previous chunk consumed
+    {
+      const int q = threadIdx.x / 16, kk = threadIdx.x % 16, c = c0 + q % BC, k = k0 + kk;
+      sw[q * 16 + kk] = (c < nch && k < cin) ? w[w_off + (int64_t)(c + (q / BC) * nch) * cin + k] : from_f<T>(0.f);
+    }
+    for (int i = threadIdx.x; i < 16 * LD; i += kThreads) {
+      const int kk = i / LD, j = i % LD, k = k0 + kk;
+      const int iy = ty0 - P + j / HWD, ix = tx0 - P + j % HWD;
+      const bool valid = j < HALO && k < cin && iy >= 0 && iy < H && ix >= 0 && ix < W;
+      sx[i] = valid ? src[src_off + (int64_t)k * HW + (int64_t)iy * W + ix] : from_f<T>(0.f);
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+    wmma::load_matrix_sync(a, sw, 16);
+#pragma unroll
+    for (int t = 0; t < PER_WARP; ++t) {
+      const int tile = warp + t * WARPS;
+      if (tile < NT) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+        wmma::load_matrix_sync(b, sx + tile * 16, LD);
+        wmma::mma_sync(acc[t], a, b, acc[t]);
+      }
+    }
+  }
+  __syncthreads();  // all warps done with sx / sw before the output tile overwrites them
+#pragma unroll
+  for (int t = 0; t < PER_WARP; ++t) {
+    const int tile = warp + t * WARPS;
+    if (tile < NT) wmma::store_matrix_sync(smem + tile * 16, acc[t], LD, wmma::mem_row_major);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 16 * LD; i += kThreads) {
+    const int q = i / LD, j = i % LD, c = c0 + q % BC;
+    const int iy = ty0 - P + j / HWD, ix = tx0 - P + j % HWD;
+    const bool valid = j < HALO && iy >= 0 && iy < H && ix >= 0 && ix < W;
+    float v = smem[i];
+    if (pb != nullptr && c < nch) v += to_f(pb[pb_off + c + (q / BC) * nch]);
+    smem[i] = valid ? v : 0.f;
+  }
+}
+
+template <typename T, int K, int NB, int BC>
+__device__ __forceinline__ void halo_pw(const T* src, int64_t src_off, const T* w, int64_t w_off, const T* pb,
+                                        int64_t pb_off, int cin, int c0, int nch, int ty0, int tx0, int H, int W,
+                                        float* smem) {
+  if constexpr (std::is_same<T, float>::value) {
+    halo_pw_scalar<T, K, NB, BC>(src, src_off, w, w_off, pb, pb_off, cin, c0, nch, ty0, tx0, H, W, smem);
+  } else {
+    halo_pw_mma<T, K, NB, BC>(src, src_off, w, w_off, pb, pb_off, cin, c0, nch, ty0, tx0, H, W, smem);
+  }
+}
+
+template <typename T, int K, int MODE>
+__global__ void __launch_bounds__(kThreads) pwdw_kernel(PwdwParams p, int n_tw, int n_tiles, int n_cblk) {
+  constexpr int NB = MODE > 0 ? 2 : 1, BC = kBC / NB, HWD = kTW + K - 1, LD = Halo<K>::LD;
+  extern __shared__ __align__(128) float smem[];
+  const int64_t bid = blockIdx.x;
+  const int cb = (int)(bid % n_cblk);
+  const int64_t rest = bid / n_cblk;
+  const int tile = (int)(rest % n_tiles);
+  const int64_t n = rest / n_tiles;
+  if (n >= p.N) return;
+  const int64_t* m = p.meta + 16 * expert_of(p.offsets, n, p.E);
+  const int cin = (int)m[0], cout = (int)m[1], nch = cout / NB, c0 = cb * BC;
+  if (c0 >= nch) return;  // uniform over the block
+  const int64_t srow = p.perm != nullptr ? p.perm[n] / p.kslots : n;
+  const int ty0 = (tile / n_tw) * kTH, tx0 = (tile % n_tw) * kTW;
+  const T* w = static_cast<const T*>(p.w);
+  const T* dw = static_cast<const T*>(p.dw);
+  float* sdw = smem + kBC * LD;  // [NB*BC][K*K] depthwise weights of the block's channels
+  for (int i = threadIdx.x; i < NB * BC * K * K; i += kThreads) {
+    const int q = i / (K * K), t = i % (K * K), c = c0 + q % BC;
+    sdw[i] = c < nch ? to_f(dw[m[3] + (int64_t)(c + (q / BC) * nch) * K * K + t]) : 0.f;
+  }
+  halo_pw<T, K, NB, BC>(static_cast<const T*>(p.src), m[6] + srow * m[7], w, m[2], static_cast<const T*>(p.pb),
+                        m[4], cin, c0, nch, ty0, tx0, p.H, p.W, smem);
+  __syncthreads();
+  const int oy = threadIdx.x / kTW, ox = threadIdx.x % kTW, py = ty0 + oy, px = tx0 + ox;
+  if (py >= p.H || px >= p.W) return;
+  const int64_t HW = (int64_t)p.H * p.W, pix = (int64_t)py * p.W + px;
+  const T* db = static_cast<const T*>(p.db);
+  for (int q = 0; q < BC; ++q) {
+    const int c = c0 + q;
+    if (c >= nch) break;
+    float a = 0.f, b = 0.f;
+#pragma unroll
+    for (int t = 0; t < K * K; ++t) {
+      const int s = (oy + t / K) * HWD + ox + t % K;
+      a += sdw[q * K * K + t] * smem[q * LD + s];
+      if (MODE > 0) b += sdw[(BC + q) * K * K + t] * smem[(BC + q) * LD + s];
+    }
+    if (db != nullptr) {
+      a += to_f(db[m[5] + c]);
+      if (MODE > 0) b += to_f(db[m[5] + c + nch]);
+    }
+    const int64_t o = m[8] + (c / m[9]) * m[10] + n * m[11] + (c % m[9]) * HW + pix;
+    if (MODE == 0) {
+      static_cast<T*>(p.out)[o] = from_f<T>(a);
+    } else if (MODE == 1) {
+      static_cast<T*>(p.out)[o] = from_f<T>(gelu_f(a) * b);
+    } else {
+      const float g = to_f(static_cast<const T*>(p.g)[o]);
+      T* gf = static_cast<T*>(p.gofull);
+      const int64_t base = (n * cout + c) * HW + pix;
+      gf[base] = from_f<T>(g * b * gelu_grad_f(a));
+      gf[base + (int64_t)nch * HW] = from_f<T>(g * gelu_f(a));
+    }
+  }
+}
+
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int n_tw, int n_tiles, int n_cblk) {
+  constexpr int BC = kBC, P = K / 2, HWD = kTW + K - 1, LD = Halo<K>::LD;
+  extern __shared__ __align__(128) float smem[];
+  const int64_t bid = blockIdx.x;
+  const int cb = (int)(bid % n_cblk);
+  const int64_t rest = bid / n_cblk;
+  const int tile = (int)(rest % n_tiles);
+  const int64_t n = rest / n_tiles;
+  if (n >= p.N) return;
+  const int64_t* m = p.meta + 16 * expert_of(p.offsets, n, p.E);
+  const int cin = (int)m[0], cout = (int)m[1], c0 = cb * BC;
+  if (c0 >= cout) return;
+  const int64_t srow = p.perm != nullptr ? p.perm[n] / p.kslots : n;
+  const int ty0 = (tile / n_tw) * kTH, tx0 = (tile % n_tw) * kTW;
+  float* red = smem + BC * LD;                    // [8 warps][K*K + 1]: per-warp partials of grad dw, grad db
+  float* sdw = red + (kThreads / 32) * (K * K + 1);  // [BC][K*K] depthwise weights of the block's channels
+  for (int i = threadIdx.x; i < BC * K * K; i += kThreads) {
+    const int c = c0 + i / (K * K);
+    sdw[i] = c < cout ? to_f(static_cast<const T*>(p.dw)[m[3] + (int64_t)c * K * K + i % (K * K)]) : 0.f;
+  }
+  halo_pw<T, K, 1, BC>(static_cast<const T*>(p.src), m[6] + srow * m[7], static_cast<const T*>(p.w), m[2],
+                       static_cast<const T*>(p.pb), m[4], cin, c0, cout, ty0, tx0, p.H, p.W, smem);
+  __syncthreads();
+  // every thread stays to the end (warp reductions); pixels outside the image contribute zero
+  const int oy = threadIdx.x / kTW, ox = threadIdx.x % kTW, py = ty0 + oy, px = tx0 + ox;
+  const bool inside = py < p.H && px < p.W;
+  const int64_t HW = (int64_t)p.H * p.W;
+  const T* go = static_cast<const T*>(p.go);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int q = 0; q < BC; ++q) {
+    const int c = c0 + q;
+    if (c >= cout) break;  // uniform over the block
+    const int64_t ob = m[8] + (c / m[9]) * m[10] + n * m[11] + (c % m[9]) * HW;
+    const float g0 = inside ? to_f(go[ob + (int64_t)py * p.W + px]) : 0.f;
+    const float sg = warp_sum(g0);
+    if (lane == 0) red[warp * (K * K + 1) + K * K] = sg;
+    float gy = 0.f;
+#pragma unroll 7
+    for (int t = 0; t < K * K; ++t) {
+      const int dy = t / K, dx = t % K;
+      const float s = warp_sum(g0 * smem[q * LD + (oy + dy) * HWD + ox + dx]);
+      if (lane == 0) red[warp * (K * K + 1) + t] = s;
+      const int sy = py - dy + P, sx = px - dx + P;
+      if (inside && sy >= 0 && sy < p.H && sx >= 0 && sx < p.W)
+        gy += sdw[q * K * K + t] * to_f(go[ob + (int64_t)sy * p.W + sx]);
+    }
+    if (inside) static_cast<T*>(p.gy)[m[12] + n * m[13] + (int64_t)c * HW + (int64_t)py * p.W + px] = from_f<T>(gy);
+    __syncthreads();
+    if (threadIdx.x <= K * K) {
+      float s = 0.f;
+      for (int w8 = 0; w8 < kThreads / 32; ++w8) s += red[w8 * (K * K + 1) + threadIdx.x];
+      if (threadIdx.x < K * K) atomicAdd(p.gdw + m[3] + (int64_t)c * K * K + threadIdx.x, s);
+      else if (p.gdb != nullptr) atomicAdd(p.gdb + m[5] + c, s);
+    }
+    __syncthreads();
+  }
+}
+
+// ------------------------------------------------------------------ register-blocked 32 x 64 tile
+// acc[i] += sum_k W[(c0 + ty*8 + i)*so + k*si] * X(k, tx) for rows < cout, k < cin. X(k, pp) by loadx.
+// Thread layout: tx = threadIdx.x % 64 (pixel), ty = threadIdx.x / 64 (rows ty*8 .. ty*8+7).
+template <typename TW, typename LoadX>
+__device__ void tile_mm(float (&acc)[8], const TW* __restrict__ W, int64_t w_off, int64_t so, int64_t si, int c0,
+                        int cout, int cin, LoadX loadx, float* sW, float* sX) {
+  const int tx = threadIdx.x % kMmP, ty = threadIdx.x / kMmP;
+  for (int k0 = 0; k0 < cin; k0 += kMmK) {
+    for (int i = threadIdx.x; i < kMmC * kMmK; i += kThreads) {
+      const int cc = i / kMmK, kk = i % kMmK, c = c0 + cc, k = k0 + kk;
+      sW[cc * (kMmK + 1) + kk] = (c < cout && k < cin) ? to_f(W[w_off + (int64_t)c * so + (int64_t)k * si]) : 0.f;
+    }
+    for (int i = threadIdx.x; i < kMmK * kMmP; i += kThreads) {
+      const int kk = i / kMmP, pp = i % kMmP;
+      sX[kk * kMmP + pp] = (k0 + kk < cin) ? loadx(k0 + kk, pp) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < kMmK; ++kk) {
+      const float xv = sX[kk * kMmP + tx];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] += sW[(ty * 8 + i) * (kMmK + 1) + kk] * xv;
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, typename TY>
+__global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p, int n_pt) {
+  __shared__ float sW[kMmC * (kMmK + 1)], sX[kMmK * kMmP];
+  const int64_t n = blockIdx.x / n_pt;
+  const int pt = (int)(blockIdx.x % n_pt), cb = blockIdx.y;
+  if (n >= p.N) return;
+  const int64_t* m = p.meta + 16 * expert_of(p.offsets, n, p.E);
+  const int cin = (int)m[0], cout = (int)m[1];
+  if (cb * kMmC >= cout) return;
+  const int64_t srow = p.perm != nullptr ? p.perm[n] / p.kslots : n;
+  const T* x = static_cast<const T*>(p.x) + m[6] + srow * m[7];
+  const int64_t HW = p.HW, p0 = (int64_t)pt * kMmP;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  auto loadx = [&](int k, int pp) -> float {
+    const int64_t px = p0 + pp;
+    return px < HW ? to_f(x[(int64_t)k * HW + px]) : 0.f;
+  };
+  tile_mm(acc, static_cast<const T*>(p.w), m[2], m[3], m[4], cb * kMmC, cout, cin, loadx, sW, sX);
+  const int tx = threadIdx.x % kMmP, ty = threadIdx.x / kMmP;
+  const int64_t px = p0 + tx;
+  if (px >= HW) return;
+  TY* y = static_cast<TY*>(p.y);
+  const T* b = static_cast<const T*>(p.b);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int c = cb * kMmC + ty * 8 + i;
+    if (c >= cout) break;
+    float v = acc[i] + (b != nullptr ? to_f(b[m[5] + c]) : 0.f);
+    const int64_t o = m[8] + n * m[9] + (int64_t)c * HW + px;
+    if (p.accumulate) v += to_f(y[o]);
+    y[o] = from_f<TY>(v);
+  }
+}
+
+template <typename TG, typename T>
+__global__ void __launch_bounds__(kThreads) wgrad_kernel(WgradParams p, int npc) {
+  constexpr int BP = 32;
+  __shared__ float sG[32][BP + 1], sX[32][BP + 1];
+  const int e = blockIdx.x / p.n_split, sp = blockIdx.x % p.n_split, cb = blockIdx.y, kb = blockIdx.z;
+  if (e >= p.E) return;
+  const int64_t* m = p.meta + 16 * e;
+  const int cout = (int)m[0], cin = (int)m[1];
+  if (cb * 32 >= cout || kb * 32 >= cin) return;
+  const int64_t lo = p.offsets[e], hi = p.offsets[e + 1], HW = p.HW;
+  const TG* g = static_cast<const TG*>(p.g);
+  const T* x = static_cast<const T*>(p.x);
+  const int tc = threadIdx.x / 8, tk = (threadIdx.x % 8) * 4;  // output (c = tc, ci = tk .. tk+3)
+  float acc[4] = {0.f, 0.f, 0.f, 0.f}, bacc = 0.f;
+  const int64_t total = (hi - lo) * npc;
+  for (int64_t wi = sp; wi < total; wi += p.n_split) {
+    const int64_t n = lo + wi / npc, p0 = (wi % npc) * BP;
+    const int64_t srow = p.perm != nullptr ? p.perm[n] / p.kslots : n;
+    for (int i = threadIdx.x; i < 32 * BP; i += kThreads) {
+      const int r = i / BP, pp = i % BP;
+      const int64_t px = p0 + pp;
+      const int c = cb * 32 + r, k = kb * 32 + r;
+      sG[r][pp] = (c < cout && px < HW) ? to_f(g[m[3] + n * m[4] + (int64_t)c * HW + px]) : 0.f;
+      sX[r][pp] = (k < cin && px < HW) ? to_f(x[m[5] + srow * m[6] + (int64_t)k * HW + px]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int pp = 0; pp < BP; ++pp) {
+      const float gv = sG[tc][pp];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[j] += gv * sX[tk + j][pp];
+      bacc += gv;
+    }
+    __syncthreads();
+  }
+  const int c = cb * 32 + tc;
+  if (c >= cout) return;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int k = kb * 32 + tk + j;
+    if (k < cin && total > 0) atomicAdd(p.o + m[2] + (int64_t)c * cin + k, acc[j]);
+  }
+  if (p.bo != nullptr && kb == 0 && tk == 0 && total > 0) atomicAdd(p.bo + m[7] + c, bacc);
+}
+
+// ------------------------------------------------------------------ expert epilogue
+// t = W_o attn + b_o and u = W_1 shared for ranks r0 .. r0+31 (rows ty*8+i of this thread, pixel tx).
+template <typename T>
+__device__ void expert_tu(float (&t)[8], float (&u)[8], const T* w, const int64_t* m, int r, int r0, int C,
+                          const T* attn, const T* sh, int64_t HW, int64_t p0, float* sW, float* sX) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) t[i] = u[i] = 0.f;
+  auto load_a = [&](int k, int pp) -> float {
+    const int64_t px = p0 + pp;
+    return px < HW ? to_f(attn[(int64_t)k * HW + px]) : 0.f;
+  };
+  auto load_s = [&](int k, int pp) -> float {
+    const int64_t px = p0 + pp;
+    return px < HW ? to_f(sh[(int64_t)k * HW + px]) : 0.f;
+  };
+  tile_mm(t, w, m[1], r, 1, r0, r, r, load_a, sW, sX);
+  tile_mm(u, w, m[3], C, 1, r0, r, C, load_s, sW, sX);
+  const int ty = threadIdx.x / kMmP;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int j = r0 + ty * 8 + i;
+    if (j < r) t[i] += to_f(w[m[2] + j]);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) final_fwd_kernel(FinalParams p, int n_pt) {
+  __shared__ float sW[kMmC * (kMmK + 1)], sX[kMmK * kMmP], sH[kMmC * kMmP];
+  const int64_t n = blockIdx.x / n_pt;
+  const int pt = (int)(blockIdx.x % n_pt), cb = blockIdx.y;
+  if (n >= p.N) return;
+  const int64_t* m = p.meta + 16 * expert_of(p.offsets, n, p.E);
+  const int r = (int)m[0], C = p.C;
+  const int64_t HW = p.HW, p0 = (int64_t)pt * kMmP;
+  const int64_t img = p.perm[n] / p.kslots;
+  const T* w = static_cast<const T*>(p.w);
+  const T* attn = static_cast<const T*>(p.attn) + m[5] + n * r * HW;
+  const T* sh = static_cast<const T*>(p.shared) + img * C * HW;
+  const int tx = threadIdx.x % kMmP, ty = threadIdx.x / kMmP;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int r0 = 0; r0 < r; r0 += kMmC) {
+    float t[8], u[8];
+    expert_tu(t, u, w, m, r, r0, C, attn, sh, HW, p0, sW, sX);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sH[(ty * 8 + i) * kMmP + tx] = t[i] * u[i] * sigmoid_f(u[i]);
+    __syncthreads();
+    auto load_h = [&](int k, int pp) -> float { return sH[k * kMmP + pp]; };
+    tile_mm(acc, w, m[4] + r0, r, 1, cb * kMmC, C, min(kMmC, r - r0), load_h, sW, sX);
+  }
+  const int64_t px = p0 + tx;
+  if (px >= HW) return;
+  const T* xs = static_cast<const T*>(p.xs) + (p.x_gather ? img : n) * C * HW;
+  T* out = static_cast<T*>(p.out) + n * C * HW;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int c = cb * kMmC + ty * 8 + i;
+    if (c >= C) break;
+    out[(int64_t)c * HW + px] = from_f<T>(acc[i] + to_f(xs[(int64_t)c * HW + px]));
+  }
+}
+
+template <typename T, typename TG>
+__global__ void __launch_bounds__(kThreads) final_bwd_kernel(FinalBwdParams p, int n_pt) {
+  __shared__ float sW[kMmC * (kMmK + 1)], sX[kMmK * kMmP];
+  const int64_t n = blockIdx.x / n_pt;
+  const int pt = (int)(blockIdx.x % n_pt), r0 = blockIdx.y * kMmC;
+  if (n >= p.N) return;
+  const int64_t* m = p.meta + 16 * expert_of(p.offsets, n, p.E);
+  const int r = (int)m[0], C = p.C;
+  if (r0 >= r) return;
+  const int64_t HW = p.HW, p0 = (int64_t)pt * kMmP;
+  const int64_t img = p.perm[n] / p.kslots;
+  const T* w = static_cast<const T*>(p.w);
+  const int64_t a_off = m[5] + n * r * HW;
+  const T* attn = static_cast<const T*>(p.attn) + a_off;
+  const T* sh = static_cast<const T*>(p.shared) + img * C * HW;
+  const TG* g = static_cast<const TG*>(p.g) + n * C * HW;
+  float t[8], u[8], gh[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  expert_tu(t, u, w, m, r, r0, C, attn, sh, HW, p0, sW, sX);
+  auto load_g = [&](int k, int pp) -> float {
+    const int64_t px = p0 + pp;
+    return px < HW ? to_f(g[(int64_t)k * HW + px]) : 0.f;
+  };
+  tile_mm(gh, w, m[4], 1, r, r0, r, C, load_g, sW, sX);  // W_2^T: element (j, c) at c*r + j
+  const int tx = threadIdx.x % kMmP, ty = threadIdx.x / kMmP;
+  const int64_t px = p0 + tx;
+  if (px >= HW) return;
+  T* gt = static_cast<T*>(p.gt) + a_off;
+  T* gu = static_cast<T*>(p.gu) + a_off;
+  T* h = static_cast<T*>(p.h) + a_off;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int j = r0 + ty * 8 + i;
+    if (j >= r) break;
+    const float s = sigmoid_f(u[i]), sil = u[i] * s;
+    const int64_t o = (int64_t)j * HW + px;
+    gt[o] = from_f<T>(gh[i] * sil);
+    gu[o] = from_f<T>(gh[i] * t[i] * s * (1.f + u[i] * (1.f - s)));
+    h[o] = from_f<T>(t[i] * sil);
+  }
+}
+
+template <typename T>
+__global__ void gather_sum_kernel(const float* __restrict__ src, const int64_t* __restrict__ inv, T* __restrict__ out,
+                                  int64_t L, int64_t kslots) {
+  const int64_t b = blockIdx.y;
+  const int64_t l = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (l >= L) return;
+  float acc = 0.f;
+  for (int64_t j = 0; j < kslots; ++j) acc += src[inv[b * kslots + j] * L + l];
+  out[b * L + l] = from_f<T>(acc);
+}
+
+// ------------------------------------------------------------------ dispatch helpers
+template <typename F>
+cudaError_t with_type(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T, int K, int MODE>
+cudaError_t launch_pwdw_t(const PwdwParams& p, cudaStream_t stream) {
+  constexpr int LD = Halo<K>::LD;
+  const int NB = MODE > 0 ? 2 : 1, n_tw = (int)cdiv(p.W, kTW), n_tiles = (int)cdiv(p.H, kTH) * n_tw;
+  const int n_cblk = (int)cdiv(p.max_nch, kBC / NB);
+  const int64_t blocks = (int64_t)p.N * n_tiles * n_cblk;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const size_t smem = sizeof(float) * kBC * (LD + K * K);
+  pwdw_kernel<T, K, MODE><<<(unsigned)blocks, kThreads, smem, stream>>>(p, n_tw, n_tiles, n_cblk);
+  return cudaGetLastError();
+}
+
+template <typename T, int K>
+cudaError_t launch_pwdw_bwd_t(const PwdwBwdParams& p, cudaStream_t stream) {
+  constexpr int LD = Halo<K>::LD;
+  const int n_tw = (int)cdiv(p.W, kTW), n_tiles = (int)cdiv(p.H, kTH) * n_tw, n_cblk = (int)cdiv(p.max_cout, kBC);
+  const int64_t blocks = (int64_t)p.N * n_tiles * n_cblk;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const size_t smem = sizeof(float) * (kBC * LD + (kThreads / 32) * (K * K + 1) + kBC * K * K);
+  pwdw_bwd_kernel<T, K><<<(unsigned)blocks, kThreads, smem, stream>>>(p, n_tw, n_tiles, n_cblk);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_pwdw(DType dt, const PwdwParams& p, cudaStream_t stream) {
+  if (p.mode < 0 || p.mode > 2 || (p.K != 3 && p.K != 5 && p.K != 7)) return cudaErrorInvalidValue;
+  return with_type(dt, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    switch (p.K * 10 + p.mode) {
+      case 30: return launch_pwdw_t<T, 3, 0>(p, stream);
+      case 31: return launch_pwdw_t<T, 3, 1>(p, stream);
+      case 32: return launch_pwdw_t<T, 3, 2>(p, stream);
+      case 50: return launch_pwdw_t<T, 5, 0>(p, stream);
+      case 51: return launch_pwdw_t<T, 5, 1>(p, stream);
+      case 52: return launch_pwdw_t<T, 5, 2>(p, stream);
+      case 70: return launch_pwdw_t<T, 7, 0>(p, stream);
+      case 71: return launch_pwdw_t<T, 7, 1>(p, stream);
+      default: return launch_pwdw_t<T, 7, 2>(p, stream);
+    }
+  });
+}
+
+cudaError_t launch_pwdw_bwd(DType dt, const PwdwBwdParams& p, cudaStream_t stream) {
+  if (p.K != 3 && p.K != 5 && p.K != 7) return cudaErrorInvalidValue;
+  return with_type(dt, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if (p.K == 3) return launch_pwdw_bwd_t<T, 3>(p, stream);
+    if (p.K == 5) return launch_pwdw_bwd_t<T, 5>(p, stream);
+    return launch_pwdw_bwd_t<T, 7>(p, stream);
+  });
+}
+
+cudaError_t launch_gemm(DType dt, const GemmParams& p, cudaStream_t stream) {
+  const int n_pt = (int)cdiv(p.HW, kMmP);
+  const int64_t gx = (int64_t)p.N * n_pt, gy = cdiv(p.max_cout, kMmC);
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid((unsigned)gx, (unsigned)gy);
+  return with_type(dt, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if (p.y_f32) gemm_kernel<T, float><<<grid, kThreads, 0, stream>>>(p, n_pt);
+    else gemm_kernel<T, T><<<grid, kThreads, 0, stream>>>(p, n_pt);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_wgrad(DType dt, const WgradParams& p, cudaStream_t stream) {
+  const int npc = (int)cdiv(p.HW, 32);
+  const int64_t gx = (int64_t)p.E * p.n_split, gy = cdiv(p.max_cout, 32), gz = cdiv(p.max_cin, 32);
+  if (gx == 0 || gy == 0 || gz == 0) return cudaSuccess;
+  if (gx > 0x7fffffffLL || gy > 65535 || gz > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)gz);
+  return with_type(dt, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if (p.g_f32) wgrad_kernel<float, T><<<grid, kThreads, 0, stream>>>(p, npc);
+    else wgrad_kernel<T, T><<<grid, kThreads, 0, stream>>>(p, npc);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_final_fwd(DType dt, const FinalParams& p, cudaStream_t stream) {
+  const int n_pt = (int)cdiv(p.HW, kMmP);
+  const int64_t gx = (int64_t)p.N * n_pt, gy = cdiv(p.C, kMmC);
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid((unsigned)gx, (unsigned)gy);
+  return with_type(dt, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    final_fwd_kernel<T><<<grid, kThreads, 0, stream>>>(p, n_pt);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_final_bwd(DType dt, const FinalBwdParams& p, cudaStream_t stream) {
+  const int n_pt = (int)cdiv(p.HW, kMmP);
+  const int64_t gx = (int64_t)p.N * n_pt, gy = cdiv(p.max_r, kMmC);
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid((unsigned)gx, (unsigned)gy);
+  return with_type(dt, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if (p.g_f32) final_bwd_kernel<T, float><<<grid, kThreads, 0, stream>>>(p, n_pt);
+    else final_bwd_kernel<T, T><<<grid, kThreads, 0, stream>>>(p, n_pt);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_gather_sum(DType dt, const float* src, const int64_t* inv, void* out, int64_t B, int64_t L,
+                              int64_t kslots, cudaStream_t stream) {
+  if (B == 0 || L == 0) return cudaSuccess;
+  if (B > 65535 || cdiv(L, 256) > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const dim3 grid((unsigned)cdiv(L, 256), (unsigned)B);
+  return with_type(dt, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    gather_sum_kernel<T><<<grid, 256, 0, stream>>>(src, inv, static_cast<T*>(out), L, kslots);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace expert_conv
+}  // namespace moce

@@ -1,0 +1,503 @@
+"""Triton kernels for fused pointwise -> depthwise convolutions, plain, GELU-gated and grouped.
+
+Every kernel here is *grouped*: rows ``n`` of the batch belong to expert ``e`` with
+``offsets[e] <= n < offsets[e+1]`` (device tensor, read on the device), and each expert has its
+own channel counts, weight offsets into packed weight buffers and buffer bases, given by an
+int64 ``meta`` table (E, META_COLS) built on the host from host-known sizes (cached, so no
+host<->device synchronisation on the hot path). The plain ops are the case E = 1.
+
+Kernels:
+  _pwdw_kernel     fused 1x1 -> depthwise k x k (modes: plain forward, GELU-gated forward,
+                   gated backward-epilogue) with the 1x1 result for the tile and its halo kept in
+                   a small per-program scratch slot (persistent grid: the slots stay in L1/L2)
+  _pwdw_bwd_kernel backward core: recompute the 1x1 halo, grad wrt the 1x1 output (gy),
+                   grad of the depthwise weight and bias (atomics)
+  _gemm_kernel     grouped 1x1: Y = W_e @ X (+ bias) (+ Y), optional row gather
+  _wgrad_kernel    grouped weight grad: dW_e += sum_{rows of e, pixels} G X^T (+ bias grad), atomics
+  _final_fwd / _final_bwd / _gather_sum_kernel: the expert-stage epilogue, see experts.py
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import register, triton_interpreted
+
+from ..ops import grouped_conv as driver
+from ..ops.grouped_conv import META_COLS, meta_tensor  # noqa: F401  (shared with the driver)
+
+# _pwdw meta columns (the _gemm / _wgrad / _final columns are documented at their kernels)
+(PD_CIN, PD_COUT, PD_W, PD_DW, PD_PB, PD_DB, PD_SRC, PD_SRC_RS, PD_OUT, PD_OSPLIT, PD_OSPLIT_STRIDE, PD_OUT_RS,
+ PD_GY, PD_GY_RS) = range(14)
+
+
+def _num_programs_cap(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * 4
+    return 16
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of intermediate gradient buffers: the input dtype for 16-bit inputs (as the reference's
+    own autograd rounds them), else the accumulation dtype."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else _acc_dtype(dtype)
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- device helpers
+@triton.jit
+def _expert_of(offsets_ptr, n, E: tl.constexpr):
+    """Expert owning row n: number of i in [1, E) with offsets[i] <= n."""
+    e = n * 0
+    for i in tl.static_range(1, E):
+        e += (tl.load(offsets_ptr + i) <= n).to(e.dtype)
+    return e
+
+
+# Triton 3.9's interpreter computes bf16 tl.dot wrongly; there (only) bf16 operands go through fp32.
+_INTERP_BF16_FIX = tl.constexpr(triton_interpreted())
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        if _INTERP_BF16_FIX:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+
+@triton.jit
+def _gelu(a):
+    return 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(a):
+    cdf = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * a * a) * 0.3989422804014327
+    return cdf + a * pdf
+
+
+@triton.jit
+def _halo_pw(src_ptr, w_ptr, pb_ptr, slot_ptr, src_off, cin, w_off, pb_off, ch, cmask, ty0, tx0, H, W,
+             HAS_PB: tl.constexpr, K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
+             BK: tl.constexpr, BHC: tl.constexpr, HSTRIDE: tl.constexpr, IEEE: tl.constexpr):
+    """1x1 conv (rows ``ch`` of the packed weight) over the tile + halo; zero outside the image
+    (the depthwise conv pads the 1x1 *output* with zeros); stored to slot[BC, HSTRIDE]."""
+    P: tl.constexpr = K // 2
+    HWD: tl.constexpr = TW + K - 1
+    HALO: tl.constexpr = (TH + K - 1) * HWD
+    HW = H * W
+    rc = tl.arange(0, BC)
+    for j0 in tl.static_range(0, HALO, BHC):
+        j = j0 + tl.arange(0, BHC)
+        iy = ty0 - P + j // HWD
+        ix = tx0 - P + j % HWD
+        pv = (j < HALO) & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        pix = iy * W + ix
+        acc = tl.zeros([BC, BHC], dtype=slot_ptr.dtype.element_ty)
+        for k0 in range(0, cin, BK):
+            ks = k0 + tl.arange(0, BK)
+            km = ks < cin
+            xt = tl.load(src_ptr + src_off + ks[:, None].to(tl.int64) * HW + pix[None, :],
+                         mask=km[:, None] & pv[None, :], other=0.0)
+            wt = tl.load(w_ptr + w_off + ch[:, None] * cin + ks[None, :], mask=cmask[:, None] & km[None, :],
+                         other=0.0)
+            acc += _mm(wt, xt.to(wt.dtype), IEEE)
+        if HAS_PB:
+            acc += tl.load(pb_ptr + pb_off + ch, mask=cmask, other=0.0).to(acc.dtype)[:, None]
+        acc = tl.where(pv[None, :], acc, 0.0)
+        tl.store(slot_ptr + rc[:, None] * HSTRIDE + j[None, :], acc)
+
+
+@triton.jit
+def _dw_from_slot(slot_ptr, dw_ptr, dw_off, ch, cmask, oy, ox, valid, K: tl.constexpr, TW: tl.constexpr,
+                  BC: tl.constexpr, BP: tl.constexpr, HSTRIDE: tl.constexpr):
+    """Depthwise k x k over the halo tile in the slot: [BC, BP] (no bias)."""
+    HWD: tl.constexpr = TW + K - 1
+    rc = tl.arange(0, BC)
+    acc = tl.zeros([BC, BP], dtype=slot_ptr.dtype.element_ty)
+    for t in tl.static_range(K * K):
+        v = tl.load(slot_ptr + rc[:, None] * HSTRIDE + ((oy + t // K) * HWD + ox + t % K)[None, :],
+                    mask=valid[None, :], other=0.0)
+        wv = tl.load(dw_ptr + dw_off + ch * (K * K) + t, mask=cmask, other=0.0).to(acc.dtype)
+        acc += wv[:, None] * v
+    return acc
+
+
+# ----------------------------------------------------------------------------- fused pw -> dw
+@triton.jit
+def _pwdw_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, db_ptr, out_ptr, g_ptr, gofull_ptr, scratch_ptr, offsets_ptr,
+                 meta_ptr, perm_ptr, kslots, H, W, n_tw, n_tiles, n_cblk, total,
+                 E: tl.constexpr, MODE: tl.constexpr, GATHER: tl.constexpr, HAS_PB: tl.constexpr,
+                 HAS_DB: tl.constexpr, K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
+                 BK: tl.constexpr, BHC: tl.constexpr, BP: tl.constexpr, HSTRIDE: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """MODE 0: out = dw(pw(src)) (+biases); MODE 1: out = gelu(a) * b (a, b the channel halves);
+    MODE 2 (gated backward epilogue): gofull = d(gelu(a)*b)/d(a, b) * g, full C_out channels."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    NB: tl.constexpr = 2 if MODE > 0 else 1
+    slot = scratch_ptr + pid.to(tl.int64) * (NB * BC * HSTRIDE)
+    HW = H * W
+    i = tl.arange(0, BP)
+    oy = i // TW
+    ox = i % TW
+    ivalid = i < TH * TW
+    for wi in range(pid, total, nprog):
+        cb = wi % n_cblk
+        rest = wi // n_cblk
+        tile = rest % n_tiles
+        n = rest // n_tiles
+        e = _expert_of(offsets_ptr, n, E)
+        mrow = meta_ptr + e * 16
+        cin = tl.load(mrow + 0).to(tl.int32)
+        cout = tl.load(mrow + 1).to(tl.int32)
+        nch = cout // NB
+        if cb * BC < nch:
+            w_off = tl.load(mrow + 2)
+            dw_off = tl.load(mrow + 3)
+            pb_off = tl.load(mrow + 4)
+            db_off = tl.load(mrow + 5)
+            srow = n.to(tl.int64)
+            if GATHER:
+                srow = tl.load(perm_ptr + n) // kslots
+            src_off = tl.load(mrow + 6) + srow * tl.load(mrow + 7)
+            ty0 = (tile // n_tw) * TH
+            tx0 = (tile % n_tw) * TW
+            ch = cb * BC + tl.arange(0, BC)
+            cmask = ch < nch
+            _halo_pw(src_ptr, w_ptr, pb_ptr, slot, src_off, cin, w_off, pb_off, ch, cmask, ty0, tx0, H, W,
+                     HAS_PB, K, TH, TW, BC, BK, BHC, HSTRIDE, IEEE)
+            if MODE > 0:
+                _halo_pw(src_ptr, w_ptr, pb_ptr, slot + BC * HSTRIDE, src_off, cin, w_off, pb_off, ch + nch,
+                         cmask, ty0, tx0, H, W, HAS_PB, K, TH, TW, BC, BK, BHC, HSTRIDE, IEEE)
+            tl.debug_barrier()
+            py = ty0 + oy
+            px = tx0 + ox
+            pm = ivalid & (py < H) & (px < W)
+            pix = py * W + px
+            m2 = cmask[:, None] & pm[None, :]
+            a = _dw_from_slot(slot, dw_ptr, dw_off, ch, cmask, oy, ox, ivalid, K, TW, BC, BP, HSTRIDE)
+            if HAS_DB:
+                a += tl.load(db_ptr + db_off + ch, mask=cmask, other=0.0).to(a.dtype)[:, None]
+            osplit = tl.load(mrow + 9)
+            o_off = (tl.load(mrow + 8) + (ch // osplit) * tl.load(mrow + 10) + n * tl.load(mrow + 11)
+                     + (ch % osplit) * HW)
+            optrs = o_off[:, None] + pix[None, :]
+            if MODE == 0:
+                tl.store(out_ptr + optrs, a.to(out_ptr.dtype.element_ty), mask=m2)
+            else:
+                b = _dw_from_slot(slot + BC * HSTRIDE, dw_ptr, dw_off, ch + nch, cmask, oy, ox, ivalid, K, TW, BC,
+                                  BP, HSTRIDE)
+                if HAS_DB:
+                    b += tl.load(db_ptr + db_off + ch + nch, mask=cmask, other=0.0).to(b.dtype)[:, None]
+                if MODE == 1:
+                    tl.store(out_ptr + optrs, (_gelu(a) * b).to(out_ptr.dtype.element_ty), mask=m2)
+                else:
+                    g = tl.load(g_ptr + optrs, mask=m2, other=0.0).to(a.dtype)
+                    gbase = (n * cout + ch).to(tl.int64) * HW
+                    gdt = gofull_ptr.dtype.element_ty
+                    tl.store(gofull_ptr + gbase[:, None] + pix[None, :], (g * b * _gelu_grad(a)).to(gdt), mask=m2)
+                    tl.store(gofull_ptr + gbase[:, None] + nch * HW + pix[None, :], (g * _gelu(a)).to(gdt),
+                             mask=m2)
+            tl.debug_barrier()
+
+
+@triton.jit
+def _pwdw_bwd_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, go_ptr, gy_ptr, gdw_ptr, gdb_ptr, scratch_ptr, offsets_ptr,
+                     meta_ptr, perm_ptr, kslots, H, W, n_tw, n_tiles, n_cblk, total,
+                     E: tl.constexpr, GATHER: tl.constexpr, HAS_PB: tl.constexpr, HAS_DB: tl.constexpr,
+                     K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                     BHC: tl.constexpr, BP: tl.constexpr, HSTRIDE: tl.constexpr, IEEE: tl.constexpr):
+    """Given go = dL/d(dw output) (laid out like the forward output), writes gy = dL/d(pw output)
+    (float32/64, row stride from meta) and accumulates grad dw weight / dw bias (atomics)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    slot = scratch_ptr + pid.to(tl.int64) * (BC * HSTRIDE)
+    P: tl.constexpr = K // 2
+    HWD: tl.constexpr = TW + K - 1
+    HW = H * W
+    i = tl.arange(0, BP)
+    oy = i // TW
+    ox = i % TW
+    ivalid = i < TH * TW
+    rc = tl.arange(0, BC)
+    for wi in range(pid, total, nprog):
+        cb = wi % n_cblk
+        rest = wi // n_cblk
+        tile = rest % n_tiles
+        n = rest // n_tiles
+        e = _expert_of(offsets_ptr, n, E)
+        mrow = meta_ptr + e * 16
+        cin = tl.load(mrow + 0).to(tl.int32)
+        cout = tl.load(mrow + 1).to(tl.int32)
+        if cb * BC < cout:
+            dw_off = tl.load(mrow + 3)
+            db_off = tl.load(mrow + 5)
+            srow = n.to(tl.int64)
+            if GATHER:
+                srow = tl.load(perm_ptr + n) // kslots
+            src_off = tl.load(mrow + 6) + srow * tl.load(mrow + 7)
+            ty0 = (tile // n_tw) * TH
+            tx0 = (tile % n_tw) * TW
+            ch = cb * BC + rc
+            cmask = ch < cout
+            _halo_pw(src_ptr, w_ptr, pb_ptr, slot, src_off, cin, tl.load(mrow + 2), tl.load(mrow + 4), ch, cmask,
+                     ty0, tx0, H, W, HAS_PB, K, TH, TW, BC, BK, BHC, HSTRIDE, IEEE)
+            tl.debug_barrier()
+            py = ty0 + oy
+            px = tx0 + ox
+            pm = ivalid & (py < H) & (px < W)
+            osplit = tl.load(mrow + 9)
+            o_off = (tl.load(mrow + 8) + (ch // osplit) * tl.load(mrow + 10) + n * tl.load(mrow + 11)
+                     + (ch % osplit) * HW)
+            go = tl.load(go_ptr + o_off[:, None] + (py * W + px)[None, :], mask=cmask[:, None] & pm[None, :],
+                         other=0.0).to(slot.dtype.element_ty)
+            if HAS_DB:
+                tl.atomic_add(gdb_ptr + db_off + ch, tl.sum(go, axis=1), mask=cmask)
+            gy = tl.zeros([BC, BP], dtype=slot.dtype.element_ty)
+            for t in tl.static_range(K * K):
+                dy = t // K
+                dx = t % K
+                ysh = tl.load(slot + rc[:, None] * HSTRIDE + ((oy + dy) * HWD + ox + dx)[None, :],
+                              mask=ivalid[None, :], other=0.0)
+                tl.atomic_add(gdw_ptr + dw_off + ch * (K * K) + t, tl.sum(go * ysh, axis=1), mask=cmask)
+                sy = py - dy + P
+                sx = px - dx + P
+                sm = pm & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
+                gsh = tl.load(go_ptr + o_off[:, None] + (sy * W + sx)[None, :], mask=cmask[:, None] & sm[None, :],
+                              other=0.0).to(gy.dtype)
+                wv = tl.load(dw_ptr + dw_off + ch * (K * K) + t, mask=cmask, other=0.0).to(gy.dtype)
+                gy += wv[:, None] * gsh
+            gy_off = tl.load(mrow + 12) + n * tl.load(mrow + 13) + ch.to(tl.int64) * HW
+            tl.store(gy_ptr + gy_off[:, None] + (py * W + px)[None, :], gy.to(gy_ptr.dtype.element_ty),
+                     mask=cmask[:, None] & pm[None, :])
+            tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------- grouped 1x1 / weight grad
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, offsets_ptr, meta_ptr, perm_ptr, kslots, HW, n_pt,
+                 E: tl.constexpr, GATHER: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr,
+                 BK: tl.constexpr, BP: tl.constexpr, IEEE: tl.constexpr, F64: tl.constexpr):
+    """Y[n, c, p] (+)= sum_ci W_e[c, ci] X[srow, ci, p] (+ b_e[c]); srow = perm[n] // kslots if GATHER."""
+    pid0 = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = pid0 // n_pt
+    pt = pid0 % n_pt
+    e = _expert_of(offsets_ptr, n, E)
+    mrow = meta_ptr + e * 16
+    cin = tl.load(mrow + 0).to(tl.int32)
+    cout = tl.load(mrow + 1).to(tl.int32)
+    if cb * BC < cout:
+        w_off = tl.load(mrow + 2)
+        w_so = tl.load(mrow + 3)
+        w_si = tl.load(mrow + 4)
+        srow = n.to(tl.int64)
+        if GATHER:
+            srow = tl.load(perm_ptr + n) // kslots
+        x_off = tl.load(mrow + 6) + srow * tl.load(mrow + 7)
+        ch = cb * BC + tl.arange(0, BC)
+        cm = ch < cout
+        p = pt * BP + tl.arange(0, BP)
+        pm = p < HW
+        if F64:
+            acc = tl.zeros([BC, BP], dtype=tl.float64)
+        else:
+            acc = tl.zeros([BC, BP], dtype=tl.float32)
+        for k0 in range(0, cin, BK):
+            ks = k0 + tl.arange(0, BK)
+            km = ks < cin
+            xt = tl.load(x_ptr + x_off + ks[:, None].to(tl.int64) * HW + p[None, :], mask=km[:, None] & pm[None, :],
+                         other=0.0)
+            wt = tl.load(w_ptr + w_off + ch[:, None] * w_so + ks[None, :] * w_si, mask=cm[:, None] & km[None, :],
+                         other=0.0)
+            if IEEE:
+                acc += _mm(wt.to(acc.dtype), xt.to(acc.dtype), True)
+            else:
+                acc += _mm(wt, xt.to(wt.dtype), False)
+        if HAS_B:
+            acc += tl.load(b_ptr + tl.load(mrow + 5) + ch, mask=cm, other=0.0).to(acc.dtype)[:, None]
+        y_off = tl.load(mrow + 8) + n * tl.load(mrow + 9) + ch.to(tl.int64) * HW
+        yptrs = y_ptr + y_off[:, None] + p[None, :]
+        m2 = cm[:, None] & pm[None, :]
+        if ACC:
+            acc += tl.load(yptrs, mask=m2, other=0.0).to(acc.dtype)
+        tl.store(yptrs, acc.to(y_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _wgrad_kernel(g_ptr, x_ptr, o_ptr, bo_ptr, offsets_ptr, meta_ptr, perm_ptr, kslots, HW, npc, n_split,
+                  GATHER: tl.constexpr, HAS_B: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                  BP: tl.constexpr, IEEE: tl.constexpr):
+    """dW_e[c, ci] += sum_{n in segment e, p} G[n, c, p] X[srow, ci, p]; with HAS_B also
+    db_e[c] += sum G. Program (e * n_split + split, c-block, ci-block); atomics into o / bo."""
+    pid0 = tl.program_id(0)
+    cb = tl.program_id(1)
+    kb = tl.program_id(2)
+    e = pid0 // n_split
+    sp = pid0 % n_split
+    mrow = meta_ptr + e * 16
+    cout = tl.load(mrow + 0).to(tl.int32)
+    cin = tl.load(mrow + 1).to(tl.int32)
+    if (cb * BC < cout) & (kb * BK < cin):
+        lo = tl.load(offsets_ptr + e)
+        hi = tl.load(offsets_ptr + e + 1)
+        g_base = tl.load(mrow + 3)
+        g_rs = tl.load(mrow + 4)
+        x_base = tl.load(mrow + 5)
+        x_rs = tl.load(mrow + 6)
+        ch = cb * BC + tl.arange(0, BC)
+        cm = ch < cout
+        ks = kb * BK + tl.arange(0, BK)
+        km = ks < cin
+        acc = tl.zeros([BC, BK], dtype=o_ptr.dtype.element_ty)
+        bacc = tl.zeros([BC], dtype=o_ptr.dtype.element_ty)
+        for wi in range(sp, (hi - lo) * npc, n_split):
+            n = lo + wi // npc
+            p = (wi % npc) * BP + tl.arange(0, BP)
+            pm = p < HW
+            srow = n
+            if GATHER:
+                srow = tl.load(perm_ptr + n) // kslots
+            gt = tl.load(g_ptr + g_base + n * g_rs + ch[:, None].to(tl.int64) * HW + p[None, :],
+                         mask=cm[:, None] & pm[None, :], other=0.0)
+            xt = tl.load(x_ptr + x_base + srow * x_rs + ks[None, :].to(tl.int64) * HW + p[:, None],
+                         mask=km[None, :] & pm[:, None], other=0.0)
+            if IEEE:
+                acc += _mm(gt.to(acc.dtype), xt.to(acc.dtype), True)
+            else:
+                acc += _mm(gt, xt.to(gt.dtype), False)
+            if HAS_B:
+                bacc += tl.sum(gt.to(acc.dtype), axis=1)
+        o_off = tl.load(mrow + 2)
+        tl.atomic_add(o_ptr + o_off + ch[:, None] * cin + ks[None, :], acc, mask=cm[:, None] & km[None, :])
+        if HAS_B:
+            if kb == 0:
+                tl.atomic_add(bo_ptr + tl.load(mrow + 7) + ch, bacc, mask=cm)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _tile_config(K: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int, int]:
+    """(TH, TW, BC, BK, BHC, BP) for the fused pw->dw kernels."""
+    TH, TW = (8, 16) if K <= 5 else (8, 16)
+    BC = 32
+    BK = 32 if dtype != torch.float64 else 16
+    return TH, TW, BC, BK, 64, 128
+
+
+def _hstride(K: int, TH: int, TW: int, BHC: int) -> int:
+    halo = (TH + K - 1) * (TW + K - 1)
+    return triton.cdiv(halo, BHC) * BHC
+
+
+def launch_pwdw(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Optional[torch.Tensor],
+                db: Optional[torch.Tensor], out: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor,
+                N: int, H: int, W: int, K: int, max_nch: int, mode: int = 0,
+                perm: Optional[torch.Tensor] = None, kslots: int = 1,
+                g: Optional[torch.Tensor] = None, gofull: Optional[torch.Tensor] = None) -> None:
+    """Grouped fused pw->dw over N rows; ``max_nch``: largest number of output channels per launch
+    (C_out, or C_out/2 for the gated modes) over the experts."""
+    E = meta.shape[0]
+    TH, TW, BC, BK, BHC, BP = _tile_config(K, src.dtype)
+    hs = _hstride(K, TH, TW, BHC)
+    n_tw, n_th = triton.cdiv(W, TW), triton.cdiv(H, TH)
+    n_cblk = triton.cdiv(max_nch, BC)
+    total = N * n_th * n_tw * n_cblk
+    nprog = max(1, min(total, _num_programs_cap(src.device)))
+    nb = 2 if mode > 0 else 1
+    scratch = torch.empty(nprog * nb * BC * hs, dtype=_acc_dtype(src.dtype), device=src.device)
+    dummy = w
+    _pwdw_kernel[(nprog,)](
+        src, w, dw, pb if pb is not None else dummy, db if db is not None else dummy, out,
+        g if g is not None else out, gofull if gofull is not None else scratch, scratch, offsets, meta,
+        perm if perm is not None else offsets, kslots, H, W, n_tw, n_th * n_tw, n_cblk, total,
+        E=E, MODE=mode, GATHER=perm is not None, HAS_PB=pb is not None, HAS_DB=db is not None, K=K, TH=TH, TW=TW,
+        BC=BC, BK=BK, BHC=BHC, BP=BP, HSTRIDE=hs, IEEE=_ieee(src.dtype), num_warps=4)
+
+
+def launch_pwdw_bwd(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Optional[torch.Tensor],
+                    go: torch.Tensor, gy: torch.Tensor, gdw: torch.Tensor, gdb: Optional[torch.Tensor],
+                    offsets: torch.Tensor, meta: torch.Tensor, N: int, H: int, W: int, K: int, max_cout: int,
+                    perm: Optional[torch.Tensor] = None, kslots: int = 1) -> None:
+    """Backward core of the grouped fused pw->dw (see _pwdw_bwd_kernel)."""
+    E = meta.shape[0]
+    TH, TW, BC, BK, BHC, BP = _tile_config(K, src.dtype)
+    hs = _hstride(K, TH, TW, BHC)
+    n_tw, n_th = triton.cdiv(W, TW), triton.cdiv(H, TH)
+    n_cblk = triton.cdiv(max_cout, BC)
+    total = N * n_th * n_tw * n_cblk
+    nprog = max(1, min(total, _num_programs_cap(src.device)))
+    scratch = torch.empty(nprog * BC * hs, dtype=_acc_dtype(src.dtype), device=src.device)
+    _pwdw_bwd_kernel[(nprog,)](
+        src, w, dw, pb if pb is not None else w, go, gy, gdw, gdb if gdb is not None else gdw, scratch, offsets,
+        meta, perm if perm is not None else offsets, kslots, H, W, n_tw, n_th * n_tw, n_cblk, total,
+        E=E, GATHER=perm is not None, HAS_PB=pb is not None, HAS_DB=gdb is not None, K=K, TH=TH, TW=TW, BC=BC,
+        BK=BK, BHC=BHC, BP=BP, HSTRIDE=hs, IEEE=_ieee(src.dtype), num_warps=4)
+
+
+def launch_gemm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor,
+                offsets: torch.Tensor, meta: torch.Tensor, N: int, HW: int, max_cout: int,
+                perm: Optional[torch.Tensor] = None, kslots: int = 1, accumulate: bool = False) -> None:
+    """Grouped 1x1 (see _gemm_kernel)."""
+    E = meta.shape[0]
+    ieee = _ieee(x.dtype) or _ieee(w.dtype) or _ieee(y.dtype)
+    BC, BK, BP = 32, (16 if torch.float64 in (x.dtype, w.dtype, y.dtype) else 32), 128
+    n_pt = triton.cdiv(HW, BP)
+    grid = (N * n_pt, triton.cdiv(max_cout, BC))
+    _gemm_kernel[grid](x, w, b if b is not None else w, y, offsets, meta, perm if perm is not None else offsets,
+                       kslots, HW, n_pt, E=E, GATHER=perm is not None, HAS_B=b is not None, ACC=accumulate, BC=BC,
+                       BK=BK, BP=BP, IEEE=ieee, F64=y.dtype == torch.float64, num_warps=4)
+
+
+def launch_wgrad(g: torch.Tensor, x: torch.Tensor, o: torch.Tensor, bo: Optional[torch.Tensor],
+                 offsets: torch.Tensor, meta: torch.Tensor, HW: int, max_cout: int, max_cin: int, N: int,
+                 perm: Optional[torch.Tensor] = None, kslots: int = 1) -> None:
+    """Grouped weight gradient (see _wgrad_kernel); o / bo are float32/64 accumulators."""
+    E = meta.shape[0]
+    ieee = _ieee(g.dtype) or _ieee(x.dtype)
+    BC, BK, BP = 32, 32, 64
+    npc = triton.cdiv(HW, BP)
+    n_split = max(1, min(N * npc, 64 if g.device.type == "cuda" else 2))
+    grid = (E * n_split, triton.cdiv(max_cout, BC), triton.cdiv(max_cin, BK))
+    _wgrad_kernel[grid](g, x, o, bo if bo is not None else o, offsets, meta, perm if perm is not None else offsets,
+                        kslots, HW, npc, n_split, GATHER=perm is not None, HAS_B=bo is not None, BC=BC, BK=BK,
+                        BP=BP, IEEE=ieee, num_warps=4)
+
+
+# ----------------------------------------------------------------------------- the plain / gated ops
+CONV_KERNELS = driver.Kernels(pwdw=launch_pwdw, pwdw_bwd=launch_pwdw_bwd, gemm=launch_gemm, wgrad=launch_wgrad)
+
+
+@register("pointwise_depthwise_conv", "triton")
+def _fwd(x, pw_weight, dw_weight, pw_bias, dw_bias):
+    return driver.pwdw_forward(CONV_KERNELS, x, pw_weight, dw_weight, pw_bias, dw_bias, gated=False)
+
+
+@register("pointwise_depthwise_conv_gated", "triton")
+def _fwd_gated(x, pw_weight, dw_weight, pw_bias, dw_bias):
+    return driver.pwdw_forward(CONV_KERNELS, x, pw_weight, dw_weight, pw_bias, dw_bias, gated=True)
+
+
+@register("pointwise_depthwise_conv_backward", "triton")
+def _bwd(grad, x, pw_weight, dw_weight, pw_bias, dw_bias):
+    return driver.pwdw_backward(CONV_KERNELS, grad, x, pw_weight, dw_weight, pw_bias, dw_bias, gated=False)
+
+
+@register("pointwise_depthwise_conv_gated_backward", "triton")
+def _bwd_gated(grad, x, pw_weight, dw_weight, pw_bias, dw_bias):
+    return driver.pwdw_backward(CONV_KERNELS, grad, x, pw_weight, dw_weight, pw_bias, dw_bias, gated=True)

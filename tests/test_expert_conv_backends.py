@@ -1,0 +1,134 @@
+"""Every backend of the fused pointwise -> depthwise convolutions (plain and GELU-gated), forward and
+backward, against the float64 reference under the error rule of DESIGN.md (outputs poisoned)."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import pytest
+import torch
+
+import moce_kernels
+from moce_kernels import ops
+from moce_kernels.testing import assert_within_rule, poison_outputs
+
+BACKENDS = moce_kernels.available_backends()
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+# (B, C_in, C_out, H, W, k, pw_bias, dw_bias): odd sizes, channels not multiples of 8
+CASES = [
+    (2, 5, 10, 19, 23, 3, True, True),
+    (1, 3, 6, 1, 7, 7, False, False),
+    (3, 9, 14, 6, 5, 7, True, False),
+    (2, 4, 6, 5, 9, 5, False, True),
+]
+GPU_CASES = [
+    (2, 48, 144, 67, 131, 3, True, True),
+    (1, 96, 192, 128, 128, 7, False, True),
+    (3, 33, 70, 41, 29, 5, True, True),
+    (8, 12, 24, 64, 64, 7, False, True),
+]
+
+
+def _inputs(case, dtype, device=DEV, scale: float = 0.5):
+    B, ci, co, H, W, k, hpb, hdb = case
+    g = lambda *s: (torch.randn(*s, dtype=torch.float64) * scale).to(dtype).to(device)  # noqa: E731
+    return (g(B, ci, H, W) * 2, g(co, ci, 1, 1), g(co, 1, k, k), g(co) if hpb else None, g(co) if hdb else None)
+
+
+def _fn(gated: bool):
+    return ops.pointwise_depthwise_conv_gated if gated else ops.pointwise_depthwise_conv
+
+
+def _run(backend: str, gated: bool, args, grad: Optional[torch.Tensor] = None
+         ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+    leaves = [None if a is None else a.detach().clone().requires_grad_(grad is not None) for a in args]
+    with moce_kernels.backend(backend), poison_outputs():
+        with torch.set_grad_enabled(grad is not None):
+            out = _fn(gated)(*leaves)
+            if grad is None:
+                return out.detach(), []
+            present = [a for a in leaves if a is not None]
+            gs = torch.autograd.grad(out, present, grad)
+    it = iter(gs)
+    return out.detach(), [None if a is None else next(it) for a in leaves]
+
+
+def _check(backend: str, case, dtype, gated: bool, backward: bool, device=DEV):
+    if gated and case[2] % 2:
+        pytest.skip("gated needs an even C_out")
+    args = _inputs(case, dtype, device)
+    args64 = [None if a is None else a.double() for a in args]
+    B, _, co, H, W = case[:5]
+    grad = (torch.randn(B, co // 2 if gated else co, H, W, dtype=torch.float64, device=device)
+            if backward else None)
+    ref64, g64 = _run("reference", gated, args64, grad)
+    refd, gd = _run("reference", gated, args, None if grad is None else grad.to(dtype))
+    out, go = _run(backend, gated, args, None if grad is None else grad.to(dtype))
+    assert out.dtype == dtype
+    assert_within_rule(out, ref64, refd, ATOL[dtype], name=f"{backend} forward")
+    names = ["grad_x", "grad_pw_weight", "grad_dw_weight", "grad_pw_bias", "grad_dw_bias"]
+    for n, a, b, c in zip(names, go, g64, gd):
+        if b is None:
+            continue
+        tol = ATOL[dtype] * (10 if dtype in (torch.bfloat16, torch.float16) else 1) * max(1.0, b.abs().max().item())
+        assert_within_rule(a, b, c, tol, name=f"{backend} {n}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_forward_backward_fp32(backend, gated, case):
+    _check(backend, case, torch.float32, gated, backward=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_float64(backend, gated):
+    if backend == "cuda":
+        pytest.skip("the cuda backend takes float32/16-bit inputs")
+    _check(backend, CASES[2], torch.float64, gated, backward=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_forward_backward(backend, dtype):
+    _check(backend, CASES[0], dtype, gated=True, backward=True)
+    _check(backend, CASES[1], dtype, gated=False, backward=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_shapes(backend, dtype, gated, case):
+    _check(backend, case, dtype, gated, backward=True, device="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_opcheck(backend, gated):
+    args = _inputs((2, 3, 6, 5, 4, 3, True, True), torch.float32)
+    op = torch.ops.moce.pointwise_depthwise_conv_gated if gated else torch.ops.moce.pointwise_depthwise_conv
+    args = [a.requires_grad_(True) for a in args]
+    with moce_kernels.backend(backend):
+        torch.library.opcheck(op.default, tuple(args))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_errors(backend):
+    x, pw, dw, pb, db = _inputs((1, 4, 6, 5, 5, 3, True, True), torch.float32)
+    with moce_kernels.backend(backend):
+        with pytest.raises(ValueError, match="pw_weight"):
+            ops.pointwise_depthwise_conv(x, pw[:, :3], dw, pb, db)
+        with pytest.raises(ValueError, match="dw_weight"):
+            ops.pointwise_depthwise_conv(x, pw, torch.randn(6, 1, 4, 4, device=DEV), pb, db)
+        with pytest.raises(ValueError, match="dw_bias"):
+            ops.pointwise_depthwise_conv(x, pw, dw, pb, db[:5])
+        with pytest.raises(ValueError, match="even"):
+            ops.pointwise_depthwise_conv_gated(x, pw[:5], dw[:5], pb[:5], db[:5])
+        with pytest.raises(ValueError, match="dtype"):
+            ops.pointwise_depthwise_conv(x.double(), pw, dw, pb, db)
+        with pytest.raises(ValueError, match="empty"):
+            ops.pointwise_depthwise_conv(x[:0], pw, dw, pb, db)
