@@ -1,0 +1,89 @@
+"""The whole model under every fast backend against the reference data and the float64 reference.
+
+Without a GPU the triton backend runs in the interpreter on one small case per file; with a GPU
+every backend runs in fp32, bf16 and fp16 against the float64 model (DESIGN.md's error rule).
+"""
+import pytest
+import torch
+
+import moce_kernels
+from moce_kernels.testing import assert_within_rule, max_err
+
+from _models import FILES, load_data, model_for
+
+GPU = torch.cuda.is_available()
+FAST = [b for b in moce_kernels.available_backends() if b != "reference"]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+@pytest.mark.skipif(not FAST, reason="no fast backend available")
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("file", FILES)
+def test_reference_data_under_backend(reference_dir, name, file):
+    data = load_data(reference_dir, file)
+    device = "cuda" if GPU else "cpu"
+    model = model_for(data).to(device)
+    cases = data["eval"] if GPU else [min(data["eval"], key=lambda c: c["input"].numel())]
+    with moce_kernels.backend(name), torch.no_grad():
+        for case in cases:
+            out = model(case["input"].to(device)).cpu()
+            err = max_err(out, case["output"])
+            assert err <= 1e-4, f"{name}: max error {err:.2e} on {tuple(case['input'].shape)}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["reference"] + FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_model_within_rule(reference_dir, name, dtype):
+    data = load_data(reference_dir, FILES[1])
+    m64 = model_for(data).cuda().double()
+    m_lp = model_for(data).cuda().to(dtype)
+    x = torch.rand(3, 3, 40, 56, device="cuda")
+    with torch.no_grad():
+        ref64 = m64(x.double())
+        with moce_kernels.backend("reference"):
+            ref_lp = m_lp(x.to(dtype))
+        with moce_kernels.backend(name):
+            out = m_lp(x.to(dtype))
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_within_rule(out, ref64, ref_lp, atol=atol, name=f"{name} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", FAST)
+def test_batched_eval_per_image_under_backend(reference_dir, name):
+    data = load_data(reference_dir, FILES[0])
+    model = model_for(data).cuda()
+    x = torch.randn(4, 3, 32, 40, device="cuda") * torch.linspace(0.2, 3, 4, device="cuda").view(4, 1, 1, 1)
+    with moce_kernels.backend(name), torch.no_grad():
+        batched = model(x)
+        for b in range(4):
+            assert max_err(batched[b:b + 1], model(x[b:b + 1])) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", FAST)
+def test_training_step_under_backend(reference_dir, name):
+    data = load_data(reference_dir, FILES[1])
+    ref = model_for(data, routing_noise="never").cuda().train()
+    fast = model_for(data, routing_noise="never").cuda().train()
+    t = data["train"]
+    x = t["input"].cuda()
+    with moce_kernels.backend("reference"):
+        out_r = ref(x)
+        (out_r.square().mean() + ref.total_loss).backward()
+    with moce_kernels.backend(name):
+        out_f = fast(x)
+        (out_f.square().mean() + fast.total_loss).backward()
+    assert max_err(out_f.detach().cpu(), t["output"]) <= 1e-4
+    assert abs(fast.total_loss.item() - t["aux_loss"].item()) <= 1e-4
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        scale = p.grad.abs().max().item() + 1e-6
+        assert max_err(q.grad, p.grad) <= 1e-3 * scale + 1e-5, n
