@@ -285,7 +285,7 @@ def _program(rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR: tl.con
     row_base = n.to(tl.int64) * C * H * W
     c0 = chunk * CS
     c1 = tl.minimum(C, c0 + CS)
-    stat_stride = num_tiles.to(tl.int64) * 2 * BR * BC
+    stat_stride = (num_tiles + tl.zeros([], tl.int64)) * 2 * BR * BC  # num_tiles may arrive as constexpr 1
     stat_base = (n.to(tl.int64) * S * num_tiles + tl.program_id(0)) * 2 * BR * BC
     e_idx = tl.arange(0, BR)[:, None] * BC + tl.arange(0, BC)[None, :]
     return active, offs, mask, cm, sm, row_base, c0, c1, stat_base, stat_stride, e_idx
