@@ -39,15 +39,25 @@ harness() {
 
 tests() {
   log tests
-  timeout ${TEST_TIMEOUT:-420} python3 -m pytest tests -q -x -p no:cacheprovider \
-    --deselect tests/test_cuda_build.py::test_cmake_builds_kernels_for_sm80_and_sm90 \
-    --junitxml="$OUT/tests.xml" 2>&1 | tail -40
+  MOCE_FAIL_LOG="$OUT/failures.log" timeout ${TEST_TIMEOUT:-420} python3 -m pytest ${TEST_PATHS:-tests} -v \
+    -n ${JOBS:-14} -p no:cacheprovider -k "${TEST_K:-not inductor_whole_model}" \
+    --deselect tests/test_cuda_build.py::test_cmake_builds_kernels_for_sm80_and_sm90 > "$OUT/tests.log" 2>&1
+  echo "tests rc=$?"; grep -cE " PASSED" "$OUT/tests.log"; grep -E " (FAILED|ERROR)" "$OUT/tests.log" | head -40
+  tail -2 "$OUT/tests.log"
 }
 
-bench() {
-  log "benchmarks $1"
-  timeout ${BENCH_TIMEOUT:-540} python3 -m pytest benchmarks/$1 --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$OUT/bench_${1%.py}.json" 2>&1 | grep -vE "^(test_|-{20,}|Name \(time)" | tail -15
+bench() {  # bench FILE [-k EXPR] [timeout]
+  log "benchmarks $1 ${2:-}"
+  timeout ${3:-${BENCH_TIMEOUT:-540}} python3 -m pytest benchmarks/$1 --benchmark-only -q -p no:cacheprovider \
+    -k "${2:-}" --benchmark-json="$OUT/bench_${1%.py}.json" > "$OUT/bench_${1%.py}.log" 2>&1
+  echo "rc=$?"; grep -E "passed|failed|error" "$OUT/bench_${1%.py}.log" | tail -3
+}
+
+bench_quick() {  # the headline cases of every suite, within a few minutes
+  bench bench_model.py "MoCE_IR- and (256px or 512px-b1) or cuda_graph" 150
+  bench bench_window_attention.py "forward and B8 and (C48_128x128 or C192_128x128 or C6_512x512 or C24_512x512) and not compile" 60
+  bench bench_expert_conv.py "bfloat16 and ((B8_128x128 and (qkv or gdfn or xkv)) or C96_128x128) and not compile" 60
+  bench bench_routing.py "overhead and bfloat16" 50
 }
 
 env_report 2>&1 | tee "$OUT/env.txt"
@@ -57,6 +67,7 @@ for phase in $PHASES; do
     harness) harness ;;
     test) tests ;;
     bench) for b in bench_window_attention.py bench_expert_conv.py bench_routing.py bench_model.py; do bench $b; done ;;
+    quick) bench_quick ;;
     bench-*) bench "${phase#bench-}" ;;
   esac
 done

@@ -35,3 +35,13 @@ def reference_dir():
     if not os.path.isdir(REFERENCE_DIR):
         pytest.fail(f"reference data not found at {REFERENCE_DIR}; set MOCE_REFERENCE_DIR")
     return REFERENCE_DIR
+
+
+_FAIL_LOG = os.environ.get("MOCE_FAIL_LOG")
+
+
+def pytest_runtest_logreport(report):
+    """With MOCE_FAIL_LOG=path, append each failure as it happens (survives a killed run)."""
+    if _FAIL_LOG and report.failed:
+        with open(_FAIL_LOG, "a") as f:
+            f.write(f"==== {report.nodeid} [{report.when}]\n{str(report.longrepr)[-3000:]}\n")
