@@ -7,18 +7,7 @@ from typing import Callable, Dict, Sequence
 
 import torch
 
-
-@functools.lru_cache(maxsize=None)
-def copy_bandwidth(device: str = "cuda") -> float:
-    """Bytes/s of a large device-to-device copy (read + write counted), median of do_bench."""
-    import triton.testing
-
-    n = 1 << 28  # 1 GiB of float32
-    src = torch.empty(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    del src, dst
-    return 2.0 * n * 4 / (ms * 1e-3)
+from _roofline import copy_bandwidth  # noqa: F401  (shared ceiling)
 
 
 @functools.lru_cache(maxsize=None)

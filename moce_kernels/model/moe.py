@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Union
+from typing import List, Union
 
 import torch
 import torch.nn as nn

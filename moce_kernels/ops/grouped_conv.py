@@ -242,7 +242,7 @@ class _Stage:
         return src, inputs
 
     def backward(self, grad: torch.Tensor) -> List[torch.Tensor]:
-        lay, N, C, HW, x, dev = self.lay, self.N, self.lay.C, self.lay.HW, self.x, self.dev
+        lay, N, x, dev = self.lay, self.N, self.x, self.dev
         cdt, gdt = _cdt(x.dtype), _gdt(x.dtype)
         _, inputs = self.forward(keep_inputs=True) if self.steps > 1 else (None, [])
         step_inputs = [x] + inputs

@@ -13,7 +13,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from ._common import FLOAT_DTYPES, call_impl, check_same, check_tensor
+from ._common import call_impl, check_same, check_tensor
 
 WEIGHTS_PER_EXPERT = 13
 EXPERT_WEIGHT_NAMES = ("proj0", "proj1", "proj2", "q", "q_dw", "q_dw_bias", "kv", "kv_dw", "kv_dw_bias",

@@ -1,8 +1,6 @@
 """Reference pointwise -> depthwise convolutions (cuDNN / ATen convolutions)."""
 from __future__ import annotations
 
-from typing import List, Optional
-
 import torch
 import torch.nn.functional as F
 

@@ -8,7 +8,7 @@ Conventions shared by every backend (see :mod:`moce_kernels.ops.routing`):
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -150,19 +150,14 @@ def expert_forward(x, shared, w, window: int, depth: int) -> torch.Tensor:
 
 def experts(x, shared, perm, offsets, k: int, weights, windows: Sequence[int], depths: Sequence[int]):
     """(B*k, C, H, W): row r of expert e's segment is expert e applied to image perm[r] // k."""
-    out = x.new_empty((perm.numel(),) + tuple(x.shape[1:]))
     bounds = offsets.tolist()  # host read: the reference backend is allowed to synchronise
     images = torch.div(perm, k, rounding_mode="floor")
-    rows = []
+    segments = []
     for e in range(len(windows)):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            idx = images[lo:hi]
-            rows.append((lo, hi, expert_forward(x[idx], shared[idx], expert_weights(weights, e), windows[e],
-                                                depths[e])))
-    if not rows:
-        return out
-    return torch.cat([r[2] for r in sorted(rows, key=lambda r: r[0])], dim=0) if len(rows) > 1 else rows[0][2]
+        idx = images[bounds[e]:bounds[e + 1]]
+        if idx.numel():
+            segments.append(expert_forward(x[idx], shared[idx], expert_weights(weights, e), windows[e], depths[e]))
+    return torch.cat(segments, dim=0)  # every slot belongs to exactly one expert, in expert order
 
 
 @register("moe_experts", "reference")
