@@ -40,7 +40,7 @@ def _cases() -> List[Tuple[str, int, int, torch.dtype]]:
 
 def _backends() -> List[str]:
     names = moce_kernels.available_backends()
-    return names if GPU else ["reference"]
+    return names + ["auto"] if GPU else ["reference"]
 
 
 _MODELS = {}
