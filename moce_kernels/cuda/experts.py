@@ -34,14 +34,9 @@ def launch_gather_sum(src: torch.Tensor, inv: torch.Tensor, out: torch.Tensor, k
 
 
 def _attention_api():
-    """The window-attention family's sync-free per-segment CUDA kernels; the reference stand-in
-    until moce_kernels/cuda/window_attention.py provides them."""
-    try:
-        from .window_attention import window_attention_rows, window_attention_rows_backward  # type: ignore
-        return window_attention_rows, window_attention_rows_backward
-    except ImportError:  # pragma: no cover - until the window attention family lands
-        from ..reference.grouped_conv import window_attention_rows, window_attention_rows_backward
-        return window_attention_rows, window_attention_rows_backward
+    """The window-attention family's sync-free per-segment CUDA kernels (float64 never reaches here)."""
+    from .window_attention import window_attention_rows, window_attention_rows_backward
+    return window_attention_rows, window_attention_rows_backward
 
 
 KERNELS = driver.Kernels(

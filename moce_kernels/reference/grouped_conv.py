@@ -1,12 +1,12 @@
 """Reference helpers for the grouped expert stage.
 
 ``window_attention_rows`` / ``window_attention_rows_backward``: the row-segment API of the window
-attention family, built on the reference op. They read ``rows`` on the host (a synchronisation),
-so they are only a stand-in for tests until the Triton / CUDA versions exist.
+attention family, built on the reference op (forward and closed-form backward). They read ``rows``
+on the host (a synchronisation), so the grouped expert stage uses them only for float64 inputs,
+which the Triton and CUDA kernels do not take.
 """
 from __future__ import annotations
 
-import concurrent.futures
 from typing import Tuple
 
 import torch
@@ -31,16 +31,8 @@ def window_attention_rows_backward(grad, q, k, v, window_size: int, norm_weight,
     lo, hi = (int(t) for t in rows.tolist())
     if hi <= lo:
         return torch.zeros_like(norm_weight), torch.zeros_like(norm_bias)
-    def run():
-        # a fresh thread: clean dispatch TLS (autograd may be excluded below a custom op's autograd layer)
-        inputs = [t.detach().clone().requires_grad_(True)
-                  for t in (q[lo:hi], k[lo:hi], v[lo:hi], norm_weight, norm_bias)]
-        with torch.enable_grad():
-            out = wattn.window_fft_attention(*inputs[:3], window_size, inputs[3], inputs[4], eps)
-            return torch.autograd.grad(out, inputs, grad[lo:hi].to(out.dtype))
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        gq, gk, gv, gw, gb = pool.submit(run).result()
+    gq, gk, gv, gw, gb = wattn.window_fft_attention_backward(grad[lo:hi], q[lo:hi], k[lo:hi], v[lo:hi],
+                                                            window_size, norm_weight, norm_bias, eps)
     grad_q[lo:hi] = gq
     grad_k[lo:hi] = gk
     grad_v[lo:hi] = gv

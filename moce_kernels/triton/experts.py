@@ -195,12 +195,9 @@ def launch_gather_sum(src: torch.Tensor, inv: torch.Tensor, out: torch.Tensor, k
 
 def _attention_api():
     """The window-attention family's sync-free per-segment kernels (moce_kernels/triton/window_attention.py);
-    float64 (which those kernels do not take), or a checkout without them, uses the reference stand-in."""
+    float64, which those kernels do not take, uses the reference version."""
     from ..reference import grouped_conv as standin
-    try:
-        from .window_attention import window_attention_rows as fwd, window_attention_rows_backward as bwd
-    except ImportError:  # pragma: no cover - until the window attention family lands
-        return standin.window_attention_rows, standin.window_attention_rows_backward
+    from .window_attention import window_attention_rows as fwd, window_attention_rows_backward as bwd
 
     def rows_fwd(q, *args):
         return (standin.window_attention_rows if q.dtype == torch.float64 else fwd)(q, *args)
