@@ -133,32 +133,21 @@ def _load(backend_name: str) -> None:
 
 # ``auto`` on CUDA: per op family, the backends in order of measured speed (H200, 2026-11-26,
 # benchmarks/results/2026-11-26-h200): the Triton window attention beats torch.fft (1.4-8.6x in bf16),
-# cuDNN's convolutions beat both fused pw->dw kernels, and the per-expert loop beats both grouped
-# expert stages in eager mode. Ops not listed take the default order.
+# cuDNN's convolutions beat both fused pw->dw kernels. Ops not listed take the default order; the
+# expert stage keeps it although the per-expert loop is faster in eager mode, because the loop reads
+# the routing on the host, which would make ``auto`` impossible to capture in a CUDA graph.
 _FASTEST_ON_CUDA: Dict[str, Tuple[str, ...]] = {
     "window_fft_attention": ("triton", "reference", "cuda"),
     "pointwise_depthwise_conv": ("reference", "cuda", "triton"),
     "pointwise_depthwise_conv_gated": ("reference", "cuda", "triton"),
-    "moe_experts": ("reference", "cuda", "triton"),
 }
 _DEFAULT_CUDA_ORDER = ("cuda", "triton", "reference")
-# Ops whose reference implementation reads device data on the host: never auto-chosen while a
-# CUDA graph is being captured (it would fail), so ``auto`` stays capturable.
-_SYNCHRONISING_REFERENCE = {"moe_experts", "moe_experts_backward"}
-
-
-def _capturing() -> bool:
-    """True while the current CUDA stream is capturing a graph."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _auto_order(op: str, device: torch.device) -> Tuple[str, ...]:
     if device.type != "cuda":
         return ("reference",)  # the Triton interpreter is for tests, never chosen automatically
-    order = _FASTEST_ON_CUDA.get(op.removesuffix("_backward"), _DEFAULT_CUDA_ORDER)
-    if op in _SYNCHRONISING_REFERENCE and _capturing():
-        order = tuple(b for b in order if b != "reference") + ("reference",)
-    return order
+    return _FASTEST_ON_CUDA.get(op.removesuffix("_backward"), _DEFAULT_CUDA_ORDER)
 
 
 def resolve(op: str, device: torch.device, name: Optional[str] = None) -> str:

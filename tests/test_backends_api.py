@@ -66,12 +66,10 @@ def test_ops_follow_the_selected_backend(monkeypatch):
     assert calls == [1]
 
 
-def test_auto_order_on_cuda_follows_measurements(monkeypatch):
+def test_auto_order_on_cuda_follows_measurements():
     cuda = torch.device("cuda")
     assert backends._auto_order("window_fft_attention_backward", cuda)[0] == "triton"
     assert backends._auto_order("pointwise_depthwise_conv_gated", cuda)[0] == "reference"
     assert backends._auto_order("moe_route", cuda) == ("cuda", "triton", "reference")
-    assert backends._auto_order("moe_experts", cuda)[0] == "reference"
-    monkeypatch.setattr(backends, "_capturing", lambda: True)
-    assert backends._auto_order("moe_experts", cuda)[-1] == "reference", "graph capture needs a sync-free stage"
-    assert backends._auto_order("moe_experts_backward", cuda)[-1] == "reference"
+    assert backends._auto_order("moe_experts", cuda)[-1] == "reference", "auto must stay capturable"
+    assert backends._auto_order("window_fft_attention", torch.device("cpu")) == ("reference",)
