@@ -66,7 +66,10 @@ def _check(backend: str, case, dtype, gated: bool, backward: bool, device=DEV):
     refd, gd = _run("reference", gated, args, None if grad is None else grad.to(dtype))
     out, go = _run(backend, gated, args, None if grad is None else grad.to(dtype))
     assert out.dtype == dtype
-    assert_within_rule(out, ref64, refd, ATOL[dtype], name=f"{backend} forward")
+    # atol relative to the output's magnitude, as for the gradients below: a low-precision output is
+    # rounded once more than the float64 reference, which costs up to one ulp of its largest values
+    assert_within_rule(out, ref64, refd, ATOL[dtype] * max(1.0, ref64.abs().max().item()),
+                       name=f"{backend} forward")
     names = ["grad_x", "grad_pw_weight", "grad_dw_weight", "grad_pw_bias", "grad_dw_bias"]
     for n, a, b, c in zip(names, go, g64, gd):
         if b is None:
