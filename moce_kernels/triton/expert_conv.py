@@ -18,6 +18,7 @@ Kernels:
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -102,7 +103,7 @@ def _halo_pw(src_ptr, w_ptr, pb_ptr, slot_ptr, src_off, cin, w_off, pb_off, ch, 
     HALO: tl.constexpr = (TH + K - 1) * HWD
     HW = H * W
     rc = tl.arange(0, BC)
-    for j0 in tl.static_range(0, HALO, BHC):
+    for j0 in range(0, HALO, BHC):
         j = j0 + tl.arange(0, BHC)
         iy = ty0 - P + j // HWD
         ix = tx0 - P + j % HWD
@@ -130,7 +131,7 @@ def _dw_from_slot(slot_ptr, dw_ptr, dw_off, ch, cmask, oy, ox, valid, K: tl.cons
     HWD: tl.constexpr = TW + K - 1
     rc = tl.arange(0, BC)
     acc = tl.zeros([BC, BP], dtype=slot_ptr.dtype.element_ty)
-    for t in tl.static_range(K * K):
+    for t in range(K * K):
         v = tl.load(slot_ptr + rc[:, None] * HSTRIDE + ((oy + t // K) * HWD + ox + t % K)[None, :],
                     mask=valid[None, :], other=0.0)
         wv = tl.load(dw_ptr + dw_off + ch * (K * K) + t, mask=cmask, other=0.0).to(acc.dtype)
@@ -270,7 +271,7 @@ def _pwdw_bwd_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, go_ptr, gy_ptr, gdw_ptr, gd
             if HAS_DB:
                 tl.atomic_add(gdb_ptr + db_off + ch, tl.sum(go, axis=1), mask=cmask)
             gy = tl.zeros([BC, BP], dtype=slot.dtype.element_ty)
-            for t in tl.static_range(K * K):
+            for t in range(K * K):
                 dy = t // K
                 dx = t % K
                 ysh = tl.load(slot + rc[:, None] * HSTRIDE + ((oy + dy) * HWD + ox + dx)[None, :],
@@ -392,6 +393,11 @@ def _wgrad_kernel(g_ptr, x_ptr, o_ptr, bo_ptr, offsets_ptr, meta_ptr, perm_ptr, 
 
 
 # ----------------------------------------------------------------------------- launchers
+# 8 warps: the (BC, BP) fp32 tiles and their 64-bit pointer tensors need ~230-255 registers per
+# thread at 4 warps (spilling in the backward / gated kernels; benchmarks/static_report.py).
+PWDW_WARPS = int(os.environ.get("MOCE_PWDW_WARPS", "8"))
+
+
 def _tile_config(K: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int, int]:
     """(TH, TW, BC, BK, BHC, BP) for the fused pw->dw kernels."""
     TH, TW = (8, 16) if K <= 5 else (8, 16)
@@ -427,7 +433,7 @@ def launch_pwdw(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Option
         g if g is not None else out, gofull if gofull is not None else scratch, scratch, offsets, meta,
         perm if perm is not None else offsets, kslots, H, W, n_tw, n_th * n_tw, n_cblk, total,
         E=E, MODE=mode, GATHER=perm is not None, HAS_PB=pb is not None, HAS_DB=db is not None, K=K, TH=TH, TW=TW,
-        BC=BC, BK=BK, BHC=BHC, BP=BP, HSTRIDE=hs, IEEE=_ieee(src.dtype), num_warps=4)
+        BC=BC, BK=BK, BHC=BHC, BP=BP, HSTRIDE=hs, IEEE=_ieee(src.dtype), num_warps=PWDW_WARPS)
 
 
 def launch_pwdw_bwd(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Optional[torch.Tensor],
@@ -447,7 +453,7 @@ def launch_pwdw_bwd(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Op
         src, w, dw, pb if pb is not None else w, go, gy, gdw, gdb if gdb is not None else gdw, scratch, offsets,
         meta, perm if perm is not None else offsets, kslots, H, W, n_tw, n_th * n_tw, n_cblk, total,
         E=E, GATHER=perm is not None, HAS_PB=pb is not None, HAS_DB=gdb is not None, K=K, TH=TH, TW=TW, BC=BC,
-        BK=BK, BHC=BHC, BP=BP, HSTRIDE=hs, IEEE=_ieee(src.dtype), num_warps=4)
+        BK=BK, BHC=BHC, BP=BP, HSTRIDE=hs, IEEE=_ieee(src.dtype), num_warps=PWDW_WARPS)
 
 
 def launch_gemm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor,
