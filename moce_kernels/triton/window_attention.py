@@ -113,17 +113,32 @@ def dft_matrices(p: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tens
     return _MATS[key]
 
 
+# Channels per block (CB): each dot carries CB channels' tiles, (CB * BR, BC) = 2048 elements for
+# T = 16, 2048 for the Kronecker p = 4 tile (64 windows x 16), 2048 for T = 32.
+CHANNEL_BLOCK = {4: 2, 8: 8, 16: 8, 32: 2}
+NUM_WARPS = {4: 4, 8: 4, 16: 4, 32: 8}
+
+
+def channel_block(p: int, C: int) -> int:
+    """Channels per block for window p and C channels (a power of two, at most C rounded up)."""
+    return max(1, min(CHANNEL_BLOCK[p], triton.next_power_of_2(C)))
+
+
 def _num_warps(p: int) -> int:
-    return 8 if p >= 32 else 4
+    return NUM_WARPS[p]
 
 
-def _constexprs(p: int, dtype: torch.dtype) -> dict:
+def _constexprs(p: int, dtype: torch.dtype, C: int) -> dict:
     lay = layout(p)
-    return dict(BR=lay.br, BC=lay.bc, KRON=lay.kron, P=p, WC=lay.wc, PREC=_precision(dtype))
+    return dict(BR=lay.br, BC=lay.bc, CB=channel_block(p, C), KRON=lay.kron, P=p, WC=lay.wc,
+                PREC=_precision(dtype))
 
 
 # ----------------------------------------------------------------------------------------------
-# Device helpers
+# Device helpers. Every per-channel tile is handled CB channels at a time as a (CB, BR, BC) block:
+# the right products (along the tile's columns) are one 2-D dot with CB*BR rows, the left products
+# (separable layout, along the rows) one batched 3-D dot, so each dot carries CB channels of work
+# instead of one 16 x 16 tile (version 1: a serial chain of tiny dots per channel, latency-bound).
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -132,70 +147,86 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _fwd(x, cm, sm, PREC: tl.constexpr, KRON: tl.constexpr):
-    """Per-window 2-D DFT of a real tile: (Re, Im) of F x F with F = C - iS (6 dots); KRON: the
-    (M, p*p) tile holds one window per row and the DFT is x (KC - iKS) (2 dots)."""
+def _rmul(x, m, PREC: tl.constexpr):
+    """(CB, BR, BC) x (BC, BC) along the last axis, as one (CB*BR, BC) dot."""
+    CB: tl.constexpr = x.shape[0]
+    BR: tl.constexpr = x.shape[1]
+    BC: tl.constexpr = x.shape[2]
+    return tl.reshape(_mm(tl.reshape(x, [CB * BR, BC]), m, PREC), [CB, BR, BC])
+
+
+@triton.jit
+def _lmul(m3, x, PREC: tl.constexpr):
+    """(CB, BR, BR) x (CB, BR, BC): the per-channel left product (m3: the matrix broadcast over CB)."""
+    return _mm(m3, x, PREC)
+
+
+@triton.jit
+def _fwd(x, cm, sm, cm3, sm3, PREC: tl.constexpr, KRON: tl.constexpr):
+    """Per-window 2-D DFT of a real block: (Re, Im) of F x F with F = C - iS (6 dots); KRON: the
+    block holds one window per row and the DFT is x (KC - iKS) (2 dots)."""
     if KRON:
-        re = _mm(x, cm, PREC)
-        im = -_mm(x, sm, PREC)
+        re = _rmul(x, cm, PREC)
+        im = -_rmul(x, sm, PREC)
     else:
-        a = _mm(x, cm, PREC)
-        b = _mm(x, sm, PREC)
-        re = _mm(cm, a, PREC) - _mm(sm, b, PREC)
-        im = -(_mm(cm, b, PREC) + _mm(sm, a, PREC))
+        a = _rmul(x, cm, PREC)
+        b = _rmul(x, sm, PREC)
+        re = _lmul(cm3, a, PREC) - _lmul(sm3, b, PREC)
+        im = -(_lmul(cm3, b, PREC) + _lmul(sm3, a, PREC))
     return re, im
 
 
 @triton.jit
-def _fwd_c(xr, xi, cm, sm, PREC: tl.constexpr, KRON: tl.constexpr):
-    """Per-window 2-D DFT F x F of a complex tile xr + i xi (8 dots; KRON: 4)."""
-    ar = _mm(xr, cm, PREC) + _mm(xi, sm, PREC)
-    ai = _mm(xi, cm, PREC) - _mm(xr, sm, PREC)
+def _fwd_c(xr, xi, cm, sm, cm3, sm3, PREC: tl.constexpr, KRON: tl.constexpr):
+    """Per-window 2-D DFT F x F of a complex block xr + i xi (8 dots; KRON: 4)."""
+    ar = _rmul(xr, cm, PREC) + _rmul(xi, sm, PREC)
+    ai = _rmul(xi, cm, PREC) - _rmul(xr, sm, PREC)
     if KRON:
         re = ar
         im = ai
     else:
-        re = _mm(cm, ar, PREC) + _mm(sm, ai, PREC)
-        im = _mm(cm, ai, PREC) - _mm(sm, ar, PREC)
+        re = _lmul(cm3, ar, PREC) + _lmul(sm3, ai, PREC)
+        im = _lmul(cm3, ai, PREC) - _lmul(sm3, ar, PREC)
     return re, im
 
 
 @triton.jit
-def _inv_im(pr, pi, cm, sm, PREC: tl.constexpr, KRON: tl.constexpr):
+def _inv_im(pr, pi, cm, sm, cm3, sm3, PREC: tl.constexpr, KRON: tl.constexpr):
     """Imaginary part of F* P F* (unnormalised per-window inverse 2-D DFT), F* = C + iS (6 dots;
     KRON: Im(P (KC + iKS)), 2 dots)."""
-    ti = _mm(pr, sm, PREC) + _mm(pi, cm, PREC)
+    ti = _rmul(pr, sm, PREC) + _rmul(pi, cm, PREC)
     if KRON:
         res = ti
     else:
-        tr = _mm(pr, cm, PREC) - _mm(pi, sm, PREC)
-        res = _mm(cm, ti, PREC) + _mm(sm, tr, PREC)
+        tr = _rmul(pr, cm, PREC) - _rmul(pi, sm, PREC)
+        res = _lmul(cm3, ti, PREC) + _lmul(sm3, tr, PREC)
     return res
 
 
 @triton.jit
-def _spectrum(q, k, cm, sm, PREC: tl.constexpr, KRON: tl.constexpr):
+def _spectrum(q, k, cm, sm, cm3, sm3, PREC: tl.constexpr, KRON: tl.constexpr):
     """Z = DFT(q + i k): one complex transform carries both real inputs."""
-    return _fwd_c(q, k, cm, sm, PREC, KRON)
+    return _fwd_c(q, k, cm, sm, cm3, sm3, PREC, KRON)
 
 
 @triton.jit
-def _conv_from_spectrum(zr, zi, cm, sm, half_inv_pp, PREC: tl.constexpr, KRON: tl.constexpr):
+def _conv_from_spectrum(zr, zi, cm, sm, cm3, sm3, half_inv_pp, PREC: tl.constexpr, KRON: tl.constexpr):
     """q (*) k = Im((q + ik) (*) (q + ik)) / 2 = Im(IDFT(Z^2)) / 2 (circular, per window)."""
-    return _inv_im(zr * zr - zi * zi, 2.0 * zr * zi, cm, sm, PREC, KRON) * half_inv_pp
+    return _inv_im(zr * zr - zi * zi, 2.0 * zr * zi, cm, sm, cm3, sm3, PREC, KRON) * half_inv_pp
 
 
 @triton.jit
-def _conv(q, k, cm, sm, half_inv_pp, PREC: tl.constexpr, KRON: tl.constexpr):
-    """Per-window circular convolution of q with k on a (T, T) tile (14 dots)."""
-    zr, zi = _spectrum(q, k, cm, sm, PREC, KRON)
-    return _conv_from_spectrum(zr, zi, cm, sm, half_inv_pp, PREC, KRON)
+def _conv(q, k, cm, sm, cm3, sm3, half_inv_pp, PREC: tl.constexpr, KRON: tl.constexpr):
+    """Per-window circular convolution of q with k on a (CB, BR, BC) block (14 dots; KRON: 6)."""
+    zr, zi = _spectrum(q, k, cm, sm, cm3, sm3, PREC, KRON)
+    return _conv_from_spectrum(zr, zi, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON)
 
 
 @triton.jit
-def _tile_setup(rows_ptr, cmat_ptr, smat_ptr, H, W, BR: tl.constexpr, BC: tl.constexpr,
+def _tile_setup(rows_ptr, cmat_ptr, smat_ptr, H, W, BR: tl.constexpr, BC: tl.constexpr, CB: tl.constexpr,
                 KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr):
-    """Row range, tile pixel offsets/mask and the DFT matrices of this program.
+    """Row range, tile pixel offsets/mask and the DFT matrices of this program (2-D, and broadcast
+    over the CB channels of a block for the left products).
 
     Separable: a (BR, BC) = (T, T) pixel tile. KRON: a (BR, BC) = (windows, p*p) tile, row m is
     window (m // WC, m % WC) of a block of BR // WC x WC windows, column e = a*p + b its pixel (a, b).
@@ -220,7 +251,23 @@ def _tile_setup(rows_ptr, cmat_ptr, smat_ptr, H, W, BR: tl.constexpr, BC: tl.con
     m_idx = tl.arange(0, BC)[:, None] * BC + tl.arange(0, BC)[None, :]
     cm = tl.load(cmat_ptr + m_idx)
     sm = tl.load(smat_ptr + m_idx)
-    return begin, end, offs, mask, cm, sm
+    if KRON:
+        cm3 = cm  # unused: the Kronecker layout has no left products
+        sm3 = sm
+    else:
+        cm3 = tl.broadcast_to(cm[None, :, :], [CB, BC, BC])
+        sm3 = tl.broadcast_to(sm[None, :, :], [CB, BC, BC])
+    return begin, end, offs, mask, cm, sm, cm3, sm3
+
+
+@triton.jit
+def _block(row_base, HW, offs, mask, c, c_end, CB: tl.constexpr):
+    """Element offsets (CB, BR, BC) and mask of channels [c, c + CB) of a tile (channels >= c_end masked)."""
+    ch = c + tl.arange(0, CB)
+    cmask = ch < c_end
+    boffs = row_base + ch.to(tl.int64)[:, None, None] * HW + offs[None, :, :]
+    bmask = cmask[:, None, None] & mask[None, :, :]
+    return ch, cmask, boffs, bmask
 
 
 @triton.jit
@@ -229,28 +276,36 @@ def _load_f32(ptr, offs, mask):
 
 
 @triton.jit
-def _chunk_moments(q_ptr, k_ptr, row_base, HW, offs, mask, c0, c1, cm, sm, half_inv_pp,
-                   PREC: tl.constexpr, KRON: tl.constexpr):
+def _conv_block(q_ptr, k_ptr, boffs, bmask, cm, sm, cm3, sm3, half_inv_pp, PREC: tl.constexpr, KRON: tl.constexpr):
+    return _conv(_load_f32(q_ptr, boffs, bmask), _load_f32(k_ptr, boffs, bmask), cm, sm, cm3, sm3, half_inv_pp,
+                 PREC, KRON)
+
+
+@triton.jit
+def _chunk_moments(q_ptr, k_ptr, row_base, HW, offs, mask, c0, c1, cm, sm, cm3, sm3, half_inv_pp,
+                   CB: tl.constexpr, PREC: tl.constexpr, KRON: tl.constexpr):
     """Per-pixel mean and M2 (sum of squared deviations) of the convolution over channels
     [c0, c1), from one-pass sums shifted by channel c0's value (numerically safe)."""
-    shift = _conv(_load_f32(q_ptr, row_base + c0 * HW + offs, mask), _load_f32(k_ptr, row_base + c0 * HW + offs, mask),
-                  cm, sm, half_inv_pp, PREC, KRON)
-    s1 = tl.zeros_like(shift)
-    s2 = tl.zeros_like(shift)
-    for ch in range(c0 + 1, c1):
-        base = row_base + ch * HW
-        d = _conv(_load_f32(q_ptr, base + offs, mask), _load_f32(k_ptr, base + offs, mask),
-                  cm, sm, half_inv_pp, PREC, KRON) - shift
-        s1 += d
-        s2 += d * d
+    ch, cmask, boffs, bmask = _block(row_base, HW, offs, mask, c0, c1, CB)
+    y = _conv_block(q_ptr, k_ptr, boffs, bmask, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON)
+    shift = tl.sum(tl.where((ch == c0)[:, None, None], y, 0.0), axis=0)
+    d = tl.where(cmask[:, None, None], y - shift[None, :, :], 0.0)
+    s1 = tl.sum(d, axis=0)
+    s2 = tl.sum(d * d, axis=0)
+    for c in range(c0 + CB, c1, CB):
+        ch, cmask, boffs, bmask = _block(row_base, HW, offs, mask, c, c1, CB)
+        y = _conv_block(q_ptr, k_ptr, boffs, bmask, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON)
+        d = tl.where(cmask[:, None, None], y - shift[None, :, :], 0.0)
+        s1 += tl.sum(d, axis=0)
+        s2 += tl.sum(d * d, axis=0)
     m = s1 / (c1 - c0)
     return shift + m, tl.maximum(s2 - s1 * m, 0.0)
 
 
 @triton.jit
 def _ln_stats(q_ptr, k_ptr, stats_ptr, row_base, stat_base, stat_stride, HW, offs, mask, e_idx, C, CS, S,
-              cm, sm, half_inv_pp, eps, BR: tl.constexpr, BC: tl.constexpr, SPLIT: tl.constexpr,
-              PREC: tl.constexpr, KRON: tl.constexpr):
+              cm, sm, cm3, sm3, half_inv_pp, eps, BR: tl.constexpr, BC: tl.constexpr, CB: tl.constexpr,
+              SPLIT: tl.constexpr, PREC: tl.constexpr, KRON: tl.constexpr):
     """Per-pixel LayerNorm (mean, rstd) over all C channels. SPLIT: Chan's parallel combination of
     the S per-chunk (mean, M2) tiles written by _wfa_stats_kernel; else computed here."""
     if SPLIT:
@@ -268,19 +323,21 @@ def _ln_stats(q_ptr, k_ptr, stats_ptr, row_base, stat_base, stat_stride, HW, off
             m2 += m2b + delta * delta * (na * nb / nab)
             na = nab
     else:
-        mean, m2 = _chunk_moments(q_ptr, k_ptr, row_base, HW, offs, mask, 0, C, cm, sm, half_inv_pp, PREC, KRON)
+        mean, m2 = _chunk_moments(q_ptr, k_ptr, row_base, HW, offs, mask, 0, C, cm, sm, cm3, sm3, half_inv_pp,
+                                  CB, PREC, KRON)
     return mean, 1.0 / tl.sqrt(m2 / C + eps)
 
 
 @triton.jit
 def _program(rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR: tl.constexpr, BC: tl.constexpr,
-             KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr):
+             CB: tl.constexpr, KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr):
     """Everything a program needs: (active, offs, mask, DFT matrices, row base, channel chunk
     [c0, c1), base/stride of its tiles in the (N, S, num_tiles, 2, BR*BC) statistics workspaces,
     element index inside a tile)."""
     n = tl.program_id(1)
     chunk = tl.program_id(2)
-    begin, end, offs, mask, cm, sm = _tile_setup(rows_ptr, cmat_ptr, smat_ptr, H, W, BR, BC, KRON, P, WC)
+    begin, end, offs, mask, cm, sm, cm3, sm3 = _tile_setup(rows_ptr, cmat_ptr, smat_ptr, H, W, BR, BC, CB, KRON,
+                                                           P, WC)
     active = (n >= begin) & (n < end)
     row_base = n.to(tl.int64) * C * H * W
     c0 = chunk * CS
@@ -288,7 +345,7 @@ def _program(rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR: tl.con
     stat_stride = (num_tiles + tl.zeros([], tl.int64)) * 2 * BR * BC  # num_tiles may arrive as constexpr 1
     stat_base = (n.to(tl.int64) * S * num_tiles + tl.program_id(0)) * 2 * BR * BC
     e_idx = tl.arange(0, BR)[:, None] * BC + tl.arange(0, BC)[None, :]
-    return active, offs, mask, cm, sm, row_base, c0, c1, stat_base, stat_stride, e_idx
+    return active, offs, mask, cm, sm, cm3, sm3, row_base, c0, c1, stat_base, stat_stride, e_idx
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,14 +354,14 @@ def _program(rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR: tl.con
 
 @triton.jit
 def _wfa_stats_kernel(q_ptr, k_ptr, stats_ptr, cmat_ptr, smat_ptr, rows_ptr, C, H, W, num_tiles, CS, S,
-                      half_inv_pp, BR: tl.constexpr, BC: tl.constexpr, KRON: tl.constexpr, P: tl.constexpr,
-                      WC: tl.constexpr, PREC: tl.constexpr):
+                      half_inv_pp, BR: tl.constexpr, BC: tl.constexpr, CB: tl.constexpr, KRON: tl.constexpr,
+                      P: tl.constexpr, WC: tl.constexpr, PREC: tl.constexpr):
     """Per-chunk (mean, M2) of the convolution over the chunk's channels -> stats workspace."""
-    active, offs, mask, cm, sm, row_base, c0, c1, stat_base, stat_stride, e_idx = _program(
-        rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR, BC, KRON, P, WC)
+    active, offs, mask, cm, sm, cm3, sm3, row_base, c0, c1, stat_base, stat_stride, e_idx = _program(
+        rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR, BC, CB, KRON, P, WC)
     if active:
-        mean, m2 = _chunk_moments(q_ptr, k_ptr, row_base, H * W, offs, mask, c0, c1, cm, sm, half_inv_pp,
-                                  PREC, KRON)
+        mean, m2 = _chunk_moments(q_ptr, k_ptr, row_base, H * W, offs, mask, c0, c1, cm, sm, cm3, sm3,
+                                  half_inv_pp, CB, PREC, KRON)
         base = stat_base + tl.program_id(2) * stat_stride
         tl.store(stats_ptr + base + e_idx, mean)
         tl.store(stats_ptr + base + BR * BC + e_idx, m2)
@@ -313,59 +370,58 @@ def _wfa_stats_kernel(q_ptr, k_ptr, stats_ptr, cmat_ptr, smat_ptr, rows_ptr, C, 
 @triton.jit
 def _wfa_fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, cmat_ptr, smat_ptr, rows_ptr,
                     C, H, W, num_tiles, CS, S, half_inv_pp, eps, BR: tl.constexpr, BC: tl.constexpr,
-                    KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr, SPLIT: tl.constexpr,
+                    CB: tl.constexpr, KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr, SPLIT: tl.constexpr,
                     PREC: tl.constexpr):
-    active, offs, mask, cm, sm, row_base, c0, c1, stat_base, stat_stride, e_idx = _program(
-        rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR, BC, KRON, P, WC)
+    active, offs, mask, cm, sm, cm3, sm3, row_base, c0, c1, stat_base, stat_stride, e_idx = _program(
+        rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR, BC, CB, KRON, P, WC)
     if active:
         HW = H * W
         mean, rstd = _ln_stats(q_ptr, k_ptr, stats_ptr, row_base, stat_base, stat_stride, HW, offs, mask, e_idx,
-                               C, CS, S, cm, sm, half_inv_pp, eps, BR, BC, SPLIT, PREC, KRON)
-        for ch in range(c0, c1):
-            base = row_base + ch * HW
-            y = _conv(_load_f32(q_ptr, base + offs, mask), _load_f32(k_ptr, base + offs, mask),
-                      cm, sm, half_inv_pp, PREC, KRON)
-            wc = tl.load(w_ptr + ch).to(tl.float32)
-            bc = tl.load(b_ptr + ch).to(tl.float32)
-            o = ((y - mean) * rstd * wc + bc) * _load_f32(v_ptr, base + offs, mask)
-            tl.store(out_ptr + base + offs, o.to(out_ptr.dtype.element_ty), mask=mask)
+                               C, CS, S, cm, sm, cm3, sm3, half_inv_pp, eps, BR, BC, CB, SPLIT, PREC, KRON)
+        for c in range(c0, c1, CB):
+            ch, cmask, boffs, bmask = _block(row_base, HW, offs, mask, c, c1, CB)
+            y = _conv_block(q_ptr, k_ptr, boffs, bmask, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON)
+            wc = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+            bc = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+            o = ((y - mean[None, :, :]) * rstd[None, :, :] * wc + bc) * _load_f32(v_ptr, boffs, bmask)
+            tl.store(out_ptr + boffs, o.to(out_ptr.dtype.element_ty), mask=bmask)
 
 
 @triton.jit
 def _bwd_sums(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, part_ptr, part_base, row_base, HW, offs, mask, c0, c1, C,
-              mean, rstd, cm, sm, half_inv_pp, PREC: tl.constexpr, KRON: tl.constexpr):
+              mean, rstd, cm, sm, cm3, sm3, half_inv_pp, CB: tl.constexpr, PREC: tl.constexpr, KRON: tl.constexpr):
     """Backward pass 2 over channels [c0, c1): per-pixel sums of gyh = g v w and gyh * yh, and the
     per-tile weight/bias partials part[.., 0, c] = sum gz * yh, part[.., 1, c] = sum gz."""
     s1 = tl.zeros_like(mean)
     s2 = tl.zeros_like(mean)
-    for ch in range(c0, c1):
-        base = row_base + ch * HW
-        yh = (_conv(_load_f32(q_ptr, base + offs, mask), _load_f32(k_ptr, base + offs, mask),
-                    cm, sm, half_inv_pp, PREC, KRON) - mean) * rstd
-        gz = _load_f32(g_ptr, base + offs, mask) * _load_f32(v_ptr, base + offs, mask)
-        wc = tl.load(w_ptr + ch).to(tl.float32)
-        s1 += gz * wc
-        s2 += gz * wc * yh
-        tl.store(part_ptr + part_base + ch, tl.sum(tl.sum(gz * yh, axis=1), axis=0))
-        tl.store(part_ptr + part_base + C + ch, tl.sum(tl.sum(gz, axis=1), axis=0))
+    for c in range(c0, c1, CB):
+        ch, cmask, boffs, bmask = _block(row_base, HW, offs, mask, c, c1, CB)
+        yh = (_conv_block(q_ptr, k_ptr, boffs, bmask, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON)
+              - mean[None, :, :]) * rstd[None, :, :]
+        gz = _load_f32(g_ptr, boffs, bmask) * _load_f32(v_ptr, boffs, bmask)
+        wc = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+        s1 += tl.sum(gz * wc, axis=0)
+        s2 += tl.sum(gz * wc * yh, axis=0)
+        tl.store(part_ptr + part_base + ch, tl.sum(tl.sum(gz * yh, axis=2), axis=1), mask=cmask)
+        tl.store(part_ptr + part_base + C + ch, tl.sum(tl.sum(gz, axis=2), axis=1), mask=cmask)
     return s1, s2
 
 
 @triton.jit
 def _wfa_bwd_sums_kernel(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, part_ptr, stats_ptr, sums_ptr, cmat_ptr, smat_ptr,
                          rows_ptr, C, H, W, num_tiles, CS, S, half_inv_pp, eps, BR: tl.constexpr,
-                         BC: tl.constexpr, KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr,
+                         BC: tl.constexpr, CB: tl.constexpr, KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr,
                          PREC: tl.constexpr):
     """Split backward, pass 2: per-chunk channel sums -> sums workspace; weight/bias partials."""
-    active, offs, mask, cm, sm, row_base, c0, c1, stat_base, stat_stride, e_idx = _program(
-        rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR, BC, KRON, P, WC)
+    active, offs, mask, cm, sm, cm3, sm3, row_base, c0, c1, stat_base, stat_stride, e_idx = _program(
+        rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR, BC, CB, KRON, P, WC)
     if active:
         HW = H * W
         mean, rstd = _ln_stats(q_ptr, k_ptr, stats_ptr, row_base, stat_base, stat_stride, HW, offs, mask, e_idx,
-                               C, CS, S, cm, sm, half_inv_pp, eps, BR, BC, True, PREC, KRON)
+                               C, CS, S, cm, sm, cm3, sm3, half_inv_pp, eps, BR, BC, CB, True, PREC, KRON)
         part_base = (tl.program_id(1).to(tl.int64) * num_tiles + tl.program_id(0)) * 2 * C
         s1, s2 = _bwd_sums(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, part_ptr, part_base, row_base, HW, offs, mask,
-                           c0, c1, C, mean, rstd, cm, sm, half_inv_pp, PREC, KRON)
+                           c0, c1, C, mean, rstd, cm, sm, cm3, sm3, half_inv_pp, CB, PREC, KRON)
         base = stat_base + tl.program_id(2) * stat_stride
         tl.store(sums_ptr + base + e_idx, s1)
         tl.store(sums_ptr + base + BR * BC + e_idx, s2)
@@ -374,14 +430,14 @@ def _wfa_bwd_sums_kernel(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, part_ptr, stats_ptr,
 @triton.jit
 def _wfa_bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, gq_ptr, gk_ptr, gv_ptr, part_ptr, stats_ptr,
                     sums_ptr, cmat_ptr, smat_ptr, rows_ptr, C, H, W, num_tiles, CS, S, half_inv_pp, eps,
-                    BR: tl.constexpr, BC: tl.constexpr, KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr,
-                    SPLIT: tl.constexpr, PREC: tl.constexpr):
-    active, offs, mask, cm, sm, row_base, c0, c1, stat_base, stat_stride, e_idx = _program(
-        rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR, BC, KRON, P, WC)
+                    BR: tl.constexpr, BC: tl.constexpr, CB: tl.constexpr, KRON: tl.constexpr, P: tl.constexpr,
+                    WC: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    active, offs, mask, cm, sm, cm3, sm3, row_base, c0, c1, stat_base, stat_stride, e_idx = _program(
+        rows_ptr, cmat_ptr, smat_ptr, C, H, W, num_tiles, CS, S, BR, BC, CB, KRON, P, WC)
     if active:
         HW = H * W
         mean, rstd = _ln_stats(q_ptr, k_ptr, stats_ptr, row_base, stat_base, stat_stride, HW, offs, mask, e_idx,
-                               C, CS, S, cm, sm, half_inv_pp, eps, BR, BC, SPLIT, PREC, KRON)
+                               C, CS, S, cm, sm, cm3, sm3, half_inv_pp, eps, BR, BC, CB, SPLIT, PREC, KRON)
         if SPLIT:
             m1 = tl.zeros([BR, BC], dtype=tl.float32)
             m2 = tl.zeros([BR, BC], dtype=tl.float32)
@@ -392,27 +448,29 @@ def _wfa_bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, gq_ptr, gk_ptr, gv
         else:
             part_base = (tl.program_id(1).to(tl.int64) * num_tiles + tl.program_id(0)) * 2 * C
             m1, m2 = _bwd_sums(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, part_ptr, part_base, row_base, HW, offs, mask,
-                               0, C, C, mean, rstd, cm, sm, half_inv_pp, PREC, KRON)
-        m1 = m1 / C
-        m2 = m2 / C
+                               0, C, C, mean, rstd, cm, sm, cm3, sm3, half_inv_pp, CB, PREC, KRON)
+        m1 = (m1 / C)[None, :, :]
+        m2 = (m2 / C)[None, :, :]
+        mean3 = mean[None, :, :]
+        rstd3 = rstd[None, :, :]
         # pass 3: gradients
-        for ch in range(c0, c1):
-            base = row_base + ch * HW
-            q = _load_f32(q_ptr, base + offs, mask)
-            k = _load_f32(k_ptr, base + offs, mask)
-            g = _load_f32(g_ptr, base + offs, mask)
-            wc = tl.load(w_ptr + ch).to(tl.float32)
-            bc = tl.load(b_ptr + ch).to(tl.float32)
-            zr, zi = _spectrum(q, k, cm, sm, PREC, KRON)
-            yh = (_conv_from_spectrum(zr, zi, cm, sm, half_inv_pp, PREC, KRON) - mean) * rstd
-            tl.store(gv_ptr + base + offs, (g * (yh * wc + bc)).to(gv_ptr.dtype.element_ty), mask=mask)
-            gy = rstd * (g * _load_f32(v_ptr, base + offs, mask) * wc - m1 - yh * m2)
-            gy = tl.where(mask, gy, 0.0)
-            gr, gi = _fwd(gy, cm, sm, PREC, KRON)
+        for c in range(c0, c1, CB):
+            ch, cmask, boffs, bmask = _block(row_base, HW, offs, mask, c, c1, CB)
+            q = _load_f32(q_ptr, boffs, bmask)
+            k = _load_f32(k_ptr, boffs, bmask)
+            g = _load_f32(g_ptr, boffs, bmask)
+            wc = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+            bc = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+            zr, zi = _spectrum(q, k, cm, sm, cm3, sm3, PREC, KRON)
+            yh = (_conv_from_spectrum(zr, zi, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON) - mean3) * rstd3
+            tl.store(gv_ptr + boffs, (g * (yh * wc + bc)).to(gv_ptr.dtype.element_ty), mask=bmask)
+            gy = rstd3 * (g * _load_f32(v_ptr, boffs, bmask) * wc - m1 - yh * m2)
+            gy = tl.where(bmask, gy, 0.0)
+            gr, gi = _fwd(gy, cm, sm, cm3, sm3, PREC, KRON)
             # r[a] = sum_i gy[i] (q + ik)[i - a] = grad_k + i grad_q = F (Z conj(G)) F / p^2
-            rr, ri = _fwd_c(zr * gr + zi * gi, zi * gr - zr * gi, cm, sm, PREC, KRON)
-            tl.store(gq_ptr + base + offs, (ri * (2.0 * half_inv_pp)).to(gq_ptr.dtype.element_ty), mask=mask)
-            tl.store(gk_ptr + base + offs, (rr * (2.0 * half_inv_pp)).to(gk_ptr.dtype.element_ty), mask=mask)
+            rr, ri = _fwd_c(zr * gr + zi * gi, zi * gr - zr * gi, cm, sm, cm3, sm3, PREC, KRON)
+            tl.store(gq_ptr + boffs, (ri * (2.0 * half_inv_pp)).to(gq_ptr.dtype.element_ty), mask=bmask)
+            tl.store(gk_ptr + boffs, (rr * (2.0 * half_inv_pp)).to(gk_ptr.dtype.element_ty), mask=bmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,8 +500,9 @@ def _check_rows_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
         raise ValueError("rows must be an int64 tensor of 2 elements on q's device")
 
 
-def _split(N: int, C: int, tiles: int, device: torch.device) -> Tuple[int, int]:
-    """(S, CS): split the channels into S chunks of CS when tiles * N programs cannot fill the GPU."""
+def _split(N: int, C: int, tiles: int, device: torch.device, cb: int = 1) -> Tuple[int, int]:
+    """(S, CS): split the channels into S chunks of CS (a multiple of the channel block ``cb`` where
+    C allows) when tiles * N programs cannot fill the GPU."""
     target = SPLIT_TARGET_PROGRAMS
     if target is None:
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -451,6 +510,8 @@ def _split(N: int, C: int, tiles: int, device: torch.device) -> Tuple[int, int]:
         return 1, C
     s = min(C, triton.cdiv(target, tiles * N))
     cs = triton.cdiv(C, s)
+    if cs > cb:
+        cs = triton.cdiv(cs, cb) * cb
     return triton.cdiv(C, cs), cs
 
 
@@ -475,11 +536,11 @@ def window_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win
         return
     p = window_size
     tiles = n_tiles(p, H, W)
-    S, CS = _split(N, C, tiles, q.device)
+    S, CS = _split(N, C, tiles, q.device, channel_block(p, C))
     cm, sm = dft_matrices(p, q.device)
     w, b = norm_weight.contiguous(), norm_bias.contiguous()
     stats = _stats_workspace(N, S, tiles, p, q.device)
-    meta = dict(**_constexprs(p, q.dtype), num_warps=_num_warps(p))
+    meta = dict(**_constexprs(p, q.dtype, C), num_warps=_num_warps(p))
     common = (C, H, W, tiles, CS, S, 0.5 / (p * p))
     if S > 1:
         _wfa_stats_kernel[(tiles, N, S)](q, k, stats, cm, sm, rows, *common, **meta)
@@ -504,12 +565,12 @@ def window_attention_rows_backward(grad: torch.Tensor, q: torch.Tensor, k: torch
     part = torch.zeros((N, tiles, 2, C), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return part[:, :, 0].sum((0, 1)), part[:, :, 1].sum((0, 1))
-    S, CS = _split(N, C, tiles, q.device)
+    S, CS = _split(N, C, tiles, q.device, channel_block(p, C))
     cm, sm = dft_matrices(p, q.device)
     w, b = norm_weight.contiguous(), norm_bias.contiguous()
     stats = _stats_workspace(N, S, tiles, p, q.device)
     sums = _stats_workspace(N, S, tiles, p, q.device)
-    meta = dict(**_constexprs(p, q.dtype), num_warps=_num_warps(p))
+    meta = dict(**_constexprs(p, q.dtype, C), num_warps=_num_warps(p))
     common = (C, H, W, tiles, CS, S, 0.5 / (p * p))
     grid = (tiles, N, S)
     if S > 1:
