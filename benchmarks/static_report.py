@@ -120,6 +120,11 @@ def install() -> None:
         return compiled
 
     JITFunction.run = run
+    # Nothing runs, so kernel outputs keep what the allocator gave them; zero-fill every allocation so
+    # that host code which indexes with a kernel's output (e.g. a permutation) sees valid indices.
+    _empty, _empty_like = torch.empty, torch.empty_like
+    torch.empty = lambda *a, **k: _empty(*a, **k).zero_()
+    torch.empty_like = lambda *a, **k: _empty_like(*a, **k).zero_()
     import moce_kernels.backends as backends
     backends._load("triton")  # import the kernels first: they read triton_interpreted() at import
     backends.triton_interpreted = lambda: True  # then let the triton backend accept CPU tensors

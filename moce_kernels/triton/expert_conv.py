@@ -461,7 +461,7 @@ def launch_gemm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: 
                 perm: Optional[torch.Tensor] = None, kslots: int = 1, accumulate: bool = False) -> None:
     """Grouped 1x1 (see _gemm_kernel)."""
     E = meta.shape[0]
-    ieee = _ieee(x.dtype) or _ieee(w.dtype) or _ieee(y.dtype)
+    ieee = _ieee(x.dtype) or _ieee(w.dtype)  # 16-bit operands: tensor cores, also into an fp32 output
     BC, BK, BP = 32, (16 if torch.float64 in (x.dtype, w.dtype, y.dtype) else 32), 128
     n_pt = triton.cdiv(HW, BP)
     grid = (N * n_pt, triton.cdiv(max_cout, BC))
