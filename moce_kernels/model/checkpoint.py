@@ -9,6 +9,7 @@ import argparse
 import os
 import pickle
 import re
+import struct
 import zipfile
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -48,8 +49,11 @@ def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Any:
             f"{path} holds objects that cannot be loaded safely (weights_only=True refuses them): "
             f"{_unsupported_global(str(e))}. "
             "Re-save it as a plain state dict: torch.save(model.state_dict(), path)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, TypeError,
+            AttributeError, UnicodeDecodeError, OverflowError, MemoryError, struct.error) as e:
+        # random bytes reach the legacy unpickler, whose stack machine fails in many ways
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
+                              f"{type(e).__name__}: {e}") from None
 
 
 def extract_state_dict(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
