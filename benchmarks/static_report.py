@@ -38,9 +38,6 @@ _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 class _FakeDriver:
     """Just enough of a Triton driver to compile for sm_90 on a machine without a GPU."""
 
-    def __init__(self) -> None:
-        from triton.backends.nvidia.driver import CudaUtils  # noqa: F401  (fails early if missing)
-
     def get_current_target(self) -> GPUTarget:
         return TARGET
 

@@ -50,7 +50,7 @@ def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Any:
             f"{_unsupported_global(str(e))}. "
             "Re-save it as a plain state dict: torch.save(model.state_dict(), path)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, TypeError,
-            AttributeError, UnicodeDecodeError, OverflowError, MemoryError, struct.error) as e:
+            AttributeError, OverflowError, MemoryError, struct.error) as e:
         # random bytes reach the legacy unpickler, whose stack machine fails in many ways
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
                               f"{type(e).__name__}: {e}") from None

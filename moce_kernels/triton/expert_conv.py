@@ -65,6 +65,15 @@ def _expert_of(offsets_ptr, n, E: tl.constexpr):
     return e
 
 
+@triton.jit
+def _src_offset(mrow, perm_ptr, n, kslots, GATHER: tl.constexpr):
+    """Offset of row n's source image: meta[6] + srow * meta[7], srow = perm[n] // kslots if GATHER else n."""
+    srow = n.to(tl.int64)
+    if GATHER:
+        srow = tl.load(perm_ptr + n) // kslots
+    return tl.load(mrow + 6) + srow * tl.load(mrow + 7)
+
+
 # Triton 3.9's interpreter computes bf16 tl.dot wrongly; there (only) bf16 operands go through fp32.
 _INTERP_BF16_FIX = tl.constexpr(triton_interpreted())
 
@@ -173,10 +182,7 @@ def _pwdw_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, db_ptr, out_ptr, g_ptr, gofull_
             dw_off = tl.load(mrow + 3)
             pb_off = tl.load(mrow + 4)
             db_off = tl.load(mrow + 5)
-            srow = n.to(tl.int64)
-            if GATHER:
-                srow = tl.load(perm_ptr + n) // kslots
-            src_off = tl.load(mrow + 6) + srow * tl.load(mrow + 7)
+            src_off = _src_offset(mrow, perm_ptr, n, kslots, GATHER)
             ty0 = (tile // n_tw) * TH
             tx0 = (tile % n_tw) * TW
             ch = cb * BC + tl.arange(0, BC)
@@ -249,10 +255,7 @@ def _pwdw_bwd_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, go_ptr, gy_ptr, gdw_ptr, gd
         if cb * BC < cout:
             dw_off = tl.load(mrow + 3)
             db_off = tl.load(mrow + 5)
-            srow = n.to(tl.int64)
-            if GATHER:
-                srow = tl.load(perm_ptr + n) // kslots
-            src_off = tl.load(mrow + 6) + srow * tl.load(mrow + 7)
+            src_off = _src_offset(mrow, perm_ptr, n, kslots, GATHER)
             ty0 = (tile // n_tw) * TH
             tx0 = (tile % n_tw) * TW
             ch = cb * BC + rc
@@ -308,10 +311,7 @@ def _gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, offsets_ptr, meta_ptr, perm_ptr, ks
         w_off = tl.load(mrow + 2)
         w_so = tl.load(mrow + 3)
         w_si = tl.load(mrow + 4)
-        srow = n.to(tl.int64)
-        if GATHER:
-            srow = tl.load(perm_ptr + n) // kslots
-        x_off = tl.load(mrow + 6) + srow * tl.load(mrow + 7)
+        x_off = _src_offset(mrow, perm_ptr, n, kslots, GATHER)
         ch = cb * BC + tl.arange(0, BC)
         cm = ch < cout
         p = pt * BP + tl.arange(0, BP)
