@@ -3,7 +3,9 @@
 Backends:
   ``reference``  pure PyTorch, any device (the oracle, and the CPU path)
   ``triton``     Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
-  ``cuda``       the compiled CUDA C++ extension (``moce_kernels._C``), CUDA tensors
+  ``cuda``       the compiled CUDA C++ extension (``moce_kernels._C``), CUDA tensors; or, without a
+                 GPU and with ``MOCE_CUDA_EMULATION=1``, the same kernels built for the CPU
+                 emulation (:mod:`moce_kernels.emulation`), CPU tensors, for tests
   ``auto``       per call, the fastest backend available for the tensors' device
 
 The choice comes, in this order, from the innermost ``with moce_kernels.backend(name):``,
@@ -52,6 +54,12 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cuda_emulated() -> bool:
+    """True when backend ``cuda`` runs its kernels in the CPU emulation (``MOCE_CUDA_EMULATION=1``,
+    no CUDA device)."""
+    return os.environ.get("MOCE_CUDA_EMULATION", "0") not in ("", "0") and not torch.cuda.is_available()
+
+
 def _why_unavailable(name: str) -> Optional[str]:
     """None when backend ``name`` can run on this machine, else the reason it cannot."""
     if name == "reference":
@@ -65,6 +73,9 @@ def _why_unavailable(name: str) -> Optional[str]:
             return "triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run on the CPU interpreter"
         return None
     if name == "cuda":
+        if cuda_emulated():
+            from . import emulation
+            return emulation.why_unavailable()
         if not torch.cuda.is_available():
             return "the cuda backend needs a CUDA GPU and a CUDA build of PyTorch"
         try:
@@ -161,7 +172,7 @@ def resolve(op: str, device: torch.device, name: Optional[str] = None) -> str:
                     return cand
         return "reference"
     _require(name)
-    if name == "cuda" and device.type != "cuda":
+    if name == "cuda" and device.type != "cuda" and not (cuda_emulated() and device.type == "cpu"):
         raise BackendUnavailableError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
     if name == "triton" and device.type != "cuda" and not triton_interpreted():
         raise BackendUnavailableError(

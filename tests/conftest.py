@@ -1,10 +1,12 @@
-"""Test setup: without a GPU, Triton runs in its CPU interpreter (set before triton is imported)."""
+"""Test setup: without a GPU, Triton runs in its CPU interpreter (set before triton is imported) and
+the CUDA C++ kernels in the CPU emulation (moce_kernels/emulation.py), so every backend is tested."""
 import os
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("MOCE_CUDA_EMULATION", "1")
 
 import pytest  # noqa: E402
 

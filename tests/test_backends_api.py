@@ -20,7 +20,8 @@ def test_unknown_backend_is_a_clear_error():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
-def test_cuda_backend_unavailable_without_gpu():
+def test_cuda_backend_unavailable_without_gpu(monkeypatch):
+    monkeypatch.setenv("MOCE_CUDA_EMULATION", "0")
     with pytest.raises(backends.BackendUnavailableError, match="cuda"):
         moce_kernels.set_backend("cuda")
     assert "cuda" not in moce_kernels.available_backends()

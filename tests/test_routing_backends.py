@@ -406,7 +406,8 @@ def test_errors():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
-def test_cuda_backend_unavailable_message():
+def test_cuda_backend_unavailable_message(monkeypatch):
+    monkeypatch.setenv("MOCE_CUDA_EMULATION", "0")
     with pytest.raises(BackendUnavailableError, match="cuda"):
         with moce_kernels.backend("cuda"):
             pass

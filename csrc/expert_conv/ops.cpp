@@ -4,9 +4,8 @@
 // Ops (namespace moce_C): xc_pwdw, xc_pwdw_bwd, xc_gemm, xc_wgrad, xc_final_fwd, xc_final_bwd, xc_gather_sum.
 #include "expert_conv/ops.h"
 
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
+#include "common/torch_device.h"
+
 #include <torch/torch.h>
 
 #include <optional>
@@ -35,7 +34,7 @@ DType dtype_of(const torch::Tensor& t, const char* name) {
 }
 
 void check(const torch::Tensor& t, const char* name, const torch::Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), "expert_conv (cuda): ", name, " must be a CUDA tensor");
+  TORCH_CHECK(on_kernel_device(t), "expert_conv (cuda): ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == like.device(), "expert_conv (cuda): ", name, " is on ", t.device(), ", expected ",
               like.device());
   TORCH_CHECK(t.is_contiguous(), "expert_conv (cuda): ", name, " must be contiguous");
@@ -87,7 +86,7 @@ void xc_pwdw(const torch::Tensor& src, const torch::Tensor& w, const torch::Tens
              const OptT& db, torch::Tensor& out, const torch::Tensor& offsets, const torch::Tensor& meta,
              const OptT& perm, int64_t kslots, int64_t N, int64_t H, int64_t W, int64_t K, int64_t max_nch,
              int64_t mode, const OptT& g, torch::Tensor& gofull) {
-  const c10::cuda::OptionalCUDAGuard guard(src.device());
+  const DeviceGuard guard(src.device());
   const DType dt = dtype_of(src, "src");
   check_t(w, "w", src);
   check_t(dw, "dw", src);
@@ -116,14 +115,14 @@ void xc_pwdw(const torch::Tensor& src, const torch::Tensor& w, const torch::Tens
   p.K = to_int(K, "K");
   p.max_nch = to_int(max_nch, "max_nch");
   p.mode = (int)mode;
-  check_cuda(expert_conv::launch_pwdw(dt, p, c10::cuda::getCurrentCUDAStream()), "fused pw->dw");
+  check_cuda(expert_conv::launch_pwdw(dt, p, current_stream(src.device())), "fused pw->dw");
 }
 
 void xc_pwdw_bwd(const torch::Tensor& src, const torch::Tensor& w, const torch::Tensor& dw, const OptT& pb,
                  const torch::Tensor& go, torch::Tensor& gy, torch::Tensor& gdw, torch::Tensor& gdb, bool has_db,
                  const torch::Tensor& offsets, const torch::Tensor& meta, const OptT& perm, int64_t kslots, int64_t N,
                  int64_t H, int64_t W, int64_t K, int64_t max_cout) {
-  const c10::cuda::OptionalCUDAGuard guard(src.device());
+  const DeviceGuard guard(src.device());
   const DType dt = dtype_of(src, "src");
   check_t(w, "w", src);
   check_t(dw, "dw", src);
@@ -151,13 +150,13 @@ void xc_pwdw_bwd(const torch::Tensor& src, const torch::Tensor& w, const torch::
   p.W = to_int(W, "W");
   p.K = to_int(K, "K");
   p.max_cout = to_int(max_cout, "max_cout");
-  check_cuda(expert_conv::launch_pwdw_bwd(dt, p, c10::cuda::getCurrentCUDAStream()), "fused pw->dw backward");
+  check_cuda(expert_conv::launch_pwdw_bwd(dt, p, current_stream(src.device())), "fused pw->dw backward");
 }
 
 void xc_gemm(const torch::Tensor& x, const torch::Tensor& w, const OptT& b, torch::Tensor& y,
              const torch::Tensor& offsets, const torch::Tensor& meta, const OptT& perm, int64_t kslots, int64_t N,
              int64_t HW, int64_t max_cout, bool accumulate) {
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const DType dt = dtype_of(x, "x");
   check_t(w, "w", x);
   check(y, "y", x);
@@ -179,13 +178,13 @@ void xc_gemm(const torch::Tensor& x, const torch::Tensor& w, const OptT& b, torc
   p.N = to_int(N, "N");
   p.HW = to_int(HW, "HW");
   p.max_cout = to_int(max_cout, "max_cout");
-  check_cuda(expert_conv::launch_gemm(dt, p, c10::cuda::getCurrentCUDAStream()), "grouped 1x1");
+  check_cuda(expert_conv::launch_gemm(dt, p, current_stream(x.device())), "grouped 1x1");
 }
 
 void xc_wgrad(const torch::Tensor& g, const torch::Tensor& x, torch::Tensor& o, torch::Tensor& bo, bool has_bias,
               const torch::Tensor& offsets, const torch::Tensor& meta, const OptT& perm, int64_t kslots, int64_t HW,
               int64_t max_cout, int64_t max_cin, int64_t n_split) {
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const DType dt = dtype_of(x, "x");
   check(g, "g", x);
   const bool g_f32 = g.scalar_type() == torch::kFloat && x.scalar_type() != torch::kFloat;
@@ -209,13 +208,13 @@ void xc_wgrad(const torch::Tensor& g, const torch::Tensor& x, torch::Tensor& o, 
   p.max_cin = to_int(max_cin, "max_cin");
   TORCH_CHECK(n_split >= 1, "expert_conv (cuda): n_split must be >= 1");
   p.n_split = to_int(n_split, "n_split");
-  check_cuda(expert_conv::launch_wgrad(dt, p, c10::cuda::getCurrentCUDAStream()), "grouped weight grad");
+  check_cuda(expert_conv::launch_wgrad(dt, p, current_stream(x.device())), "grouped weight grad");
 }
 
 void xc_final_fwd(const torch::Tensor& xs, const torch::Tensor& shared, const torch::Tensor& attn,
                   const torch::Tensor& w, torch::Tensor& out, const torch::Tensor& offsets, const torch::Tensor& meta,
                   const torch::Tensor& perm, int64_t kslots, int64_t N, int64_t C, int64_t HW, bool x_gather) {
-  const c10::cuda::OptionalCUDAGuard guard(xs.device());
+  const DeviceGuard guard(xs.device());
   const DType dt = dtype_of(xs, "xs");
   for (const torch::Tensor* t : {&shared, &attn, &w}) check_t(*t, "expert tensor", xs);
   check_t(out, "out", xs);
@@ -235,14 +234,14 @@ void xc_final_fwd(const torch::Tensor& xs, const torch::Tensor& shared, const to
   p.C = to_int(C, "C");
   p.HW = to_int(HW, "HW");
   p.x_gather = x_gather;
-  check_cuda(expert_conv::launch_final_fwd(dt, p, c10::cuda::getCurrentCUDAStream()), "expert epilogue");
+  check_cuda(expert_conv::launch_final_fwd(dt, p, current_stream(xs.device())), "expert epilogue");
 }
 
 void xc_final_bwd(const torch::Tensor& g, const torch::Tensor& shared, const torch::Tensor& attn,
                   const torch::Tensor& w, torch::Tensor& gt, torch::Tensor& gu, torch::Tensor& h,
                   const torch::Tensor& offsets, const torch::Tensor& meta, const torch::Tensor& perm, int64_t kslots,
                   int64_t N, int64_t C, int64_t HW, int64_t max_r) {
-  const c10::cuda::OptionalCUDAGuard guard(shared.device());
+  const DeviceGuard guard(shared.device());
   const DType dt = dtype_of(shared, "shared");
   check(g, "g", shared);
   const bool g_f32 = g.scalar_type() == torch::kFloat && shared.scalar_type() != torch::kFloat;
@@ -271,11 +270,11 @@ void xc_final_bwd(const torch::Tensor& g, const torch::Tensor& shared, const tor
   p.C = to_int(C, "C");
   p.HW = to_int(HW, "HW");
   p.max_r = to_int(max_r, "max_r");
-  check_cuda(expert_conv::launch_final_bwd(dt, p, c10::cuda::getCurrentCUDAStream()), "expert epilogue backward");
+  check_cuda(expert_conv::launch_final_bwd(dt, p, current_stream(shared.device())), "expert epilogue backward");
 }
 
 void xc_gather_sum(const torch::Tensor& src, const torch::Tensor& inv, torch::Tensor& out, int64_t kslots) {
-  const c10::cuda::OptionalCUDAGuard guard(out.device());
+  const DeviceGuard guard(out.device());
   const DType dt = dtype_of(out, "out");
   check(out, "out", out);
   check_f32(src, "src", out);
@@ -285,7 +284,7 @@ void xc_gather_sum(const torch::Tensor& src, const torch::Tensor& inv, torch::Te
   TORCH_CHECK(src.numel() == B * kslots * L && inv.numel() == B * kslots,
               "expert_conv (cuda): gather_sum src must be (B*k, ...) and inv (B*k,)");
   check_cuda(expert_conv::launch_gather_sum(dt, src.data_ptr<float>(), inv.data_ptr<int64_t>(), out.data_ptr(), B, L,
-                                            kslots, c10::cuda::getCurrentCUDAStream()),
+                                            kslots, current_stream(out.device())),
              "gather-sum");
 }
 
@@ -307,13 +306,13 @@ void register_expert_conv(torch::Library& m) {
   m.def("xc_final_bwd(Tensor g, Tensor shared, Tensor attn, Tensor w, Tensor(a!) gt, Tensor(b!) gu, "
         "Tensor(c!) h, Tensor offsets, Tensor meta, Tensor perm, int kslots, int N, int C, int HW, int max_r) -> ()");
   m.def("xc_gather_sum(Tensor src, Tensor inv, Tensor(a!) out, int kslots) -> ()");
-  m.impl("xc_pwdw", torch::kCUDA, &xc_pwdw);
-  m.impl("xc_pwdw_bwd", torch::kCUDA, &xc_pwdw_bwd);
-  m.impl("xc_gemm", torch::kCUDA, &xc_gemm);
-  m.impl("xc_wgrad", torch::kCUDA, &xc_wgrad);
-  m.impl("xc_final_fwd", torch::kCUDA, &xc_final_fwd);
-  m.impl("xc_final_bwd", torch::kCUDA, &xc_final_bwd);
-  m.impl("xc_gather_sum", torch::kCUDA, &xc_gather_sum);
+  m.impl("xc_pwdw", kKernelDevice, &xc_pwdw);
+  m.impl("xc_pwdw_bwd", kKernelDevice, &xc_pwdw_bwd);
+  m.impl("xc_gemm", kKernelDevice, &xc_gemm);
+  m.impl("xc_wgrad", kKernelDevice, &xc_wgrad);
+  m.impl("xc_final_fwd", kKernelDevice, &xc_final_fwd);
+  m.impl("xc_final_bwd", kKernelDevice, &xc_final_bwd);
+  m.impl("xc_gather_sum", kKernelDevice, &xc_gather_sum);
 }
 
 }  // namespace moce

@@ -3,9 +3,8 @@
 // can poison them) and passed in; every op returns nothing. Small router tensors arrive as fp32.
 #include "routing/ops.h"
 
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
+#include "common/torch_device.h"
+
 #include <torch/torch.h>
 
 #include "routing/kernels.h"
@@ -31,7 +30,7 @@ DType big_dtype(const torch::Tensor& t, const char* name) {
 }
 
 void check_dev(const torch::Tensor& t, const char* name, const torch::Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), "moe routing (cuda): ", name, " must be a CUDA tensor");
+  TORCH_CHECK(on_kernel_device(t), "moe routing (cuda): ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == like.device(), "moe routing (cuda): ", name, " is on ", t.device(), " but expected ",
               like.device());
   TORCH_CHECK(t.is_contiguous(), "moe routing (cuda): ", name, " must be contiguous");
@@ -93,8 +92,8 @@ void route_forward(const torch::Tensor& x, const torch::Tensor& fe, const torch:
                    const torch::Tensor& cplx, const torch::Tensor& noise, int64_t k, double noise_std,
                    bool compute_loss, bool use_complexity, torch::Tensor& gates, torch::Tensor& indices,
                    torch::Tensor& logits, torch::Tensor& loss) {
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const DeviceGuard guard(x.device());
+  const cudaStream_t stream = current_stream(x.device());
   RouterSetup s = setup_router(x, fe, gw, fw, cplx, noise, k, noise_std, compute_loss, use_complexity, stream);
   const int64_t B = s.p.B, E = s.p.E;
   check_f32(gates, "gates", x, B * k);
@@ -111,8 +110,8 @@ void route_backward(const torch::Tensor& grad_gates, const torch::Tensor& grad_l
                     const torch::Tensor& cplx, const torch::Tensor& noise, int64_t k, double noise_std,
                     bool compute_loss, bool use_complexity, torch::Tensor& grad_x, torch::Tensor& grad_fe,
                     torch::Tensor& grad_gw, torch::Tensor& grad_fw) {
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const DeviceGuard guard(x.device());
+  const cudaStream_t stream = current_stream(x.device());
   RouterSetup s = setup_router(x, fe, gw, fw, cplx, noise, k, noise_std, compute_loss, use_complexity, stream);
   const int64_t B = s.p.B, C = s.p.C, F = s.p.F, E = s.p.E, HW = x.size(2) * x.size(3);
   check_f32(grad_gates, "grad_gates", x, B * k);
@@ -137,8 +136,8 @@ void route_backward(const torch::Tensor& grad_gates, const torch::Tensor& grad_l
 
 void dispatch(const torch::Tensor& indices, int64_t num_experts, torch::Tensor& counts, torch::Tensor& offsets,
               torch::Tensor& perm) {
-  const c10::cuda::OptionalCUDAGuard guard(indices.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(indices.device().index()).stream();
+  const DeviceGuard guard(indices.device());
+  const cudaStream_t stream = current_stream(indices.device());
   check_i64(indices, "indices", indices, indices.numel());
   TORCH_CHECK(num_experts >= 1 && num_experts <= routing::kMaxExperts, "moe_dispatch (cuda): 1 <= num_experts <= ",
               routing::kMaxExperts, ", got ", num_experts);
@@ -162,8 +161,8 @@ void check_combine(const torch::Tensor& eo, const torch::Tensor& gates, const to
 }
 
 void combine(const torch::Tensor& eo, const torch::Tensor& gates, const torch::Tensor& perm, torch::Tensor& out) {
-  const c10::cuda::OptionalCUDAGuard guard(eo.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(eo.device().index()).stream();
+  const DeviceGuard guard(eo.device());
+  const cudaStream_t stream = current_stream(eo.device());
   check_combine(eo, gates, perm);
   const int64_t B = gates.size(0), k = gates.size(1);
   const int64_t N = B * k > 0 ? eo.numel() / (B * k) : 0;
@@ -176,8 +175,8 @@ void combine(const torch::Tensor& eo, const torch::Tensor& gates, const torch::T
 
 void combine_backward(const torch::Tensor& grad, const torch::Tensor& eo, const torch::Tensor& gates,
                       const torch::Tensor& perm, torch::Tensor& grad_eo, torch::Tensor& grad_gates) {
-  const c10::cuda::OptionalCUDAGuard guard(eo.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(eo.device().index()).stream();
+  const DeviceGuard guard(eo.device());
+  const cudaStream_t stream = current_stream(eo.device());
   check_combine(eo, gates, perm);
   const int64_t B = gates.size(0), k = gates.size(1);
   const int64_t N = B * k > 0 ? eo.numel() / (B * k) : 0;
@@ -211,11 +210,11 @@ void register_routing(torch::Library& m) {
   m.def("moe_combine(Tensor expert_out, Tensor gates, Tensor perm, Tensor(a!) out) -> ()");
   m.def("moe_combine_backward(Tensor grad, Tensor expert_out, Tensor gates, Tensor perm, Tensor(a!) grad_expert_out, "
         "Tensor(b!) grad_gates) -> ()");
-  m.impl("moe_route_forward", torch::kCUDA, &route_forward);
-  m.impl("moe_route_backward", torch::kCUDA, &route_backward);
-  m.impl("moe_dispatch", torch::kCUDA, &dispatch);
-  m.impl("moe_combine", torch::kCUDA, &combine);
-  m.impl("moe_combine_backward", torch::kCUDA, &combine_backward);
+  m.impl("moe_route_forward", kKernelDevice, &route_forward);
+  m.impl("moe_route_backward", kKernelDevice, &route_backward);
+  m.impl("moe_dispatch", kKernelDevice, &dispatch);
+  m.impl("moe_combine", kKernelDevice, &combine);
+  m.impl("moe_combine_backward", kKernelDevice, &combine_backward);
 }
 
 }  // namespace moce

@@ -1,11 +1,11 @@
 // Torch-facing wrappers of the window_attention kernels: input checks, allocation, launch on the current stream.
 #include "window_attention/ops.h"
 
+#include "common/torch_device.h"
+
 #include <tuple>
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "window_attention/kernels.h"
@@ -25,7 +25,7 @@ wfa::DType to_dtype(at::ScalarType t) {
 }
 
 void check_like(const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.is_cuda(), "window_fft_attention (cuda): ", name, " must be a CUDA tensor");
+  TORCH_CHECK(on_kernel_device(t), "window_fft_attention (cuda): ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == q.device(), "window_fft_attention (cuda): ", name, " is on ", t.device(),
               " but q is on ", q.device());
   TORCH_CHECK(t.sizes() == q.sizes(), "window_fft_attention (cuda): ", name, " has shape ", t.sizes(),
@@ -39,7 +39,7 @@ void check_like(const char* name, const at::Tensor& t, const at::Tensor& q) {
 wfa::Shape check_inputs(const at::Tensor& q, std::initializer_list<std::pair<const char*, const at::Tensor*>> like,
                         int64_t window_size, const at::Tensor& w, const at::Tensor& b, double eps,
                         const at::Tensor* rows) {
-  TORCH_CHECK(q.is_cuda(), "window_fft_attention (cuda): q must be a CUDA tensor");
+  TORCH_CHECK(on_kernel_device(q), "window_fft_attention (cuda): q must be a CUDA tensor");
   TORCH_CHECK(q.dim() == 4, "window_fft_attention (cuda): q must be (N, C, H, W), got ", q.sizes());
   TORCH_CHECK(q.is_contiguous(), "window_fft_attention (cuda): q must be contiguous");
   to_dtype(q.scalar_type());
@@ -67,13 +67,13 @@ at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous();
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_size,
                   const at::Tensor& w, const at::Tensor& b, double eps, at::Tensor& out, const at::Tensor* rows) {
   const wfa::Shape s = check_inputs(q, {{"k", &k}, {"v", &v}, {"out", &out}}, window_size, w, b, eps, rows);
-  const c10::cuda::OptionalCUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const at::Tensor wf = as_float(w), bf = as_float(b);
   const at::Tensor rows_c = rows != nullptr ? rows->contiguous() : at::Tensor();
   wfa::FwdArgs a{s, to_dtype(q.scalar_type()), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                  wf.data_ptr<float>(), bf.data_ptr<float>(), out.data_ptr(),
                  rows != nullptr ? rows_c.data_ptr<int64_t>() : nullptr};
-  const cudaError_t err = wfa::forward(a, c10::cuda::getCurrentCUDAStream());
+  const cudaError_t err = wfa::forward(a, current_stream(q.device()));
   TORCH_CHECK(err == cudaSuccess, "window_fft_attention (cuda): launch failed: ", cudaGetErrorString(err));
 }
 
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
   const wfa::Shape s = check_inputs(
       q, {{"grad", &grad}, {"k", &k}, {"v", &v}, {"grad_q", &gq}, {"grad_k", &gk}, {"grad_v", &gv}},
       window_size, w, b, eps, rows);
-  const c10::cuda::OptionalCUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const at::Tensor wf = as_float(w), bf = as_float(b);
   const at::Tensor rows_c = rows != nullptr ? rows->contiguous() : at::Tensor();
   const auto fopt = q.options().dtype(at::kFloat);
@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
                  wf.data_ptr<float>(), bf.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(),
                  ws.data_ptr<float>(), gw.data_ptr<float>(), gb.data_ptr<float>(),
                  rows != nullptr ? rows_c.data_ptr<int64_t>() : nullptr};
-  const cudaError_t err = wfa::backward(a, c10::cuda::getCurrentCUDAStream());
+  const cudaError_t err = wfa::backward(a, current_stream(q.device()));
   TORCH_CHECK(err == cudaSuccess, "window_fft_attention_backward (cuda): launch failed: ", cudaGetErrorString(err));
   return {gw, gb};
 }
@@ -143,10 +143,10 @@ void register_window_attention(torch::Library& m) {
   m.def("window_fft_attention_rows_backward(Tensor grad, Tensor q, Tensor k, Tensor v, int window_size, "
         "Tensor norm_weight, Tensor norm_bias, float eps, Tensor(a!) grad_q, Tensor(b!) grad_k, "
         "Tensor(c!) grad_v, Tensor rows) -> (Tensor, Tensor)");
-  m.impl("window_fft_attention", c10::DeviceType::CUDA, &window_fft_attention);
-  m.impl("window_fft_attention_backward", c10::DeviceType::CUDA, &window_fft_attention_backward);
-  m.impl("window_fft_attention_rows", c10::DeviceType::CUDA, &window_fft_attention_rows);
-  m.impl("window_fft_attention_rows_backward", c10::DeviceType::CUDA, &window_fft_attention_rows_backward);
+  m.impl("window_fft_attention", kKernelDevice, &window_fft_attention);
+  m.impl("window_fft_attention_backward", kKernelDevice, &window_fft_attention_backward);
+  m.impl("window_fft_attention_rows", kKernelDevice, &window_fft_attention_rows);
+  m.impl("window_fft_attention_rows_backward", kKernelDevice, &window_fft_attention_rows_backward);
 }
 
 }  // namespace moce

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-import moce_kernels._C  # noqa: F401  (registers torch.ops.moce_C)
+from . import extension  # noqa: F401  (registers torch.ops.moce_C)
 
 from ..backends import register
 from ..ops import grouped_conv as driver

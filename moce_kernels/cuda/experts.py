@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-import moce_kernels._C  # noqa: F401  (registers torch.ops.moce_C)
+from . import extension  # noqa: F401  (registers torch.ops.moce_C)
 
 from ..backends import register
 from ..ops import grouped_conv as driver

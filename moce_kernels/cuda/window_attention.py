@@ -10,7 +10,7 @@ from typing import Tuple
 
 import torch
 
-import moce_kernels._C  # noqa: F401  (registers torch.ops.moce_C)
+from . import extension  # noqa: F401  (registers torch.ops.moce_C)
 
 from ..backends import register
 from ..testing import new_output

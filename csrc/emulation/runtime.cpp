@@ -1,0 +1,47 @@
+// The few CUDA runtime calls the kernels' host code makes, for the CPU emulation (emu/device.h):
+// launch errors, memset, the dynamic shared memory opt-in. Everything runs synchronously.
+#include <cstring>
+
+#include "emu/device.h"
+
+extern "C" {
+
+cudaError_t CUDARTAPI cudaGetLastError(void) {
+  const cudaError_t e = emu::g_last_error;
+  emu::g_last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t CUDARTAPI cudaPeekAtLastError(void) { return emu::g_last_error; }
+
+const char* CUDARTAPI cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument (emulated launch)";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument (emulated launch)";
+    default: return "CUDA error (emulated)";
+  }
+}
+
+cudaError_t CUDARTAPI cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
+  std::memset(ptr, value, count);
+  return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || static_cast<size_t>(value) > emu::kMaxDynSmem) return cudaErrorInvalidValue;
+    for (auto& [f, n] : emu::smem_optin())
+      if (f == func) {
+        n = static_cast<size_t>(value);
+        return cudaSuccess;
+      }
+    emu::smem_optin().emplace_back(func, static_cast<size_t>(value));
+  }
+  return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t CUDARTAPI cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+}  // extern "C"
