@@ -1,18 +1,18 @@
-// CUDA kernels of the expert_conv family (see kernels.h for the layouts and meta columns).
+// CUDA kernels of the expert_conv family (see kernels.h for the layouts and meta columns), except the
+// fused pw->dw forward (pwdw_forward.cu).
 //
-// Fused pw->dw: one block per (row, 8x32 output tile, channel block). The block computes the 1x1
-// result over the tile plus its (k-1)/2 halo for its channels into shared memory (zero outside the
-// image: the depthwise conv pads the 1x1 *output*), then each thread produces one output pixel of
-// every channel of the block from shared memory. The wide intermediate never reaches global memory.
-// The grouped 1x1 / epilogue kernels use one 32 (channels) x 64 (pixels) register-blocked tile per
-// block with shared-memory staging (tile_mm).
+// Fused pw->dw backward core: one block per (row, 8x32 output tile, block of 16 channels). The block
+// recomputes the 1x1 result over the tile plus its (k-1)/2 halo for its channels into shared memory
+// (zero outside the image: the depthwise conv pads the 1x1 *output*), then each thread takes one
+// output pixel of every channel of the block. The grouped 1x1 / epilogue kernels use one
+// 32 (channels) x 64 (pixels) register-blocked tile per block with shared-memory staging (tile_mm).
 #include "expert_conv/kernels.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <mma.h>
 
 #include <type_traits>
+
+#include "expert_conv/device_common.cuh"
 
 namespace moce {
 namespace expert_conv {
@@ -22,31 +22,6 @@ constexpr int kThreads = 256;
 constexpr int kTH = 8, kTW = 32;  // fused pw->dw output tile (kTH * kTW == kThreads)
 constexpr int kBC = 16;           // channels per block (8 + 8 for the gated modes)
 constexpr int kMmC = 32, kMmP = 64, kMmK = 32;  // tile_mm: output channels x pixels, reduction chunk
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ int expert_of(const int64_t* offsets, int64_t n, int E) {
-  int e = 0;
-  for (int i = 1; i < E; ++i) e += (offsets[i] <= n) ? 1 : 0;
-  return e;
-}
-
-__device__ __forceinline__ float gelu_f(float a) { return 0.5f * a * (1.f + erff(a * 0.70710678118654752f)); }
-__device__ __forceinline__ float gelu_grad_f(float a) {
-  return 0.5f * (1.f + erff(a * 0.70710678118654752f)) + a * expf(-0.5f * a * a) * 0.3989422804014327f;
-}
-__device__ __forceinline__ float sigmoid_f(float u) { return 1.f / (1.f + expf(-u)); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // ------------------------------------------------------------------ fused pw -> dw
 template <int K>
@@ -160,64 +135,6 @@ __device__ __forceinline__ void halo_pw(const T* src, int64_t src_off, const T* 
     halo_pw_scalar<T, K, NB, BC>(src, src_off, w, w_off, pb, pb_off, cin, c0, nch, ty0, tx0, H, W, smem);
   } else {
     halo_pw_mma<T, K, NB, BC>(src, src_off, w, w_off, pb, pb_off, cin, c0, nch, ty0, tx0, H, W, smem);
-  }
-}
-
-template <typename T, int K, int MODE>
-__global__ void __launch_bounds__(kThreads) pwdw_kernel(PwdwParams p, int n_tw, int n_tiles, int n_cblk) {
-  constexpr int NB = MODE > 0 ? 2 : 1, BC = kBC / NB, HWD = kTW + K - 1, LD = Halo<K>::LD;
-  extern __shared__ __align__(128) float smem[];
-  const int64_t bid = blockIdx.x;
-  const int cb = (int)(bid % n_cblk);
-  const int64_t rest = bid / n_cblk;
-  const int tile = (int)(rest % n_tiles);
-  const int64_t n = rest / n_tiles;
-  if (n >= p.N) return;
-  const int64_t* m = p.meta + 16 * expert_of(p.offsets, n, p.E);
-  const int cin = (int)m[0], cout = (int)m[1], nch = cout / NB, c0 = cb * BC;
-  if (c0 >= nch) return;  // uniform over the block
-  const int64_t srow = p.perm != nullptr ? p.perm[n] / p.kslots : n;
-  const int ty0 = (tile / n_tw) * kTH, tx0 = (tile % n_tw) * kTW;
-  const T* w = static_cast<const T*>(p.w);
-  const T* dw = static_cast<const T*>(p.dw);
-  float* sdw = smem + kBC * LD;  // [NB*BC][K*K] depthwise weights of the block's channels
-  for (int i = threadIdx.x; i < NB * BC * K * K; i += kThreads) {
-    const int q = i / (K * K), t = i % (K * K), c = c0 + q % BC;
-    sdw[i] = c < nch ? to_f(dw[m[3] + (int64_t)(c + (q / BC) * nch) * K * K + t]) : 0.f;
-  }
-  halo_pw<T, K, NB, BC>(static_cast<const T*>(p.src), m[6] + srow * m[7], w, m[2], static_cast<const T*>(p.pb),
-                        m[4], cin, c0, nch, ty0, tx0, p.H, p.W, smem);
-  __syncthreads();
-  const int oy = threadIdx.x / kTW, ox = threadIdx.x % kTW, py = ty0 + oy, px = tx0 + ox;
-  if (py >= p.H || px >= p.W) return;
-  const int64_t HW = (int64_t)p.H * p.W, pix = (int64_t)py * p.W + px;
-  const T* db = static_cast<const T*>(p.db);
-  for (int q = 0; q < BC; ++q) {
-    const int c = c0 + q;
-    if (c >= nch) break;
-    float a = 0.f, b = 0.f;
-#pragma unroll
-    for (int t = 0; t < K * K; ++t) {
-      const int s = (oy + t / K) * HWD + ox + t % K;
-      a += sdw[q * K * K + t] * smem[q * LD + s];
-      if (MODE > 0) b += sdw[(BC + q) * K * K + t] * smem[(BC + q) * LD + s];
-    }
-    if (db != nullptr) {
-      a += to_f(db[m[5] + c]);
-      if (MODE > 0) b += to_f(db[m[5] + c + nch]);
-    }
-    const int64_t o = m[8] + (c / m[9]) * m[10] + n * m[11] + (c % m[9]) * HW + pix;
-    if (MODE == 0) {
-      static_cast<T*>(p.out)[o] = from_f<T>(a);
-    } else if (MODE == 1) {
-      static_cast<T*>(p.out)[o] = from_f<T>(gelu_f(a) * b);
-    } else {
-      const float g = to_f(static_cast<const T*>(p.g)[o]);
-      T* gf = static_cast<T*>(p.gofull);
-      const int64_t base = (n * cout + c) * HW + pix;
-      gf[base] = from_f<T>(g * b * gelu_grad_f(a));
-      gf[base + (int64_t)nch * HW] = from_f<T>(g * gelu_f(a));
-    }
   }
 }
 
@@ -499,32 +416,6 @@ __global__ void gather_sum_kernel(const float* __restrict__ src, const int64_t* 
   out[b * L + l] = from_f<T>(acc);
 }
 
-// ------------------------------------------------------------------ dispatch helpers
-template <typename F>
-cudaError_t with_type(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename T, int K, int MODE>
-cudaError_t launch_pwdw_t(const PwdwParams& p, cudaStream_t stream) {
-  constexpr int LD = Halo<K>::LD;
-  const int NB = MODE > 0 ? 2 : 1, n_tw = (int)cdiv(p.W, kTW), n_tiles = (int)cdiv(p.H, kTH) * n_tw;
-  const int n_cblk = (int)cdiv(p.max_nch, kBC / NB);
-  const int64_t blocks = (int64_t)p.N * n_tiles * n_cblk;
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  const size_t smem = sizeof(float) * kBC * (LD + K * K);
-  pwdw_kernel<T, K, MODE><<<(unsigned)blocks, kThreads, smem, stream>>>(p, n_tw, n_tiles, n_cblk);
-  return cudaGetLastError();
-}
-
 template <typename T, int K>
 cudaError_t launch_pwdw_bwd_t(const PwdwBwdParams& p, cudaStream_t stream) {
   constexpr int LD = Halo<K>::LD;
@@ -538,24 +429,6 @@ cudaError_t launch_pwdw_bwd_t(const PwdwBwdParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
-
-cudaError_t launch_pwdw(DType dt, const PwdwParams& p, cudaStream_t stream) {
-  if (p.mode < 0 || p.mode > 2 || (p.K != 3 && p.K != 5 && p.K != 7)) return cudaErrorInvalidValue;
-  return with_type(dt, [&](auto tag) -> cudaError_t {
-    using T = decltype(tag);
-    switch (p.K * 10 + p.mode) {
-      case 30: return launch_pwdw_t<T, 3, 0>(p, stream);
-      case 31: return launch_pwdw_t<T, 3, 1>(p, stream);
-      case 32: return launch_pwdw_t<T, 3, 2>(p, stream);
-      case 50: return launch_pwdw_t<T, 5, 0>(p, stream);
-      case 51: return launch_pwdw_t<T, 5, 1>(p, stream);
-      case 52: return launch_pwdw_t<T, 5, 2>(p, stream);
-      case 70: return launch_pwdw_t<T, 7, 0>(p, stream);
-      case 71: return launch_pwdw_t<T, 7, 1>(p, stream);
-      default: return launch_pwdw_t<T, 7, 2>(p, stream);
-    }
-  });
-}
 
 cudaError_t launch_pwdw_bwd(DType dt, const PwdwBwdParams& p, cudaStream_t stream) {
   if (p.K != 3 && p.K != 5 && p.K != 7) return cudaErrorInvalidValue;
