@@ -134,7 +134,7 @@ def _rand(*shape, dtype=torch.bfloat16):
 def window_attention_cases(dtype: torch.dtype) -> List[Callable[[], Any]]:
     from moce_kernels import ops
     cases = []
-    for (B, C, H, W, p) in [(8, 6, 256, 256, 4), (8, 48, 128, 128, 8), (8, 24, 256, 256, 16),
+    for (B, C, H, W, p) in [(8, 6, 256, 256, 4), (8, 12, 256, 256, 8), (8, 48, 128, 128, 8), (8, 24, 256, 256, 16),
                             (8, 192, 64, 64, 32), (8, 48, 256, 256, 32)]:
         def fwd_bwd(B=B, C=C, H=H, W=W, p=p):
             q, k, v = (_rand(B, C, H, W, dtype=dtype).requires_grad_() for _ in range(3))

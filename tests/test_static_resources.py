@@ -40,8 +40,9 @@ def records(tmp_path_factory):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     recs = json.loads(out.read_text())
     names = {r["kernel"] for r in recs}
-    assert {"_wfa_fwd_kernel", "_wfa_bwd_kernel", "_pwdw_kernel", "_pwdw_bwd_kernel", "_final_bwd_kernel",
-            "_route_head_bwd_kernel", "_combine_kernel", "_gemm_kernel"} <= names, names
+    assert {"_wfa_fwd_kernel", "_wfa_bwd_kernel", "_wfa_fwd_oneshot_kernel", "_wfa_bwd_oneshot_kernel",
+            "_pwdw_kernel", "_pwdw_bwd_kernel", "_final_bwd_kernel", "_route_head_bwd_kernel", "_combine_kernel",
+            "_gemm_kernel"} <= names, names
     assert "stopped" not in res.stdout, res.stdout[-3000:]
     return recs
 
@@ -51,8 +52,11 @@ def _label(r) -> str:
 
 
 def test_no_spills(records):
+    """No local-memory traffic: no LDL / STL instruction and no local arrays. (A stack frame that no
+    instruction touches is not a spill: ptxas sometimes reserves 8 B it never uses, e.g. the one-shot
+    window-attention backward at p = 8.)"""
     bad = [_label(r) + f": stack {r.get('stack')} B, LDL {r['sass'].get('LDL', 0)}, STL {r['sass'].get('STL', 0)}"
-           for r in records if r.get("stack", 0) or r["sass"].get("LDL", 0) or r["sass"].get("STL", 0)]
+           for r in records if r.get("local", 0) or r["sass"].get("LDL", 0) or r["sass"].get("STL", 0)]
     assert not bad, "kernels using local memory:\n" + "\n".join(bad)
 
 

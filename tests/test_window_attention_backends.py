@@ -238,3 +238,18 @@ def test_triton_channel_split(monkeypatch, target, shape, p):
     assert S > 1
     _check("triton", shape, p, torch.float32)
     _check_rows("triton", (4,) + shape[1:], p, torch.float32, 1, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton one-shot path (every channel of a tile in one block) and the two-pass path, same inputs
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="triton unavailable")
+@pytest.mark.parametrize("one_shot", [True, False], ids=["one_shot", "multi_pass"])
+@pytest.mark.parametrize("C", [2, 6])  # bf16: tf32x3 dots for C <= 5, tf32 above
+@pytest.mark.parametrize("p", WINDOWS)
+def test_triton_one_shot_and_multi_pass(monkeypatch, one_shot, C, p):
+    tw = _rows_module("triton")
+    monkeypatch.setattr(tw, "ONE_SHOT_ELEMS", tw.ONE_SHOT_ELEMS if one_shot else 0)
+    assert bool(tw.one_shot_channels(p, C, False, tw.precision(torch.bfloat16, C))) == one_shot
+    _check("triton", (2, C, 19, 13), p, torch.bfloat16)

@@ -15,10 +15,12 @@ Both real inputs ride in one complex transform: with ``z = q + ik`` and ``Z = DF
 separable layout instead of 18; 6 in the Kronecker layout). Zero padding to a multiple of p is the
 masked load (tiles may run past the padded image; those windows are all zero and never stored).
 
-The LayerNorm couples all channels of a pixel; the kernel makes two passes over the channels
-(statistics, then normalise and store), recomputing the convolution instead of spilling C x tile
-fp32 values (see the notes for the byte/FLOP trade); statistics are shifted by channel 0's value
-for a numerically safe one-pass variance.
+The LayerNorm couples all channels of a pixel. When every channel of a tile fits one block
+(``one_shot_channels``: the level-2 experts), the forward convolves each channel once and normalises
+in registers; otherwise it makes two passes over the channels (statistics, then normalise and store),
+recomputing the convolution instead of spilling C x tile fp32 values (see the notes for the
+byte/FLOP trade), with statistics shifted by channel 0's value for a numerically safe one-pass
+variance.
 
 Backward (g = d out): with y the convolution, yh = (y - mu) * rstd, z = yh * w + b, out = z * v:
     grad_v = g * z;  gz = g * v;  grad_w = sum gz * yh;  grad_b = sum gz;  gyh = gz * w
@@ -40,14 +42,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import register
+from ..backends import register, triton_interpreted
 from ..testing import new_output
 
 WINDOW_SIZES = (4, 8, 16, 32)
-# fp32 inputs: "ieee" (exact fp32 FMA dots) by default; "tf32x3" trades a little accuracy for tensor
-# cores (set MOCE_WFA_FP32_PRECISION=tf32x3). bf16/fp16 inputs use tf32 dots (fp32 range, 10-bit
-# mantissa like fp16) with fp32 accumulation.
-FP32_PRECISION = os.environ.get("MOCE_WFA_FP32_PRECISION", "ieee")
+# Dot precision (all accumulate in fp32). fp32 inputs: "tf32x3" (three tf32 products per dot, about
+# fp32 accuracy, on tensor cores); "ieee" (exact FMA dots, MOCE_WFA_FP32_PRECISION=ieee) compiles to
+# kernels that spill kilobytes per thread on sm_90 (benchmarks/static_report.py --dtype float32).
+# 16-bit inputs: "tf32" (one product; the tensor cores ignore the operands' low 13 mantissa bits) when
+# C > LOWP_SMALL_C, else "tf32x3": with few channels the LayerNorm's per-pixel variance is often tiny
+# and its 1/std amplifies the dots' rounding past the error rule (the seed scan in the notes: C = 3
+# fails in ~half the draws, C = 4 at 256 x 256 in half, C >= 6 in none).
+FP32_PRECISION = os.environ.get("MOCE_WFA_FP32_PRECISION", "tf32x3")
+LOWP_SMALL_C = 5
 
 # Programs below which the channels are split into chunks (None: 2x the GPU's SM count; CPU: never).
 SPLIT_TARGET_PROGRAMS = None
@@ -113,25 +120,59 @@ def dft_matrices(p: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tens
     return _MATS[key]
 
 
+def precision(dtype: torch.dtype, C: int) -> str:
+    """input_precision of the kernels' dots for inputs of ``dtype`` with C channels."""
+    if dtype == torch.float32:
+        return FP32_PRECISION
+    return "tf32x3" if C <= LOWP_SMALL_C else "tf32"
+
+
 # Channels per block (CB): each dot carries CB channels' tiles, (CB * BR, BC) = 2048 elements for
-# T = 16, 2048 for the Kronecker p = 4 tile (64 windows x 16), 2048 for T = 32.
+# T = 16, 2048 for the Kronecker p = 4 tile (64 windows x 16), 2048 for T = 32, with one-product
+# ("tf32") dots; about half that for "tf32x3" / "ieee", whose split operands need twice the
+# registers, except p = 32, where CB * BR = 32 rows would drop the right products from wgmma
+# (M >= 64) to unrolled mma.sync chains that spill (sm_90 static report).
 CHANNEL_BLOCK = {4: 2, 8: 8, 16: 8, 32: 2}
+CHANNEL_BLOCK_WIDE = {4: 1, 8: 4, 16: 4, 32: 2}
 NUM_WARPS = {4: 4, 8: 4, 16: 4, 32: 8}
 
 
-def channel_block(p: int, C: int) -> int:
-    """Channels per block for window p and C channels (a power of two, at most C rounded up)."""
-    return max(1, min(CHANNEL_BLOCK[p], triton.next_power_of_2(C)))
+def _wide(prec: str) -> bool:
+    return prec != "tf32"
+
+
+def channel_block(p: int, C: int, prec: str = "tf32") -> int:
+    """Channels per block for window p, C channels and dot precision (a power of two, at most C rounded up)."""
+    cb = (CHANNEL_BLOCK_WIDE if _wide(prec) else CHANNEL_BLOCK)[p]
+    return max(1, min(cb, triton.next_power_of_2(C)))
 
 
 def _num_warps(p: int) -> int:
     return NUM_WARPS[p]
 
 
-def _constexprs(p: int, dtype: torch.dtype, C: int) -> dict:
+# One-shot kernels: every channel of a tile in one (CB, BR, BC) block when CB = next_pow2(C) keeps the
+# block within ONE_SHOT_ELEMS fp32 elements (32 registers per thread and live tensor at 8 warps): one
+# convolution per channel instead of two (forward) or three (backward), q, k, v, g read once. The
+# forward fits the level-2 experts of both presets (C = 6, 12, 24 at p = 4, 8, 16); the backward keeps
+# more tensors live (the spectrum, yh, gy, its transform) and spills above half that (sm_90,
+# benchmarks/static_report.py), so its limit is half. Larger C keep the multi-pass recompute.
+ONE_SHOT_ELEMS = int(os.environ.get("MOCE_WFA_ONE_SHOT_ELEMS", "8192"))
+ONE_SHOT_WARPS = 8
+
+
+def one_shot_channels(p: int, C: int, backward: bool = False, prec: str = "tf32") -> int:
+    """Channel block of the one-shot kernels for window p, C channels and dot precision, or 0 when C
+    does not fit (limits halved for the backward and for split-operand precisions)."""
     lay = layout(p)
-    return dict(BR=lay.br, BC=lay.bc, CB=channel_block(p, C), KRON=lay.kron, P=p, WC=lay.wc,
-                PREC=_precision(dtype))
+    cb = triton.next_power_of_2(C)
+    limit = ONE_SHOT_ELEMS // (2 if backward else 1) // (2 if _wide(prec) else 1)
+    return cb if cb * lay.br * lay.bc <= limit else 0
+
+
+def _constexprs(p: int, prec: str, C: int) -> dict:
+    lay = layout(p)
+    return dict(BR=lay.br, BC=lay.bc, CB=channel_block(p, C, prec), KRON=lay.kron, P=p, WC=lay.wc, PREC=prec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,9 +182,40 @@ def _constexprs(p: int, dtype: torch.dtype, C: int) -> dict:
 # instead of one 16 x 16 tile (version 1: a serial chain of tiny dots per channel, latency-bound).
 # ----------------------------------------------------------------------------------------------
 
+# Triton's interpreter multiplies exactly whatever input_precision says; on the GPU a "tf32" dot
+# feeds fp32 bit patterns to the tensor cores, which ignore the low 13 mantissa bits, and "tf32x3"
+# splits each operand into big = round-to-nearest-away(tf32) and small = rest (Triton's lowering).
+# Under the interpreter the kernels make those roundings themselves, so that the CPU tests hold the
+# GPU's numerics, not exact fp32 products, to the error rule.
+_EMULATE_TF32 = tl.constexpr(triton_interpreted())
+
+
+@triton.jit
+def _tf32_trunc(x):
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tf32_rna(x):
+    bits = x.to(tl.uint32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return tl.where(finite, ((bits + 0x1000) & 0xFFFFE000), bits).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _mm(a, b, PREC: tl.constexpr):
-    return tl.dot(a, b, input_precision=PREC, out_dtype=tl.float32)
+    if _EMULATE_TF32 and PREC == "tf32":
+        return tl.dot(_tf32_trunc(a), _tf32_trunc(b), input_precision="ieee", out_dtype=tl.float32)
+    elif _EMULATE_TF32 and PREC == "tf32x3":
+        ab = _tf32_rna(a)
+        bb = _tf32_rna(b)
+        asm = _tf32_trunc(a - ab)
+        bsm = _tf32_trunc(b - bb)
+        return (tl.dot(ab, bsm, input_precision="ieee", out_dtype=tl.float32)
+                + tl.dot(asm, bb, input_precision="ieee", out_dtype=tl.float32)
+                + tl.dot(ab, bb, input_precision="ieee", out_dtype=tl.float32))
+    else:
+        return tl.dot(a, b, input_precision=PREC, out_dtype=tl.float32)
 
 
 @triton.jit
@@ -388,6 +460,71 @@ def _wfa_fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, cmat_
 
 
 @triton.jit
+def _wfa_fwd_oneshot_kernel(q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, out_ptr, cmat_ptr, smat_ptr, rows_ptr, C, H, W,
+                            half_inv_pp, eps, BR: tl.constexpr, BC: tl.constexpr, CB: tl.constexpr,
+                            KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr, PREC: tl.constexpr):
+    """All C (<= CB) channels of a tile in one block: one convolution per channel instead of two
+    (statistics pass + output pass), q and k read once, exact two-pass moments in registers."""
+    n = tl.program_id(1)
+    begin, end, offs, mask, cm, sm, cm3, sm3 = _tile_setup(rows_ptr, cmat_ptr, smat_ptr, H, W, BR, BC, CB, KRON,
+                                                           P, WC)
+    if (n >= begin) & (n < end):
+        HW = H * W
+        ch, cmask, boffs, bmask = _block(n.to(tl.int64) * C * HW, HW, offs, mask, 0, C, CB)
+        y = _conv_block(q_ptr, k_ptr, boffs, bmask, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON)
+        yh, _ = _normalise(y, cmask, C, eps)
+        wc = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+        bc = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+        o = (yh * wc + bc) * _load_f32(v_ptr, boffs, bmask)
+        tl.store(out_ptr + boffs, o.to(out_ptr.dtype.element_ty), mask=bmask)
+
+
+@triton.jit
+def _normalise(y, cmask, C, eps):
+    """LayerNorm over the channel axis (0) of a block holding every channel (masked ones excluded):
+    (yh, rstd), yh zero on masked channels; biased variance, two-pass (exact) moments."""
+    mean = tl.sum(tl.where(cmask[:, None, None], y, 0.0), axis=0) / C
+    d = tl.where(cmask[:, None, None], y - mean[None, :, :], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+    return d * rstd[None, :, :], rstd
+
+
+@triton.jit
+def _wfa_bwd_oneshot_kernel(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, gq_ptr, gk_ptr, gv_ptr, part_ptr, cmat_ptr,
+                            smat_ptr, rows_ptr, C, H, W, num_tiles, half_inv_pp, eps, BR: tl.constexpr,
+                            BC: tl.constexpr, CB: tl.constexpr, KRON: tl.constexpr, P: tl.constexpr,
+                            WC: tl.constexpr, PREC: tl.constexpr):
+    """Backward with all C (<= CB) channels of a tile in one block: one pass instead of three (the
+    spectrum of q + ik is computed once and kept), q, k, v, g read once."""
+    n = tl.program_id(1)
+    begin, end, offs, mask, cm, sm, cm3, sm3 = _tile_setup(rows_ptr, cmat_ptr, smat_ptr, H, W, BR, BC, CB, KRON,
+                                                           P, WC)
+    if (n >= begin) & (n < end):
+        HW = H * W
+        ch, cmask, boffs, bmask = _block(n.to(tl.int64) * C * HW, HW, offs, mask, 0, C, CB)
+        zr, zi = _spectrum(_load_f32(q_ptr, boffs, bmask), _load_f32(k_ptr, boffs, bmask), cm, sm, cm3, sm3,
+                           PREC, KRON)
+        yh, rstd = _normalise(_conv_from_spectrum(zr, zi, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON), cmask, C, eps)
+        g = _load_f32(g_ptr, boffs, bmask)
+        wc = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+        bc = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+        tl.store(gv_ptr + boffs, (g * (yh * wc + bc)).to(gv_ptr.dtype.element_ty), mask=bmask)
+        gz = g * _load_f32(v_ptr, boffs, bmask)
+        part_base = (n.to(tl.int64) * num_tiles + tl.program_id(0)) * 2 * C
+        tl.store(part_ptr + part_base + ch, tl.sum(tl.sum(gz * yh, axis=2), axis=1), mask=cmask)
+        tl.store(part_ptr + part_base + C + ch, tl.sum(tl.sum(gz, axis=2), axis=1), mask=cmask)
+        gyh = gz * wc
+        m1 = tl.sum(gyh, axis=0) / C
+        m2 = tl.sum(gyh * yh, axis=0) / C
+        gy = tl.where(bmask, rstd[None, :, :] * (gyh - m1[None, :, :] - yh * m2[None, :, :]), 0.0)
+        gr, gi = _fwd(gy, cm, sm, cm3, sm3, PREC, KRON)
+        # r[a] = sum_i gy[i] (q + ik)[i - a] = grad_k + i grad_q = F (Z conj(G)) F / p^2
+        rr, ri = _fwd_c(zr * gr + zi * gi, zi * gr - zr * gi, cm, sm, cm3, sm3, PREC, KRON)
+        tl.store(gq_ptr + boffs, (ri * (2.0 * half_inv_pp)).to(gq_ptr.dtype.element_ty), mask=bmask)
+        tl.store(gk_ptr + boffs, (rr * (2.0 * half_inv_pp)).to(gk_ptr.dtype.element_ty), mask=bmask)
+
+
+@triton.jit
 def _bwd_sums(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, part_ptr, part_base, row_base, HW, offs, mask, c0, c1, C,
               mean, rstd, cm, sm, cm3, sm3, half_inv_pp, CB: tl.constexpr, PREC: tl.constexpr, KRON: tl.constexpr):
     """Backward pass 2 over channels [c0, c1): per-pixel sums of gyh = g v w and gyh * yh, and the
@@ -477,10 +614,6 @@ def _wfa_bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, gq_ptr, gk_ptr, gv
 # Launch wrappers
 # ----------------------------------------------------------------------------------------------
 
-def _precision(dtype: torch.dtype) -> str:
-    return FP32_PRECISION if dtype == torch.float32 else "tf32"
-
-
 def _check_rows_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
                      rows: torch.Tensor, *outs: torch.Tensor) -> None:
     if window_size not in WINDOW_SIZES:
@@ -536,11 +669,19 @@ def window_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win
         return
     p = window_size
     tiles = n_tiles(p, H, W)
-    S, CS = _split(N, C, tiles, q.device, channel_block(p, C))
+    prec = precision(q.dtype, C)
+    S, CS = _split(N, C, tiles, q.device, channel_block(p, C, prec))
     cm, sm = dft_matrices(p, q.device)
     w, b = norm_weight.contiguous(), norm_bias.contiguous()
+    cb1 = one_shot_channels(p, C, False, prec) if S == 1 else 0
+    if cb1:
+        lay = layout(p)
+        _wfa_fwd_oneshot_kernel[(tiles, N)](q, k, v, w, b, out, cm, sm, rows, C, H, W, 0.5 / (p * p), float(eps),
+                                            BR=lay.br, BC=lay.bc, CB=cb1, KRON=lay.kron, P=p, WC=lay.wc,
+                                            PREC=prec, num_warps=ONE_SHOT_WARPS)
+        return
     stats = _stats_workspace(N, S, tiles, p, q.device)
-    meta = dict(**_constexprs(p, q.dtype, C), num_warps=_num_warps(p))
+    meta = dict(**_constexprs(p, prec, C), num_warps=_num_warps(p))
     common = (C, H, W, tiles, CS, S, 0.5 / (p * p))
     if S > 1:
         _wfa_stats_kernel[(tiles, N, S)](q, k, stats, cm, sm, rows, *common, **meta)
@@ -565,12 +706,20 @@ def window_attention_rows_backward(grad: torch.Tensor, q: torch.Tensor, k: torch
     part = torch.zeros((N, tiles, 2, C), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return part[:, :, 0].sum((0, 1)), part[:, :, 1].sum((0, 1))
-    S, CS = _split(N, C, tiles, q.device, channel_block(p, C))
+    prec = precision(q.dtype, C)
+    S, CS = _split(N, C, tiles, q.device, channel_block(p, C, prec))
     cm, sm = dft_matrices(p, q.device)
     w, b = norm_weight.contiguous(), norm_bias.contiguous()
+    cb1 = one_shot_channels(p, C, True, prec) if S == 1 else 0
+    if cb1:
+        lay = layout(p)
+        _wfa_bwd_oneshot_kernel[(tiles, N)](grad, q, k, v, w, b, grad_q, grad_k, grad_v, part, cm, sm, rows, C, H,
+                                            W, tiles, 0.5 / (p * p), float(eps), BR=lay.br, BC=lay.bc, CB=cb1,
+                                            KRON=lay.kron, P=p, WC=lay.wc, PREC=prec, num_warps=ONE_SHOT_WARPS)
+        return part[:, :, 0].sum((0, 1)), part[:, :, 1].sum((0, 1))
     stats = _stats_workspace(N, S, tiles, p, q.device)
     sums = _stats_workspace(N, S, tiles, p, q.device)
-    meta = dict(**_constexprs(p, q.dtype, C), num_warps=_num_warps(p))
+    meta = dict(**_constexprs(p, prec, C), num_warps=_num_warps(p))
     common = (C, H, W, tiles, CS, S, 0.5 / (p * p))
     grid = (tiles, N, S)
     if S > 1:
