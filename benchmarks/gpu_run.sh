@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # One-shot GPU session: build the CUDA extension and the standalone harnesses, run the whole test
 # suite on the GPU, then the benchmarks; everything lands in $OUT (default ./gpu_out).
-#   bash benchmarks/gpu_run.sh [build] [test] [bench] [bench-quick] [harness]
+#   bash benchmarks/gpu_run.sh [build] [test] [bench] [quick] [verify] [harness] [bench-FILE]
 # Uses the machine's own python3/torch/triton (no installs).
+#
+# A lent H200 comes with 15 minutes of device time per session (machine start included), one
+# command at most 10 minutes: `verify` is the phase sized for that, about 8 minutes in all:
+#   bash benchmarks/gpu_run.sh verify      (run with timeout_s=590)
+# It builds the extension, runs the tests only a GPU can run (real Triton and CUDA compilation,
+# tensor-core precision, CUDA graphs, large shapes; the CPU suite already checks every kernel's
+# logic in the Triton interpreter and the CUDA emulation), then times the headline cases.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -23,7 +30,7 @@ PY
 
 build() {
   log build extension
-  MOCE_CUDA_ARCHS=90 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  MOCE_CUDA_ARCHS=90 MAX_JOBS=16 timeout ${BUILD_TIMEOUT:-600} python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
   local rc=$?
   tail -5 "$OUT/build.log"; grep -E "error|warning: .*spill" "$OUT/build.log" | head -40
   python3 -c "import moce_kernels, torch; print('backends:', moce_kernels.available_backends())"
@@ -60,6 +67,24 @@ bench_quick() {  # the headline cases of every suite, within a few minutes
   bench bench_routing.py "overhead and bfloat16 and cuda" 150  # 24 cases; the Triton expert stage JITs per shape
 }
 
+gpu_tests() {  # the GPU-only checks, bounded: build must have run
+  log gpu tests
+  MOCE_FAIL_LOG="$OUT/failures.log" timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -n ${JOBS:-12} \
+    -p no:cacheprovider -m gpu -k "${TEST_K:-not inductor_whole_model}" \
+    tests/test_window_attention_backends.py tests/test_expert_conv_backends.py tests/test_experts_backends.py \
+    tests/test_routing_backends.py tests/test_compile_graph.py tests/test_model_backends.py > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -30
+}
+
+verify() {  # ~8 min: build (<= 180 s), GPU tests (<= 170 s), headline benchmarks (<= 3 x 50 s)
+  BUILD_TIMEOUT=180 build || { echo "build failed"; return 1; }
+  gpu_tests
+  bench bench_window_attention.py "forward and B8 and (C6_512x512 or C48_128x128 or C24_512x512 or C192_128x128) and not compile" 50
+  bench bench_expert_conv.py "bfloat16 and not compile and ((B8_128x128 and (qkv or gdfn or xkv)) or (C96_128x128 and not forward_backward))" 60
+  bench bench_model.py "MoCE_IR- and 256px and b1" 50
+  python3 benchmarks/summarize.py "$OUT" | tee "$OUT/summary.md"
+}
+
 env_report 2>&1 | tee "$OUT/env.txt"
 for phase in $PHASES; do
   case $phase in
@@ -68,6 +93,7 @@ for phase in $PHASES; do
     test) tests ;;
     bench) for b in bench_window_attention.py bench_expert_conv.py bench_routing.py bench_model.py; do bench $b; done ;;
     quick) bench_quick ;;
+    verify) verify ;;
     bench-*) bench "${phase#bench-}" ;;
   esac
 done
