@@ -1,5 +1,6 @@
 // The few CUDA runtime calls the kernels' host code makes, for the CPU emulation (emu/device.h):
 // launch errors, memset, the dynamic shared memory opt-in. Everything runs synchronously.
+#include <cstdlib>
 #include <cstring>
 
 #include "emu/device.h"
@@ -39,6 +40,22 @@ cudaError_t CUDARTAPI cudaFuncSetAttribute(const void* func, enum cudaFuncAttrib
     emu::smem_optin().emplace_back(func, static_cast<size_t>(value));
   }
   return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+// A small emulated GPU (MOCE_EMU_SMS multiprocessors, default 2), so that launch heuristics that
+// adapt to the SM count take their small-grid branches on test-sized inputs too.
+cudaError_t CUDARTAPI cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
+  if (attr == cudaDevAttrMultiProcessorCount) {
+    const char* s = std::getenv("MOCE_EMU_SMS");
+    *value = s != nullptr ? std::atoi(s) : 2;
+    return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t CUDARTAPI cudaDeviceSynchronize(void) { return cudaSuccess; }

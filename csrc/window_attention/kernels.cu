@@ -1,10 +1,19 @@
-// Window FFT attention CUDA kernels. One thread block owns one batch row n and one TILE x TILE
-// pixel tile (TILE = max(p, 16), so the tile holds whole p x p windows); one thread per pixel.
-// Per channel the block computes every window's 2-D DFT separably through shared memory
-// (row stage, then column stage; each thread O(p) complex MACs per stage, twiddles in shared
-// memory), multiplies spectra, and inverts. Each thread keeps its own pixel's values in registers,
-// so the LayerNorm statistics over channels are per-thread sums; the convolution is recomputed
-// per channel pass instead of being stored (2 passes forward, 3 backward).
+// Window FFT attention CUDA kernels, version 2: exact fp32 FFTs in registers, a window per lane group.
+//
+// A warp owns 32 / p windows of one image, a lane one row of one window. For each channel the lane
+// loads its row of z = q + i k, and the window's 2-D DFT is two p-point radix-2 FFTs in registers
+// (rows, then columns after a transpose through the warp's shared memory); Im(IDFT(Z^2)) / 2 is
+// q (*) k (the same trick the Triton kernels use: one complex transform for two real inputs). Every
+// transform is fp32 on CUDA cores (about 10 log2(p) flops per pixel and channel against 224-448 MACs
+// for DFT-by-matmul), so the results have the reference's fp32 accuracy for every dtype.
+//
+// The LayerNorm couples the channels of a pixel: the channels are walked twice (forward: statistics,
+// then output) or three times (backward: statistics; channel means of g v w and g v w yh, weight/bias
+// partials; gradients), recomputing the convolution. Per-pixel statistics live in shared memory
+// (a lane owns p pixels). When windows alone cannot fill the GPU, S warps of a block split one
+// window group's channels and combine their statistics through shared memory (Chan's formula).
+// Barriers: __syncwarp inside the transforms, __syncthreads only around the statistics exchange,
+// reached by every warp of a block (none returns early).
 #include "window_attention/kernels.h"
 
 #include <cuda_bf16.h>
@@ -32,301 +41,394 @@ __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// Shared-memory workspace of one block.
-template <int TILE>
-struct Smem {
-  float xs[2][TILE * TILE];   // real inputs of the forward transforms
-  float2 ta[2][TILE * TILE];  // row-stage outputs
-  float2 pp[2][TILE * TILE];  // spectra fed to the inverse transforms
-  float2 tw[32];              // (cos, sin)(2 pi m / p)
-  float red[2][TILE * TILE / 32];
+// cos / sin (2 pi m / 32), m < 16: the twiddles of every radix-2 stage of a p <= 32 FFT.
+__constant__ float kCos32[16] = {1.0f,           9.807852804e-01f, 9.238795325e-01f, 8.314696123e-01f,
+                                 7.071067812e-01f, 5.555702330e-01f, 3.826834324e-01f, 1.950903220e-01f,
+                                 0.0f,           -1.950903220e-01f, -3.826834324e-01f, -5.555702330e-01f,
+                                 -7.071067812e-01f, -8.314696123e-01f, -9.238795325e-01f, -9.807852804e-01f};
+__constant__ float kSin32[16] = {0.0f,           1.950903220e-01f, 3.826834324e-01f, 5.555702330e-01f,
+                                 7.071067812e-01f, 8.314696123e-01f, 9.238795325e-01f, 9.807852804e-01f,
+                                 1.0f,           9.807852804e-01f, 9.238795325e-01f, 8.314696123e-01f,
+                                 7.071067812e-01f, 5.555702330e-01f, 3.826834324e-01f, 1.950903220e-01f};
+
+__host__ __device__ constexpr int ilog2(int p) { return p <= 1 ? 0 : 1 + ilog2(p / 2); }
+__host__ __device__ constexpr int bitrev(int x, int bits) {
+  int r = 0;
+  for (int i = 0; i < bits; ++i) r = (r << 1) | ((x >> i) & 1);
+  return r;
+}
+
+// Bit-reversal permutation of x, as compile-time swaps (a runtime index would put x in local memory).
+template <int P, int I = 0>
+__device__ __forceinline__ void bit_reverse(float2 (&x)[P]) {
+  if constexpr (I < P) {
+    constexpr int J = bitrev(I, ilog2(P));
+    if constexpr (I < J) {
+      const float2 t = x[I];
+      x[I] = x[J];
+      x[J] = t;
+    }
+    bit_reverse<P, I + 1>(x);
+  }
+}
+
+// One radix-2 stage (butterflies of span LEN) of the FFT below, then the next.
+template <int P, int SIGN, int LEN>
+__device__ __forceinline__ void fft_stages(float2 (&x)[P]) {
+  if constexpr (LEN <= P) {
+#pragma unroll
+    for (int i = 0; i < P; i += LEN) {
+#pragma unroll
+      for (int j = 0; j < LEN / 2; ++j) {
+        const float2 u = x[i + j], v = x[i + j + LEN / 2];
+        float2 t = v;
+        if (j != 0) {
+          const int m = j * (32 / LEN);
+          const float c = kCos32[m], s = SIGN * kSin32[m];
+          t = make_float2(v.x * c - v.y * s, v.x * s + v.y * c);
+        }
+        x[i + j] = make_float2(u.x + t.x, u.y + t.y);
+        x[i + j + LEN / 2] = make_float2(u.x - t.x, u.y - t.y);
+      }
+    }
+    fft_stages<P, SIGN, LEN * 2>(x);
+  }
+}
+
+// In place, unnormalised P-point DFT with kernel exp(SIGN * 2 pi i j f / P): radix-2 decimation in
+// time, every index and twiddle a compile-time constant (the stages are templates, not a loop, so
+// that the inner loops unroll and x stays in registers).
+template <int P, int SIGN>
+__device__ __forceinline__ void fft(float2 (&x)[P]) {
+  bit_reverse<P>(x);
+  fft_stages<P, SIGN, 2>(x);
+}
+
+// Warps per block: 8, except 4 at p = 32 (shared memory: transposes + per-pixel statistics).
+template <int P>
+struct Cfg {
+  static constexpr int G = 32 / P;          // windows per warp
+  static constexpr int WARPS = P == 32 ? 4 : 8;
+  static constexpr int THREADS = 32 * WARPS;
+  static constexpr int LDT = P + 1;          // row stride of a warp's transpose buffer (float2)
+  static constexpr int TBUF = 32 * LDT;      // float2 per warp
+  static constexpr int NSTAT = 4;            // per-pixel fields: mean, rstd, m1, m2 (forward: 2 used)
 };
 
-// Position of this thread's pixel inside the tile and inside its window.
-template <int TILE>
-struct Pos {
-  int tid, i, j;  // tile row/col
-  int h0, u;      // window start row, row inside window
-  int w0, f;      // window start col, col inside window
-  __device__ Pos(int p) {
-    tid = threadIdx.x;
-    i = tid / TILE;
-    j = tid % TILE;
-    u = i % p;
-    h0 = i - u;
-    f = j % p;
-    w0 = j - f;
-  }
+// Dynamic shared memory of a block: per warp a transpose buffer (float2) and NSTAT x P x 32 floats.
+template <int P>
+constexpr size_t smem_bytes() {
+  using C = Cfg<P>;
+  return (size_t)C::WARPS * (C::TBUF * sizeof(float2) + C::NSTAT * P * 32 * sizeof(float));
+}
+
+// What one lane works on: row r of window gw of window group `group` of image n, pixels
+// (hy, hx0 + j), j < P; channels [c0, c1) of its split.
+template <int P>
+struct Lane {
+  int lane, warp, r, gw, split, S;
+  int64_t group;
+  bool active;        // the window exists (group in range)
+  bool row_valid;     // hy < H
+  int hy, hx0;
+  int64_t row_off;    // offset of pixel (hy, hx0) inside an (H, W) plane
+  int c0, c1;
+  float2* tbuf;       // this warp's transpose buffer
+  float* stat;        // this warp's statistics: [NSTAT][P][32]
+
+  __device__ __forceinline__ float& st(int field, int j) { return stat[(field * P + j) * 32 + lane]; }
+  __device__ __forceinline__ bool valid(int j, int W) const { return row_valid && hx0 + j < W; }
 };
 
-__device__ __forceinline__ float2 cmul(float2 a, float2 b) {
-  return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x);
-}
-__device__ __forceinline__ float2 cmul_conj(float2 a, float2 b) {  // a * conj(b)
-  return make_float2(a.x * b.x + a.y * b.y, a.y * b.x - a.x * b.y);
+template <int P>
+__device__ __forceinline__ Lane<P> make_lane(const Shape& s, int S, float* smem) {
+  using C = Cfg<P>;
+  Lane<P> L;
+  L.lane = threadIdx.x % 32;
+  L.warp = threadIdx.x / 32;
+  L.S = S;
+  L.split = L.warp % S;
+  L.group = (int64_t)blockIdx.x * (C::WARPS / S) + L.warp / S;
+  L.gw = L.lane / P;
+  L.r = L.lane % P;
+  const int64_t nwx = (s.W + P - 1) / P, nwy = (s.H + P - 1) / P;
+  const int64_t win = L.group * C::G + L.gw;
+  L.active = win < nwx * nwy;
+  const int64_t wy = L.active ? win / nwx : 0, wx = L.active ? win % nwx : 0;
+  L.hy = (int)(wy * P + L.r);
+  L.hx0 = (int)(wx * P);
+  L.row_valid = L.active && L.hy < s.H;
+  L.row_off = (int64_t)L.hy * s.W + L.hx0;
+  const int cs = (int)((s.C + S - 1) / S);
+  L.c0 = min((int)s.C, L.split * cs);
+  L.c1 = min((int)s.C, L.c0 + cs);
+  float2* tb = reinterpret_cast<float2*>(smem);
+  L.tbuf = tb + L.warp * C::TBUF;
+  L.stat = reinterpret_cast<float*>(tb + C::WARPS * C::TBUF) + L.warp * C::NSTAT * P * 32;
+  return L;
 }
 
-// Row stage, real input, forward (e^{-i}): sum_b x[i, w0+b] w^{f b}.
-template <int TILE>
-__device__ __forceinline__ float2 row_fwd_real(const float* x, const float2* tw, const Pos<TILE>& ps, int p) {
-  float re = 0.f, im = 0.f;
-  const float* row = x + ps.i * TILE + ps.w0;
-  for (int b = 0, m = 0; b < p; ++b, m += ps.f) {
-    float2 t = tw[m % p];
-    re += row[b] * t.x;
-    im -= row[b] * t.y;
+// Row <-> column exchange inside each window of the warp: before, lane (gw, r) holds x[f] = X[r][f];
+// after, x[u] = X[u][r].
+template <int P>
+__device__ __forceinline__ void transpose(const Lane<P>& L, float2 (&x)[P]) {
+  constexpr int LDT = Cfg<P>::LDT;
+  float2* base = L.tbuf + L.gw * P * LDT;
+#pragma unroll
+  for (int f = 0; f < P; ++f) base[L.r * LDT + f] = x[f];
+  __syncwarp();
+#pragma unroll
+  for (int u = 0; u < P; ++u) x[u] = base[u * LDT + L.r];
+  __syncwarp();
+}
+
+// Inverse of transpose (the same exchange read the other way).
+template <int P>
+__device__ __forceinline__ void untranspose(const Lane<P>& L, float2 (&x)[P]) {
+  constexpr int LDT = Cfg<P>::LDT;
+  float2* base = L.tbuf + L.gw * P * LDT;
+#pragma unroll
+  for (int u = 0; u < P; ++u) base[u * LDT + L.r] = x[u];
+  __syncwarp();
+#pragma unroll
+  for (int f = 0; f < P; ++f) x[f] = base[L.r * LDT + f];
+  __syncwarp();
+}
+
+// Spectrum of z = q + i k (zero outside the image) for channel plane `off`: lane (gw, r) ends with
+// column r of the window's 2-D DFT, Z[a][r], a < P.
+template <typename T, int P>
+__device__ __forceinline__ void spectrum(const Lane<P>& L, const Shape& s, const T* q, const T* k, int64_t off,
+                                         float2 (&z)[P]) {
+#pragma unroll
+  for (int j = 0; j < P; ++j) {
+    const bool v = L.valid(j, (int)s.W);
+    z[j] = v ? make_float2(to_f(q[off + L.row_off + j]), to_f(k[off + L.row_off + j])) : make_float2(0.f, 0.f);
   }
-  return make_float2(re, im);
+  fft<P, -1>(z);
+  transpose<P>(L, z);
+  fft<P, -1>(z);
 }
 
-// Row stage, complex input: sum_b X[i, w0+b] (cos + sign i sin)(2 pi f b / p).
-template <int TILE>
-__device__ __forceinline__ float2 row_cplx(const float2* x, const float2* tw, const Pos<TILE>& ps, int p, float sign) {
-  float re = 0.f, im = 0.f;
-  const float2* row = x + ps.i * TILE + ps.w0;
-  for (int b = 0, m = 0; b < p; ++b, m += ps.f) {
-    float2 t = tw[m % p];
-    float s = sign * t.y;
-    re += row[b].x * t.x - row[b].y * s;
-    im += row[b].y * t.x + row[b].x * s;
+// Lane's row of q (*) k = Im(IDFT(Z^2)) / 2 from the spectrum Z (column layout; Z is consumed).
+template <int P>
+__device__ __forceinline__ void conv_from_spectrum(const Lane<P>& L, float2 (&z)[P], float (&y)[P]) {
+#pragma unroll
+  for (int a = 0; a < P; ++a) z[a] = make_float2(z[a].x * z[a].x - z[a].y * z[a].y, 2.f * z[a].x * z[a].y);
+  fft<P, 1>(z);
+  untranspose<P>(L, z);
+  fft<P, 1>(z);
+  constexpr float scale = 0.5f / (P * P);
+#pragma unroll
+  for (int j = 0; j < P; ++j) y[j] = z[j].y * scale;
+}
+
+template <typename T, int P>
+__device__ __forceinline__ void conv_row(const Lane<P>& L, const Shape& s, const T* q, const T* k, int64_t off,
+                                         float (&y)[P]) {
+  float2 z[P];
+  spectrum<T, P>(L, s, q, k, off, z);
+  conv_from_spectrum<P>(L, z, y);
+}
+
+// Per-pixel mean and rstd over all C channels into the lane's statistics (fields 0, 1). Each warp
+// takes Welford moments over its channel split; the S splits of a window group are combined (Chan).
+template <typename T, int P>
+__device__ void ln_stats(Lane<P>& L, const Shape& s, const T* q, const T* k, int64_t plane0, int64_t HW) {
+  float mean[P], m2[P];
+#pragma unroll
+  for (int j = 0; j < P; ++j) mean[j] = m2[j] = 0.f;
+  int cnt = 0;
+  for (int c = L.c0; c < L.c1; ++c) {
+    float y[P];
+    conv_row<T, P>(L, s, q, k, plane0 + (int64_t)c * HW, y);
+    ++cnt;
+    const float inv = 1.f / cnt;
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      const float d = y[j] - mean[j];
+      mean[j] += d * inv;
+      m2[j] += d * (y[j] - mean[j]);
+    }
   }
-  return make_float2(re, im);
-}
-
-// Column stage, complex input: sum_a X[h0+a, j] (cos + sign i sin)(2 pi u a / p).
-template <int TILE>
-__device__ __forceinline__ float2 col_cplx(const float2* x, const float2* tw, const Pos<TILE>& ps, int p, float sign) {
-  float re = 0.f, im = 0.f;
-  const float2* col = x + ps.h0 * TILE + ps.j;
-  for (int a = 0, m = 0; a < p; ++a, m += ps.u) {
-    float2 t = tw[m % p];
-    float2 xv = col[a * TILE];
-    float s = sign * t.y;
-    re += xv.x * t.x - xv.y * s;
-    im += xv.y * t.x + xv.x * s;
+  // publish the split's moments (the transpose buffers are free here), then combine the splits
+#pragma unroll
+  for (int j = 0; j < P; ++j) {
+    L.st(0, j) = mean[j];
+    L.st(1, j) = m2[j];
   }
-  return make_float2(re, im);
-}
-
-// Column stage of the inverse, real part only (sign +).
-template <int TILE>
-__device__ __forceinline__ float col_inv_real(const float2* x, const float2* tw, const Pos<TILE>& ps, int p) {
-  float re = 0.f;
-  const float2* col = x + ps.h0 * TILE + ps.j;
-  for (int a = 0, m = 0; a < p; ++a, m += ps.u) {
-    float2 t = tw[m % p];
-    float2 xv = col[a * TILE];
-    re += xv.x * t.x - xv.y * t.y;
-  }
-  return re;
-}
-
-// Spectra of the q and k values already in sm.xs[0], sm.xs[1] (caller synchronised after the
-// store). Returns this thread's (Q^, K^); leaves sm.ta written. Ends without a barrier.
-template <int TILE>
-__device__ __forceinline__ void spectra(Smem<TILE>& sm, const Pos<TILE>& ps, int p, float2& qh, float2& kh) {
-  sm.ta[0][ps.tid] = row_fwd_real<TILE>(sm.xs[0], sm.tw, ps, p);
-  sm.ta[1][ps.tid] = row_fwd_real<TILE>(sm.xs[1], sm.tw, ps, p);
   __syncthreads();
-  qh = col_cplx<TILE>(sm.ta[0], sm.tw, ps, p, -1.f);
-  kh = col_cplx<TILE>(sm.ta[1], sm.tw, ps, p, -1.f);
-}
-
-// Inverse transform of this thread's spectrum value `pv` (already scaled by 1/p^2) through
-// buffer `slot`. Starts with a barrier (other threads may still read sm.ta), ends without one.
-template <int TILE>
-__device__ __forceinline__ float inverse(Smem<TILE>& sm, const Pos<TILE>& ps, int p, float2 pv, int slot) {
-  sm.pp[slot][ps.tid] = pv;
-  __syncthreads();
-  sm.ta[slot][ps.tid] = row_cplx<TILE>(sm.pp[slot], sm.tw, ps, p, 1.f);
-  __syncthreads();
-  return col_inv_real<TILE>(sm.ta[slot], sm.tw, ps, p);
-}
-
-// Loads q and k of channel c into shared memory (0 outside the image), then a barrier.
-template <typename T, int TILE>
-__device__ __forceinline__ void load_qk(Smem<TILE>& sm, const T* q, const T* k, int64_t off, bool valid, int tid) {
-  sm.xs[0][tid] = valid ? to_f(q[off]) : 0.f;
-  sm.xs[1][tid] = valid ? to_f(k[off]) : 0.f;
-  __syncthreads();
-}
-
-// Circular convolution value at this thread's pixel for channel offset `off`.
-template <typename T, int TILE>
-__device__ __forceinline__ float conv_at(Smem<TILE>& sm, const Pos<TILE>& ps, int p, float inv_pp, const T* q,
-                                         const T* k, int64_t off, bool valid) {
-  load_qk<T, TILE>(sm, q, k, off, valid, ps.tid);
-  float2 qh, kh;
-  spectra<TILE>(sm, ps, p, qh, kh);
-  float2 pv = cmul(qh, kh);
-  return inverse<TILE>(sm, ps, p, make_float2(pv.x * inv_pp, pv.y * inv_pp), 0);
-}
-
-struct Tile {
-  int64_t n;
-  int64_t pix;  // offset of the pixel inside one (H, W) plane
-  bool valid;
-};
-
-template <int TILE>
-__device__ __forceinline__ bool setup(Smem<TILE>& sm, const Shape& s, const int64_t* rows, const Pos<TILE>& ps,
-                                      Tile& t) {
-  t.n = blockIdx.y;
-  if (rows != nullptr && (t.n < rows[0] || t.n >= rows[1])) return false;
-  const int64_t n_tw = (s.W + TILE - 1) / TILE;
-  const int64_t r = (blockIdx.x / n_tw) * TILE + ps.i;
-  const int64_t c = (blockIdx.x % n_tw) * TILE + ps.j;
-  t.valid = r < s.H && c < s.W;
-  t.pix = r * s.W + c;
-  if (ps.tid < s.p) {
-    double sv, cv;
-    sincospi(2.0 * ps.tid / s.p, &sv, &cv);
-    sm.tw[ps.tid] = make_float2(static_cast<float>(cv), static_cast<float>(sv));
+  const float* grp = L.stat - (int64_t)L.split * Cfg<P>::NSTAT * P * 32;  // split 0 of this window group
+  const int cs = (int)((s.C + L.S - 1) / L.S);
+#pragma unroll
+  for (int j = 0; j < P; ++j) mean[j] = m2[j] = 0.f;
+  float na = 0.f;
+  for (int sp = 0; sp < L.S; ++sp) {  // splits outside, pixels inside: the arrays stay in registers
+    const float nb = (float)max(0, min((int)s.C, (sp + 1) * cs) - min((int)s.C, sp * cs));
+    if (nb == 0.f) continue;
+    const float* o = grp + (int64_t)sp * Cfg<P>::NSTAT * P * 32;
+    const float nab = na + nb, fa = nb / nab, fb = na * nb / nab;
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      const float delta = o[j * 32 + L.lane] - mean[j];
+      mean[j] += delta * fa;
+      m2[j] += o[(P + j) * 32 + L.lane] + delta * delta * fb;
+    }
+    na = nab;
   }
-  // the barrier inside the first load_qk publishes the twiddles
-  return true;
-}
-
-// Per-pixel LayerNorm statistics over channels (one-pass sums shifted by channel 0's value).
-template <typename T, int TILE>
-__device__ __forceinline__ void stats(Smem<TILE>& sm, const Pos<TILE>& ps, const Shape& s, float inv_pp, const T* q,
-                                      const T* k, const Tile& t, float& mean, float& rstd) {
-  const int64_t HW = s.H * s.W;
-  const int64_t base = t.n * s.C * HW + t.pix;
-  const float shift = conv_at<T, TILE>(sm, ps, s.p, inv_pp, q, k, base, t.valid);
-  float s1 = 0.f, s2 = 0.f;
-  for (int64_t c = 1; c < s.C; ++c) {
-    const float d = conv_at<T, TILE>(sm, ps, s.p, inv_pp, q, k, base + c * HW, t.valid) - shift;
-    s1 += d;
-    s2 += d * d;
+#pragma unroll
+  for (int j = 0; j < P; ++j) m2[j] = rsqrtf(fmaxf(m2[j] / (float)s.C, 0.f) + s.eps);  // now the rstd
+  __syncthreads();  // every split has read the others' moments
+#pragma unroll
+  for (int j = 0; j < P; ++j) {
+    L.st(0, j) = mean[j];
+    L.st(1, j) = m2[j];
   }
-  const float m = s1 / s.C;
-  mean = shift + m;
-  rstd = rsqrtf(fmaxf(s2 / s.C - m * m, 0.f) + s.eps);
 }
 
-template <typename T, int TILE>
-__global__ void __launch_bounds__(TILE* TILE) fwd_kernel(FwdArgs a) {
-  __shared__ Smem<TILE> sm;
+template <typename T, int P>
+__global__ void __launch_bounds__(Cfg<P>::THREADS) fwd_kernel(FwdArgs a, int S) {
+  extern __shared__ __align__(16) float smem[];
   const Shape s = a.s;
-  const Pos<TILE> ps(s.p);
-  Tile t;
-  if (!setup<TILE>(sm, s, a.rows, ps, t)) return;
+  const int64_t n = blockIdx.y;
+  if (a.rows != nullptr && (n < a.rows[0] || n >= a.rows[1])) return;  // uniform over the block
+  Lane<P> L = make_lane<P>(s, S, smem);
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
   T* out = static_cast<T*>(a.out);
-  const float inv_pp = 1.f / (s.p * s.p);
-  float mean, rstd;
-  stats<T, TILE>(sm, ps, s, inv_pp, q, k, t, mean, rstd);
-  const int64_t HW = s.H * s.W;
-  const int64_t base = t.n * s.C * HW + t.pix;
-  for (int64_t c = 0; c < s.C; ++c) {
-    const int64_t off = base + c * HW;
-    const float y = conv_at<T, TILE>(sm, ps, s.p, inv_pp, q, k, off, t.valid);
-    if (t.valid) {
-      const float z = (y - mean) * rstd * a.weight[c] + a.bias[c];
-      out[off] = from_f<T>(z * to_f(v[off]));
-    }
+  const int64_t HW = s.H * s.W, plane0 = n * s.C * HW;
+  ln_stats<T, P>(L, s, q, k, plane0, HW);
+  for (int c = L.c0; c < L.c1; ++c) {
+    const int64_t off = plane0 + (int64_t)c * HW + L.row_off;
+    float y[P];
+    conv_row<T, P>(L, s, q, k, plane0 + (int64_t)c * HW, y);
+    const float wc = a.weight[c], bc = a.bias[c];
+#pragma unroll
+    for (int j = 0; j < P; ++j)
+      if (L.valid(j, (int)s.W))
+        out[off + j] = from_f<T>(((y[j] - L.st(0, j)) * L.st(1, j) * wc + bc) * to_f(v[off + j]));
   }
 }
 
-// Block sum of x0, x1 (all threads call); thread 0 gets the totals. Contains barriers.
-template <int TILE>
-__device__ __forceinline__ void block_sum2(Smem<TILE>& sm, int tid, float& x0, float& x1) {
-  for (int o = 16; o > 0; o >>= 1) {
-    x0 += __shfl_down_sync(0xffffffffu, x0, o);
-    x1 += __shfl_down_sync(0xffffffffu, x1, o);
-  }
-  if ((tid & 31) == 0) {
-    sm.red[0][tid >> 5] = x0;
-    sm.red[1][tid >> 5] = x1;
-  }
-  __syncthreads();
-  if (tid < 32) {
-    constexpr int kWarps = TILE * TILE / 32;
-    x0 = tid < kWarps ? sm.red[0][tid] : 0.f;
-    x1 = tid < kWarps ? sm.red[1][tid] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) {
-      x0 += __shfl_down_sync(0xffffffffu, x0, o);
-      x1 += __shfl_down_sync(0xffffffffu, x1, o);
-    }
-  }
-  __syncthreads();
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
 }
 
-template <typename T, int TILE>
-__global__ void __launch_bounds__(TILE* TILE) bwd_kernel(BwdArgs a) {
-  __shared__ Smem<TILE> sm;
+template <typename T, int P>
+__global__ void __launch_bounds__(Cfg<P>::THREADS) bwd_kernel(BwdArgs a, int S, int64_t n_groups) {
+  extern __shared__ __align__(16) float smem[];
   const Shape s = a.s;
-  const Pos<TILE> ps(s.p);
-  Tile t;
-  if (!setup<TILE>(sm, s, a.rows, ps, t)) return;
+  const int64_t n = blockIdx.y;
+  if (a.rows != nullptr && (n < a.rows[0] || n >= a.rows[1])) return;  // uniform over the block
+  Lane<P> L = make_lane<P>(s, S, smem);
   const T* g = static_cast<const T*>(a.grad);
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
-  const float inv_pp = 1.f / (s.p * s.p);
-  const int64_t HW = s.H * s.W;
-  const int64_t base = t.n * s.C * HW + t.pix;
-  const int64_t n_tiles = gridDim.x;
-  float* part = a.workspace + (t.n * n_tiles + blockIdx.x) * 2 * s.C;  // [2][C]
-  float mean, rstd;
-  stats<T, TILE>(sm, ps, s, inv_pp, q, k, t, mean, rstd);
-  // pass 2: channel means of gyh = g v w and gyh * yh; per-tile weight/bias partials
-  float m1 = 0.f, m2 = 0.f;
-  for (int64_t c = 0; c < s.C; ++c) {
-    const int64_t off = base + c * HW;
-    const float yh = (conv_at<T, TILE>(sm, ps, s.p, inv_pp, q, k, off, t.valid) - mean) * rstd;
-    const float gz = t.valid ? to_f(g[off]) * to_f(v[off]) : 0.f;
-    m1 += gz * a.weight[c];
-    m2 += gz * a.weight[c] * yh;
-    float sw = gz * yh, sb = gz;
-    block_sum2<TILE>(sm, ps.tid, sw, sb);
-    if (ps.tid == 0) {
+  const int64_t HW = s.H * s.W, plane0 = n * s.C * HW;
+  const int W = (int)s.W;
+  ln_stats<T, P>(L, s, q, k, plane0, HW);
+
+  // pass 2: per pixel, sums over channels of gyh = g v w and gyh * yh; per (window group, channel)
+  // weight/bias partials sum(g v yh), sum(g v)
+  float* part = a.workspace + (n * n_groups + L.group) * 2 * s.C;  // [2][C]
+  float s1[P], s2[P];
+#pragma unroll
+  for (int j = 0; j < P; ++j) s1[j] = s2[j] = 0.f;
+  for (int c = L.c0; c < L.c1; ++c) {
+    const int64_t off = plane0 + (int64_t)c * HW + L.row_off;
+    float y[P];
+    conv_row<T, P>(L, s, q, k, plane0 + (int64_t)c * HW, y);
+    const float wc = a.weight[c];
+    float sw = 0.f, sb = 0.f;
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      if (!L.valid(j, W)) continue;
+      const float yh = (y[j] - L.st(0, j)) * L.st(1, j);
+      const float gz = to_f(g[off + j]) * to_f(v[off + j]);
+      s1[j] += gz * wc;
+      s2[j] += gz * wc * yh;
+      sw += gz * yh;
+      sb += gz;
+    }
+    sw = warp_sum(sw);
+    sb = warp_sum(sb);
+    if (L.lane == 0 && L.active) {
       part[c] = sw;
       part[s.C + c] = sb;
     }
   }
-  m1 /= s.C;
-  m2 /= s.C;
-  // pass 3: gradients
+  // combine the splits' channel sums into means m1, m2 (fields 2, 3)
+#pragma unroll
+  for (int j = 0; j < P; ++j) {
+    L.st(2, j) = s1[j];
+    L.st(3, j) = s2[j];
+  }
+  __syncthreads();
+  const float* grp = L.stat - (int64_t)L.split * Cfg<P>::NSTAT * P * 32;
+#pragma unroll
+  for (int j = 0; j < P; ++j) s1[j] = s2[j] = 0.f;
+  for (int sp = 0; sp < S; ++sp) {
+    const float* o = grp + (int64_t)sp * Cfg<P>::NSTAT * P * 32;
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      s1[j] += o[(2 * P + j) * 32 + L.lane];
+      s2[j] += o[(3 * P + j) * 32 + L.lane];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < P; ++j) {
+    s1[j] /= (float)s.C;
+    s2[j] /= (float)s.C;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < P; ++j) {
+    L.st(2, j) = s1[j];
+    L.st(3, j) = s2[j];
+  }
+
+  // pass 3: gradients. gy = rstd (g v w - m1 - yh m2); grad_k + i grad_q = F (Z conj(DFT gy)) F / p^2
   T* gq = static_cast<T*>(a.grad_q);
   T* gk = static_cast<T*>(a.grad_k);
   T* gv = static_cast<T*>(a.grad_v);
-  for (int64_t c = 0; c < s.C; ++c) {
-    const int64_t off = base + c * HW;
-    load_qk<T, TILE>(sm, q, k, off, t.valid, ps.tid);
-    float2 qh, kh;
-    spectra<TILE>(sm, ps, s.p, qh, kh);
-    const float2 pv = cmul(qh, kh);
-    const float y = inverse<TILE>(sm, ps, s.p, make_float2(pv.x * inv_pp, pv.y * inv_pp), 0);
-    const float yh = (y - mean) * rstd;
-    float gy = 0.f;
-    if (t.valid) {
-      const float gval = to_f(g[off]);
-      const float wc = a.weight[c];
-      gv[off] = from_f<T>(gval * (yh * wc + a.bias[c]));
-      gy = rstd * (gval * to_f(v[off]) * wc - m1 - yh * m2);
+  for (int c = L.c0; c < L.c1; ++c) {
+    const int64_t plane = plane0 + (int64_t)c * HW, off = plane + L.row_off;
+    const float wc = a.weight[c], bc = a.bias[c];
+    float y[P];
+    conv_row<T, P>(L, s, q, k, plane, y);
+    float2 x[P];
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      float gy = 0.f;
+      if (L.valid(j, W)) {
+        const float yh = (y[j] - L.st(0, j)) * L.st(1, j);
+        const float gval = to_f(g[off + j]);
+        gv[off + j] = from_f<T>(gval * (yh * wc + bc));
+        gy = L.st(1, j) * (gval * to_f(v[off + j]) * wc - L.st(2, j) - yh * L.st(3, j));
+      }
+      x[j] = make_float2(gy, 0.f);
     }
-    sm.xs[0][ps.tid] = gy;  // xs last read before two barriers
-    __syncthreads();
-    sm.ta[0][ps.tid] = row_fwd_real<TILE>(sm.xs[0], sm.tw, ps, s.p);
-    __syncthreads();
-    const float2 gh = col_cplx<TILE>(sm.ta[0], sm.tw, ps, s.p, -1.f);
-    const float2 pq = cmul_conj(gh, kh), pk = cmul_conj(gh, qh);
-    sm.pp[0][ps.tid] = make_float2(pq.x * inv_pp, pq.y * inv_pp);
-    sm.pp[1][ps.tid] = make_float2(pk.x * inv_pp, pk.y * inv_pp);
-    __syncthreads();
-    sm.ta[0][ps.tid] = row_cplx<TILE>(sm.pp[0], sm.tw, ps, s.p, 1.f);
-    sm.ta[1][ps.tid] = row_cplx<TILE>(sm.pp[1], sm.tw, ps, s.p, 1.f);
-    __syncthreads();
-    const float dq = col_inv_real<TILE>(sm.ta[0], sm.tw, ps, s.p);
-    const float dk = col_inv_real<TILE>(sm.ta[1], sm.tw, ps, s.p);
-    if (t.valid) {
-      gq[off] = from_f<T>(dq);
-      gk[off] = from_f<T>(dk);
-    }
+    fft<P, -1>(x);
+    transpose<P>(L, x);
+    fft<P, -1>(x);  // DFT(gy), column layout
+    float2 z[P];
+    spectrum<T, P>(L, s, q, k, plane, z);  // recomputed rather than kept live through the pass
+#pragma unroll
+    for (int u = 0; u < P; ++u)  // Z conj(G)
+      x[u] = make_float2(z[u].x * x[u].x + z[u].y * x[u].y, z[u].y * x[u].x - z[u].x * x[u].y);
+    fft<P, -1>(x);
+    untranspose<P>(L, x);
+    fft<P, -1>(x);
+    constexpr float scale = 1.f / (P * P);
+#pragma unroll
+    for (int j = 0; j < P; ++j)
+      if (L.valid(j, W)) {
+        gk[off + j] = from_f<T>(x[j].x * scale);
+        gq[off + j] = from_f<T>(x[j].y * scale);
+      }
   }
 }
 
@@ -350,55 +452,98 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
-int64_t n_tiles(const Shape& s) {
-  const int t = tile_size(s.p);
-  return ((s.H + t - 1) / t) * ((s.W + t - 1) / t);
+// Window groups (32 / p windows each) of one image.
+int64_t n_groups(const Shape& s) {
+  const int64_t nw = ((s.H + s.p - 1) / s.p) * ((s.W + s.p - 1) / s.p);
+  const int64_t G = 32 / s.p;
+  return (nw + G - 1) / G;
 }
 
-template <typename T, int TILE>
+int sm_count() {
+  static int sms = 0;
+  if (sms == 0) {
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
+                                                  cudaSuccess || sms <= 0)
+      sms = 132;
+    cudaGetLastError();  // clear a failed query
+  }
+  return sms;
+}
+
+// Channel splits per window group: 1 when the window groups of the batch give >= 4 warps per SM,
+// else up to the block's warps (and at most C), a power of two.
+int channel_splits(const Shape& s, int warps) {
+  const int64_t groups = n_groups(s) * s.N;
+  int S = 1;
+  while (S < warps && S < s.C && groups * S < 4LL * sm_count()) S *= 2;
+  return S;
+}
+
+template <int P>
+dim3 grid_of(const Shape& s, int S) {
+  const int64_t per_block = Cfg<P>::WARPS / S;
+  return dim3(static_cast<unsigned>((n_groups(s) + per_block - 1) / per_block), static_cast<unsigned>(s.N));
+}
+
+template <typename T, int P>
 cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream) {
-  dim3 grid(static_cast<unsigned>(n_tiles(a.s)), static_cast<unsigned>(a.s.N));
-  fwd_kernel<T, TILE><<<grid, TILE * TILE, 0, stream>>>(a);
+  const int S = channel_splits(a.s, Cfg<P>::WARPS);
+  const size_t smem = smem_bytes<P>();
+  cudaError_t err = cudaFuncSetAttribute(fwd_kernel<T, P>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  fwd_kernel<T, P><<<grid_of<P>(a.s, S), Cfg<P>::THREADS, smem, stream>>>(a, S);
   return cudaGetLastError();
 }
 
-template <typename T, int TILE>
+template <typename T, int P>
 cudaError_t launch_bwd(const BwdArgs& a, cudaStream_t stream) {
-  const int64_t tiles = n_tiles(a.s);
-  const int64_t ws = backward_workspace_floats(a.s);
-  cudaError_t err = cudaMemsetAsync(a.workspace, 0, ws * sizeof(float), stream);
+  const int S = channel_splits(a.s, Cfg<P>::WARPS);
+  const size_t smem = smem_bytes<P>();
+  cudaError_t err = cudaMemsetAsync(a.workspace, 0, backward_workspace_floats(a.s) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
-  dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(a.s.N));
-  bwd_kernel<T, TILE><<<grid, TILE * TILE, 0, stream>>>(a);
+  err = cudaFuncSetAttribute(bwd_kernel<T, P>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  bwd_kernel<T, P><<<grid_of<P>(a.s, S), Cfg<P>::THREADS, smem, stream>>>(a, S, n_groups(a.s));
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   reduce_partials_kernel<<<static_cast<unsigned>(2 * a.s.C), kReduceThreads, 0, stream>>>(
-      a.workspace, a.s.N * tiles, a.s.C, a.grad_weight, a.grad_bias);
+      a.workspace, a.s.N * n_groups(a.s), a.s.C, a.grad_weight, a.grad_bias);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t dispatch_fwd(const FwdArgs& a, cudaStream_t stream) {
-  return tile_size(a.s.p) == 32 ? launch_fwd<T, 32>(a, stream) : launch_fwd<T, 16>(a, stream);
+  switch (a.s.p) {
+    case 4: return launch_fwd<T, 4>(a, stream);
+    case 8: return launch_fwd<T, 8>(a, stream);
+    case 16: return launch_fwd<T, 16>(a, stream);
+    default: return launch_fwd<T, 32>(a, stream);
+  }
 }
 
 template <typename T>
 cudaError_t dispatch_bwd(const BwdArgs& a, cudaStream_t stream) {
-  return tile_size(a.s.p) == 32 ? launch_bwd<T, 32>(a, stream) : launch_bwd<T, 16>(a, stream);
+  switch (a.s.p) {
+    case 4: return launch_bwd<T, 4>(a, stream);
+    case 8: return launch_bwd<T, 8>(a, stream);
+    case 16: return launch_bwd<T, 16>(a, stream);
+    default: return launch_bwd<T, 32>(a, stream);
+  }
 }
 
 }  // namespace
 
-int tile_size(int p) { return p > 16 ? p : 16; }
+int tile_size(int p) { return p; }
 
-int64_t backward_workspace_floats(const Shape& s) { return s.N * n_tiles(s) * 2 * s.C; }
+int64_t backward_workspace_floats(const Shape& s) { return s.N * n_groups(s) * 2 * s.C; }
 
 const char* check_shape(const Shape& s) {
   if (s.p != 4 && s.p != 8 && s.p != 16 && s.p != 32) return "window_size must be one of 4, 8, 16, 32";
   if (s.N < 1 || s.C < 1 || s.H < 1 || s.W < 1) return "N, C, H and W must all be >= 1";
   if (s.N > 65535) return "batch size N must be <= 65535 (grid y dimension)";
-  if (n_tiles(s) > 0x7fffffffLL) return "image too large for the grid";
-  if (2 * s.C > 0x7fffffffLL) return "too many channels";
+  if (n_groups(s) > 0x7fffffffLL || s.H > 0x7fffffffLL || s.W > 0x7fffffffLL) return "image too large for the grid";
+  if (s.C > 0x3fffffffLL) return "too many channels";
   return nullptr;
 }
 
