@@ -348,6 +348,25 @@ def _load_f32(ptr, offs, mask):
 
 
 @triton.jit
+def _channel_param(ptr, ch, cmask):
+    """Per-channel parameter (C,) as a (CB, 1, 1) fp32 block (0 on masked channels)."""
+    return tl.load(ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+
+
+@triton.jit
+def _oneshot_setup(rows_ptr, cmat_ptr, smat_ptr, C, H, W, BR: tl.constexpr, BC: tl.constexpr, CB: tl.constexpr,
+                   KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr):
+    """A one-shot program's tile: (active, channels, channel mask, element offsets and mask of the
+    (CB, BR, BC) block holding every channel, DFT matrices)."""
+    n = tl.program_id(1)
+    begin, end, offs, mask, cm, sm, cm3, sm3 = _tile_setup(rows_ptr, cmat_ptr, smat_ptr, H, W, BR, BC, CB, KRON,
+                                                           P, WC)
+    HW = H * W
+    ch, cmask, boffs, bmask = _block(n.to(tl.int64) * C * HW, HW, offs, mask, 0, C, CB)
+    return (n >= begin) & (n < end), ch, cmask, boffs, bmask, cm, sm, cm3, sm3
+
+
+@triton.jit
 def _conv_block(q_ptr, k_ptr, boffs, bmask, cm, sm, cm3, sm3, half_inv_pp, PREC: tl.constexpr, KRON: tl.constexpr):
     return _conv(_load_f32(q_ptr, boffs, bmask), _load_f32(k_ptr, boffs, bmask), cm, sm, cm3, sm3, half_inv_pp,
                  PREC, KRON)
@@ -453,8 +472,8 @@ def _wfa_fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, cmat_
         for c in range(c0, c1, CB):
             ch, cmask, boffs, bmask = _block(row_base, HW, offs, mask, c, c1, CB)
             y = _conv_block(q_ptr, k_ptr, boffs, bmask, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON)
-            wc = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
-            bc = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+            wc = _channel_param(w_ptr, ch, cmask)
+            bc = _channel_param(b_ptr, ch, cmask)
             o = ((y - mean[None, :, :]) * rstd[None, :, :] * wc + bc) * _load_f32(v_ptr, boffs, bmask)
             tl.store(out_ptr + boffs, o.to(out_ptr.dtype.element_ty), mask=bmask)
 
@@ -465,16 +484,13 @@ def _wfa_fwd_oneshot_kernel(q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, out_ptr, cmat_ptr
                             KRON: tl.constexpr, P: tl.constexpr, WC: tl.constexpr, PREC: tl.constexpr):
     """All C (<= CB) channels of a tile in one block: one convolution per channel instead of two
     (statistics pass + output pass), q and k read once, exact two-pass moments in registers."""
-    n = tl.program_id(1)
-    begin, end, offs, mask, cm, sm, cm3, sm3 = _tile_setup(rows_ptr, cmat_ptr, smat_ptr, H, W, BR, BC, CB, KRON,
-                                                           P, WC)
-    if (n >= begin) & (n < end):
-        HW = H * W
-        ch, cmask, boffs, bmask = _block(n.to(tl.int64) * C * HW, HW, offs, mask, 0, C, CB)
+    active, ch, cmask, boffs, bmask, cm, sm, cm3, sm3 = _oneshot_setup(rows_ptr, cmat_ptr, smat_ptr, C, H, W, BR, BC,
+                                                                       CB, KRON, P, WC)
+    if active:
         y = _conv_block(q_ptr, k_ptr, boffs, bmask, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON)
         yh, _ = _normalise(y, cmask, C, eps)
-        wc = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
-        bc = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+        wc = _channel_param(w_ptr, ch, cmask)
+        bc = _channel_param(b_ptr, ch, cmask)
         o = (yh * wc + bc) * _load_f32(v_ptr, boffs, bmask)
         tl.store(out_ptr + boffs, o.to(out_ptr.dtype.element_ty), mask=bmask)
 
@@ -496,21 +512,18 @@ def _wfa_bwd_oneshot_kernel(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, gq_ptr, gk
                             WC: tl.constexpr, PREC: tl.constexpr):
     """Backward with all C (<= CB) channels of a tile in one block: one pass instead of three (the
     spectrum of q + ik is computed once and kept), q, k, v, g read once."""
-    n = tl.program_id(1)
-    begin, end, offs, mask, cm, sm, cm3, sm3 = _tile_setup(rows_ptr, cmat_ptr, smat_ptr, H, W, BR, BC, CB, KRON,
-                                                           P, WC)
-    if (n >= begin) & (n < end):
-        HW = H * W
-        ch, cmask, boffs, bmask = _block(n.to(tl.int64) * C * HW, HW, offs, mask, 0, C, CB)
+    active, ch, cmask, boffs, bmask, cm, sm, cm3, sm3 = _oneshot_setup(rows_ptr, cmat_ptr, smat_ptr, C, H, W, BR, BC,
+                                                                       CB, KRON, P, WC)
+    if active:
         zr, zi = _spectrum(_load_f32(q_ptr, boffs, bmask), _load_f32(k_ptr, boffs, bmask), cm, sm, cm3, sm3,
                            PREC, KRON)
         yh, rstd = _normalise(_conv_from_spectrum(zr, zi, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON), cmask, C, eps)
         g = _load_f32(g_ptr, boffs, bmask)
-        wc = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
-        bc = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+        wc = _channel_param(w_ptr, ch, cmask)
+        bc = _channel_param(b_ptr, ch, cmask)
         tl.store(gv_ptr + boffs, (g * (yh * wc + bc)).to(gv_ptr.dtype.element_ty), mask=bmask)
         gz = g * _load_f32(v_ptr, boffs, bmask)
-        part_base = (n.to(tl.int64) * num_tiles + tl.program_id(0)) * 2 * C
+        part_base = (tl.program_id(1).to(tl.int64) * num_tiles + tl.program_id(0)) * 2 * C
         tl.store(part_ptr + part_base + ch, tl.sum(tl.sum(gz * yh, axis=2), axis=1), mask=cmask)
         tl.store(part_ptr + part_base + C + ch, tl.sum(tl.sum(gz, axis=2), axis=1), mask=cmask)
         gyh = gz * wc
@@ -536,7 +549,7 @@ def _bwd_sums(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, part_ptr, part_base, row_base, 
         yh = (_conv_block(q_ptr, k_ptr, boffs, bmask, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON)
               - mean[None, :, :]) * rstd[None, :, :]
         gz = _load_f32(g_ptr, boffs, bmask) * _load_f32(v_ptr, boffs, bmask)
-        wc = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+        wc = _channel_param(w_ptr, ch, cmask)
         s1 += tl.sum(gz * wc, axis=0)
         s2 += tl.sum(gz * wc * yh, axis=0)
         tl.store(part_ptr + part_base + ch, tl.sum(tl.sum(gz * yh, axis=2), axis=1), mask=cmask)
@@ -596,8 +609,8 @@ def _wfa_bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, w_ptr, b_ptr, gq_ptr, gk_ptr, gv
             q = _load_f32(q_ptr, boffs, bmask)
             k = _load_f32(k_ptr, boffs, bmask)
             g = _load_f32(g_ptr, boffs, bmask)
-            wc = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
-            bc = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+            wc = _channel_param(w_ptr, ch, cmask)
+            bc = _channel_param(b_ptr, ch, cmask)
             zr, zi = _spectrum(q, k, cm, sm, cm3, sm3, PREC, KRON)
             yh = (_conv_from_spectrum(zr, zi, cm, sm, cm3, sm3, half_inv_pp, PREC, KRON) - mean3) * rstd3
             tl.store(gv_ptr + boffs, (g * (yh * wc + bc)).to(gv_ptr.dtype.element_ty), mask=bmask)
