@@ -1,14 +1,8 @@
-// CUDA kernels of the expert_conv family (see kernels.h for the layouts and meta columns), except the
-// fused pw->dw forward (pwdw_forward.cu).
-//
-// Fused pw->dw backward core: one block per (row, 8x32 output tile, block of 16 channels). The block
-// recomputes the 1x1 result over the tile plus its (k-1)/2 halo for its channels into shared memory
-// (zero outside the image: the depthwise conv pads the 1x1 *output*), then each thread takes one
-// output pixel of every channel of the block. The grouped 1x1 / epilogue kernels use one
-// 32 (channels) x 64 (pixels) register-blocked tile per block with shared-memory staging (tile_mm).
+// CUDA kernels of the expert_conv family (see kernels.h for the layouts and meta columns) other than
+// the fused pw->dw ones (pwdw_forward.cu, pwdw_backward.cu, pwdw_tile.cuh): the grouped 1x1, the
+// grouped weight gradient, the expert epilogue and the gather-sum. The 1x1 / epilogue kernels use
+// one 32 (channels) x 64 (pixels) register-blocked tile per block with shared-memory staging (tile_mm).
 #include "expert_conv/kernels.h"
-
-#include <mma.h>
 
 #include <type_traits>
 
@@ -19,183 +13,7 @@ namespace expert_conv {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTH = 8, kTW = 32;  // fused pw->dw output tile (kTH * kTW == kThreads)
-constexpr int kBC = 16;           // channels per block (8 + 8 for the gated modes)
 constexpr int kMmC = 32, kMmP = 64, kMmK = 32;  // tile_mm: output channels x pixels, reduction chunk
-
-// ------------------------------------------------------------------ fused pw -> dw
-template <int K>
-struct Halo {
-  static constexpr int HWD = kTW + K - 1, N = (kTH + K - 1) * HWD;
-  static constexpr int LD = (N + 15) / 16 * 16;  // row stride of the halo tile in smem (16-pixel MMA tiles)
-};
-
-// 1x1 over the tile + halo for NB*BC channels (channel q: block channel q % BC of half q / BC) into
-// smem[q * LD + j], zero outside the image. Scalar fp32 path (used for float).
-template <typename T, int K, int NB, int BC>
-__device__ void halo_pw_scalar(const T* __restrict__ src, int64_t src_off, const T* __restrict__ w, int64_t w_off,
-                        const T* __restrict__ pb, int64_t pb_off, int cin, int c0, int nch, int ty0, int tx0, int H,
-                        int W, float* smem) {
-  constexpr int P = K / 2, HWD = kTW + K - 1, HALO = Halo<K>::N, LD = Halo<K>::LD;
-  const int64_t HW = (int64_t)H * W;
-  for (int j = threadIdx.x; j < HALO; j += kThreads) {
-    const int iy = ty0 - P + j / HWD, ix = tx0 - P + j % HWD;
-    const bool valid = iy >= 0 && iy < H && ix >= 0 && ix < W;
-    float acc[NB * BC];
-#pragma unroll
-    for (int q = 0; q < NB * BC; ++q) acc[q] = 0.f;
-    if (valid) {
-      const int64_t pix = (int64_t)iy * W + ix;
-      for (int ci = 0; ci < cin; ++ci) {
-        const float xv = to_f(src[src_off + ci * HW + pix]);
-#pragma unroll
-        for (int q = 0; q < NB * BC; ++q) {
-          const int c = c0 + q % BC;
-          if (c < nch) acc[q] += to_f(w[w_off + (int64_t)(c + (q / BC) * nch) * cin + ci]) * xv;
-        }
-      }
-      if (pb != nullptr) {
-#pragma unroll
-        for (int q = 0; q < NB * BC; ++q) {
-          const int c = c0 + q % BC;
-          if (c < nch) acc[q] += to_f(pb[pb_off + c + (q / BC) * nch]);
-        }
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < NB * BC; ++q) smem[q * LD + j] = acc[q];
-  }
-}
-
-// Tensor-core path for half / bfloat16 (wmma 16x16x16, fp32 accumulation): the block's 16 weight rows
-// times the halo's input pixels, 16 input channels at a time staged in smem (aliasing the output tile,
-// which is written only after the last MMA). Same result layout as halo_pw_scalar.
-template <typename T, int K, int NB, int BC>
-__device__ void halo_pw_mma(const T* __restrict__ src, int64_t src_off, const T* __restrict__ w, int64_t w_off,
-                            const T* __restrict__ pb, int64_t pb_off, int cin, int c0, int nch, int ty0, int tx0,
-                            int H, int W, float* smem) {
-  using namespace nvcuda;
-  static_assert(NB * BC == 16, "one 16-row MMA tile of output channels");
-  constexpr int P = K / 2, HWD = kTW + K - 1, HALO = Halo<K>::N, LD = Halo<K>::LD, NT = LD / 16;
-  constexpr int WARPS = kThreads / 32, PER_WARP = (NT + WARPS - 1) / WARPS;
-  const int64_t HW = (int64_t)H * W;
-  T* sx = reinterpret_cast<T*>(smem);           // [16][LD]
-  T* sw = reinterpret_cast<T*>(smem + 8 * LD);  // [16][16]
-  const int warp = threadIdx.x / 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[PER_WARP];
-#pragma unroll
-  for (int t = 0; t < PER_WARP; ++t) wmma::fill_fragment(acc[t], 0.f);
-  for (int k0 = 0; k0 < cin; k0 += 16) {
-    __syncthreads();  // previous chunk consumed
-    {
-      const int q = threadIdx.x / 16, kk = threadIdx.x % 16, c = c0 + q % BC, k = k0 + kk;
-      sw[q * 16 + kk] = (c < nch && k < cin) ? w[w_off + (int64_t)(c + (q / BC) * nch) * cin + k] : from_f<T>(0.f);
-    }
-    for (int i = threadIdx.x; i < 16 * LD; i += kThreads) {
-      const int kk = i / LD, j = i % LD, k = k0 + kk;
-      const int iy = ty0 - P + j / HWD, ix = tx0 - P + j % HWD;
-      const bool valid = j < HALO && k < cin && iy >= 0 && iy < H && ix >= 0 && ix < W;
-      sx[i] = valid ? src[src_off + (int64_t)k * HW + (int64_t)iy * W + ix] : from_f<T>(0.f);
-    }
-    __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-    wmma::load_matrix_sync(a, sw, 16);
-#pragma unroll
-    for (int t = 0; t < PER_WARP; ++t) {
-      const int tile = warp + t * WARPS;
-      if (tile < NT) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(b, sx + tile * 16, LD);
-        wmma::mma_sync(acc[t], a, b, acc[t]);
-      }
-    }
-  }
-  __syncthreads();  // all warps done with sx / sw before the output tile overwrites them
-#pragma unroll
-  for (int t = 0; t < PER_WARP; ++t) {
-    const int tile = warp + t * WARPS;
-    if (tile < NT) wmma::store_matrix_sync(smem + tile * 16, acc[t], LD, wmma::mem_row_major);
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < 16 * LD; i += kThreads) {
-    const int q = i / LD, j = i % LD, c = c0 + q % BC;
-    const int iy = ty0 - P + j / HWD, ix = tx0 - P + j % HWD;
-    const bool valid = j < HALO && iy >= 0 && iy < H && ix >= 0 && ix < W;
-    float v = smem[i];
-    if (pb != nullptr && c < nch) v += to_f(pb[pb_off + c + (q / BC) * nch]);
-    smem[i] = valid ? v : 0.f;
-  }
-}
-
-template <typename T, int K, int NB, int BC>
-__device__ __forceinline__ void halo_pw(const T* src, int64_t src_off, const T* w, int64_t w_off, const T* pb,
-                                        int64_t pb_off, int cin, int c0, int nch, int ty0, int tx0, int H, int W,
-                                        float* smem) {
-  if constexpr (std::is_same<T, float>::value) {
-    halo_pw_scalar<T, K, NB, BC>(src, src_off, w, w_off, pb, pb_off, cin, c0, nch, ty0, tx0, H, W, smem);
-  } else {
-    halo_pw_mma<T, K, NB, BC>(src, src_off, w, w_off, pb, pb_off, cin, c0, nch, ty0, tx0, H, W, smem);
-  }
-}
-
-template <typename T, int K>
-__global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int n_tw, int n_tiles, int n_cblk) {
-  constexpr int BC = kBC, P = K / 2, HWD = kTW + K - 1, LD = Halo<K>::LD;
-  extern __shared__ __align__(128) float smem[];
-  const int64_t bid = blockIdx.x;
-  const int cb = (int)(bid % n_cblk);
-  const int64_t rest = bid / n_cblk;
-  const int tile = (int)(rest % n_tiles);
-  const int64_t n = rest / n_tiles;
-  if (n >= p.N) return;
-  const int64_t* m = p.meta + 16 * expert_of(p.offsets, n, p.E);
-  const int cin = (int)m[0], cout = (int)m[1], c0 = cb * BC;
-  if (c0 >= cout) return;
-  const int64_t srow = p.perm != nullptr ? p.perm[n] / p.kslots : n;
-  const int ty0 = (tile / n_tw) * kTH, tx0 = (tile % n_tw) * kTW;
-  float* red = smem + BC * LD;                    // [8 warps][K*K + 1]: per-warp partials of grad dw, grad db
-  float* sdw = red + (kThreads / 32) * (K * K + 1);  // [BC][K*K] depthwise weights of the block's channels
-  for (int i = threadIdx.x; i < BC * K * K; i += kThreads) {
-    const int c = c0 + i / (K * K);
-    sdw[i] = c < cout ? to_f(static_cast<const T*>(p.dw)[m[3] + (int64_t)c * K * K + i % (K * K)]) : 0.f;
-  }
-  halo_pw<T, K, 1, BC>(static_cast<const T*>(p.src), m[6] + srow * m[7], static_cast<const T*>(p.w), m[2],
-                       static_cast<const T*>(p.pb), m[4], cin, c0, cout, ty0, tx0, p.H, p.W, smem);
-  __syncthreads();
-  // every thread stays to the end (warp reductions); pixels outside the image contribute zero
-  const int oy = threadIdx.x / kTW, ox = threadIdx.x % kTW, py = ty0 + oy, px = tx0 + ox;
-  const bool inside = py < p.H && px < p.W;
-  const int64_t HW = (int64_t)p.H * p.W;
-  const T* go = static_cast<const T*>(p.go);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int q = 0; q < BC; ++q) {
-    const int c = c0 + q;
-    if (c >= cout) break;  // uniform over the block
-    const int64_t ob = m[8] + (c / m[9]) * m[10] + n * m[11] + (c % m[9]) * HW;
-    const float g0 = inside ? to_f(go[ob + (int64_t)py * p.W + px]) : 0.f;
-    const float sg = warp_sum(g0);
-    if (lane == 0) red[warp * (K * K + 1) + K * K] = sg;
-    float gy = 0.f;
-#pragma unroll 7
-    for (int t = 0; t < K * K; ++t) {
-      const int dy = t / K, dx = t % K;
-      const float s = warp_sum(g0 * smem[q * LD + (oy + dy) * HWD + ox + dx]);
-      if (lane == 0) red[warp * (K * K + 1) + t] = s;
-      const int sy = py - dy + P, sx = px - dx + P;
-      if (inside && sy >= 0 && sy < p.H && sx >= 0 && sx < p.W)
-        gy += sdw[q * K * K + t] * to_f(go[ob + (int64_t)sy * p.W + sx]);
-    }
-    if (inside) static_cast<T*>(p.gy)[m[12] + n * m[13] + (int64_t)c * HW + (int64_t)py * p.W + px] = from_f<T>(gy);
-    __syncthreads();
-    if (threadIdx.x <= K * K) {
-      float s = 0.f;
-      for (int w8 = 0; w8 < kThreads / 32; ++w8) s += red[w8 * (K * K + 1) + threadIdx.x];
-      if (threadIdx.x < K * K) atomicAdd(p.gdw + m[3] + (int64_t)c * K * K + threadIdx.x, s);
-      else if (p.gdb != nullptr) atomicAdd(p.gdb + m[5] + c, s);
-    }
-    __syncthreads();
-  }
-}
 
 // ------------------------------------------------------------------ register-blocked 32 x 64 tile
 // acc[i] += sum_k W[(c0 + ty*8 + i)*so + k*si] * X(k, tx) for rows < cout, k < cin. X(k, pp) by loadx.
@@ -416,29 +234,7 @@ __global__ void gather_sum_kernel(const float* __restrict__ src, const int64_t* 
   out[b * L + l] = from_f<T>(acc);
 }
 
-template <typename T, int K>
-cudaError_t launch_pwdw_bwd_t(const PwdwBwdParams& p, cudaStream_t stream) {
-  constexpr int LD = Halo<K>::LD;
-  const int n_tw = (int)cdiv(p.W, kTW), n_tiles = (int)cdiv(p.H, kTH) * n_tw, n_cblk = (int)cdiv(p.max_cout, kBC);
-  const int64_t blocks = (int64_t)p.N * n_tiles * n_cblk;
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  const size_t smem = sizeof(float) * (kBC * LD + (kThreads / 32) * (K * K + 1) + kBC * K * K);
-  pwdw_bwd_kernel<T, K><<<(unsigned)blocks, kThreads, smem, stream>>>(p, n_tw, n_tiles, n_cblk);
-  return cudaGetLastError();
-}
-
 }  // namespace
-
-cudaError_t launch_pwdw_bwd(DType dt, const PwdwBwdParams& p, cudaStream_t stream) {
-  if (p.K != 3 && p.K != 5 && p.K != 7) return cudaErrorInvalidValue;
-  return with_type(dt, [&](auto tag) -> cudaError_t {
-    using T = decltype(tag);
-    if (p.K == 3) return launch_pwdw_bwd_t<T, 3>(p, stream);
-    if (p.K == 5) return launch_pwdw_bwd_t<T, 5>(p, stream);
-    return launch_pwdw_bwd_t<T, 7>(p, stream);
-  });
-}
 
 cudaError_t launch_gemm(DType dt, const GemmParams& p, cudaStream_t stream) {
   const int n_pt = (int)cdiv(p.HW, kMmP);
