@@ -9,6 +9,6 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
 "$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
 "$PY" -c "import triton" 2>/dev/null || pip_install triton
-pip_install numpy pybind11 ninja pytest pytest-benchmark "setuptools>=64" wheel
+pip_install numpy pybind11 ninja pytest pytest-benchmark pytest-xdist "setuptools>=64" wheel
 pip_install --no-build-isolation -e .
 "$PY" -c "import moce_kernels, torch; print('moce_kernels ready: torch', torch.__version__, '| backends:', moce_kernels.available_backends())"
