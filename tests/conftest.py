@@ -12,6 +12,13 @@ import pytest  # noqa: E402
 
 import moce_kernels  # noqa: E402
 
+# Under pytest-xdist every worker is a process of its own: share the cores out instead of letting each
+# run as many intra-op threads as there are cores (oversubscribed, the 2-core CI spent a fifth of its
+# time in the kernel).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 REFERENCE_DIR = os.environ.get(
     "MOCE_REFERENCE_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference"))
 

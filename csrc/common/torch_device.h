@@ -3,7 +3,7 @@
 // csrc/emulation/include/emu/device.h), so that CI runs the same wrappers and kernels without a GPU.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <cuda_runtime.h>
 
 #ifndef MOCE_CUDA_EMULATION

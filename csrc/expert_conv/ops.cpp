@@ -6,7 +6,9 @@
 
 #include "common/torch_device.h"
 
-#include <torch/torch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <optional>
 
@@ -16,24 +18,24 @@ namespace moce {
 namespace {
 
 using expert_conv::DType;
-using OptT = std::optional<torch::Tensor>;
+using OptT = std::optional<at::Tensor>;
 
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "moce_C expert_conv: ", what, " failed: ", cudaGetErrorString(err));
 }
 
-DType dtype_of(const torch::Tensor& t, const char* name) {
+DType dtype_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
-    case torch::kFloat: return DType::kFloat32;
-    case torch::kHalf: return DType::kFloat16;
-    case torch::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
     default: TORCH_CHECK(false, "expert_conv (cuda): ", name, " must be float32, float16 or bfloat16, got ",
                          t.scalar_type());
   }
   return DType::kFloat32;
 }
 
-void check(const torch::Tensor& t, const char* name, const torch::Tensor& like) {
+void check(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(on_kernel_device(t), "expert_conv (cuda): ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == like.device(), "expert_conv (cuda): ", name, " is on ", t.device(), ", expected ",
               like.device());
@@ -41,35 +43,35 @@ void check(const torch::Tensor& t, const char* name, const torch::Tensor& like) 
 }
 
 // A tensor of the activation dtype T (same as like).
-void check_t(const torch::Tensor& t, const char* name, const torch::Tensor& like) {
+void check_t(const at::Tensor& t, const char* name, const at::Tensor& like) {
   check(t, name, like);
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "expert_conv (cuda): ", name, " has dtype ", t.scalar_type(),
               ", expected ", like.scalar_type());
 }
 
-void check_f32(const torch::Tensor& t, const char* name, const torch::Tensor& like) {
+void check_f32(const at::Tensor& t, const char* name, const at::Tensor& like) {
   check(t, name, like);
-  TORCH_CHECK(t.scalar_type() == torch::kFloat, "expert_conv (cuda): ", name, " must be float32");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "expert_conv (cuda): ", name, " must be float32");
 }
 
-const int64_t* i64(const torch::Tensor& t, const char* name, const torch::Tensor& like) {
+const int64_t* i64(const at::Tensor& t, const char* name, const at::Tensor& like) {
   check(t, name, like);
-  TORCH_CHECK(t.scalar_type() == torch::kLong, "expert_conv (cuda): ", name, " must be int64");
+  TORCH_CHECK(t.scalar_type() == at::kLong, "expert_conv (cuda): ", name, " must be int64");
   return t.data_ptr<int64_t>();
 }
 
-const int64_t* opt_i64(const OptT& t, const char* name, const torch::Tensor& like) {
+const int64_t* opt_i64(const OptT& t, const char* name, const at::Tensor& like) {
   return t.has_value() ? i64(*t, name, like) : nullptr;
 }
 
-const void* opt_t(const OptT& t, const char* name, const torch::Tensor& like) {
+const void* opt_t(const OptT& t, const char* name, const at::Tensor& like) {
   if (!t.has_value()) return nullptr;
   check_t(*t, name, like);
   return t->data_ptr();
 }
 
 // meta: (E, 16) int64; offsets: (E+1,) int64. Returns E.
-int check_meta(const torch::Tensor& meta, const torch::Tensor& offsets, const torch::Tensor& like) {
+int check_meta(const at::Tensor& meta, const at::Tensor& offsets, const at::Tensor& like) {
   i64(meta, "meta", like);
   i64(offsets, "offsets", like);
   TORCH_CHECK(meta.dim() == 2 && meta.size(1) == 16, "expert_conv (cuda): meta must be (E, 16)");
@@ -82,10 +84,10 @@ int to_int(int64_t v, const char* name) {
   return (int)v;
 }
 
-void xc_pwdw(const torch::Tensor& src, const torch::Tensor& w, const torch::Tensor& dw, const OptT& pb,
-             const OptT& db, torch::Tensor& out, const torch::Tensor& offsets, const torch::Tensor& meta,
+void xc_pwdw(const at::Tensor& src, const at::Tensor& w, const at::Tensor& dw, const OptT& pb,
+             const OptT& db, at::Tensor& out, const at::Tensor& offsets, const at::Tensor& meta,
              const OptT& perm, int64_t kslots, int64_t N, int64_t H, int64_t W, int64_t K, int64_t max_nch,
-             int64_t mode, const OptT& g, torch::Tensor& gofull) {
+             int64_t mode, const OptT& g, at::Tensor& gofull) {
   const DeviceGuard guard(src.device());
   const DType dt = dtype_of(src, "src");
   check_t(w, "w", src);
@@ -118,9 +120,9 @@ void xc_pwdw(const torch::Tensor& src, const torch::Tensor& w, const torch::Tens
   check_cuda(expert_conv::launch_pwdw(dt, p, current_stream(src.device())), "fused pw->dw");
 }
 
-void xc_pwdw_bwd(const torch::Tensor& src, const torch::Tensor& w, const torch::Tensor& dw, const OptT& pb,
-                 const torch::Tensor& go, torch::Tensor& gy, torch::Tensor& gdw, torch::Tensor& gdb, bool has_db,
-                 const torch::Tensor& offsets, const torch::Tensor& meta, const OptT& perm, int64_t kslots, int64_t N,
+void xc_pwdw_bwd(const at::Tensor& src, const at::Tensor& w, const at::Tensor& dw, const OptT& pb,
+                 const at::Tensor& go, at::Tensor& gy, at::Tensor& gdw, at::Tensor& gdb, bool has_db,
+                 const at::Tensor& offsets, const at::Tensor& meta, const OptT& perm, int64_t kslots, int64_t N,
                  int64_t H, int64_t W, int64_t K, int64_t max_cout) {
   const DeviceGuard guard(src.device());
   const DType dt = dtype_of(src, "src");
@@ -153,14 +155,14 @@ void xc_pwdw_bwd(const torch::Tensor& src, const torch::Tensor& w, const torch::
   check_cuda(expert_conv::launch_pwdw_bwd(dt, p, current_stream(src.device())), "fused pw->dw backward");
 }
 
-void xc_gemm(const torch::Tensor& x, const torch::Tensor& w, const OptT& b, torch::Tensor& y,
-             const torch::Tensor& offsets, const torch::Tensor& meta, const OptT& perm, int64_t kslots, int64_t N,
+void xc_gemm(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::Tensor& y,
+             const at::Tensor& offsets, const at::Tensor& meta, const OptT& perm, int64_t kslots, int64_t N,
              int64_t HW, int64_t max_cout, bool accumulate) {
   const DeviceGuard guard(x.device());
   const DType dt = dtype_of(x, "x");
   check_t(w, "w", x);
   check(y, "y", x);
-  const bool y_f32 = y.scalar_type() == torch::kFloat && x.scalar_type() != torch::kFloat;
+  const bool y_f32 = y.scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
   TORCH_CHECK(y_f32 || y.scalar_type() == x.scalar_type(), "expert_conv (cuda): y must be float32 or x's dtype");
   expert_conv::GemmParams p{};
   p.x = x.data_ptr();
@@ -181,13 +183,13 @@ void xc_gemm(const torch::Tensor& x, const torch::Tensor& w, const OptT& b, torc
   check_cuda(expert_conv::launch_gemm(dt, p, current_stream(x.device())), "grouped 1x1");
 }
 
-void xc_wgrad(const torch::Tensor& g, const torch::Tensor& x, torch::Tensor& o, torch::Tensor& bo, bool has_bias,
-              const torch::Tensor& offsets, const torch::Tensor& meta, const OptT& perm, int64_t kslots, int64_t HW,
+void xc_wgrad(const at::Tensor& g, const at::Tensor& x, at::Tensor& o, at::Tensor& bo, bool has_bias,
+              const at::Tensor& offsets, const at::Tensor& meta, const OptT& perm, int64_t kslots, int64_t HW,
               int64_t max_cout, int64_t max_cin, int64_t n_split) {
   const DeviceGuard guard(x.device());
   const DType dt = dtype_of(x, "x");
   check(g, "g", x);
-  const bool g_f32 = g.scalar_type() == torch::kFloat && x.scalar_type() != torch::kFloat;
+  const bool g_f32 = g.scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
   TORCH_CHECK(g_f32 || g.scalar_type() == x.scalar_type(), "expert_conv (cuda): g must be float32 or x's dtype");
   check_f32(o, "o", x);
   if (has_bias) check_f32(bo, "bo", x);
@@ -211,12 +213,12 @@ void xc_wgrad(const torch::Tensor& g, const torch::Tensor& x, torch::Tensor& o, 
   check_cuda(expert_conv::launch_wgrad(dt, p, current_stream(x.device())), "grouped weight grad");
 }
 
-void xc_final_fwd(const torch::Tensor& xs, const torch::Tensor& shared, const torch::Tensor& attn,
-                  const torch::Tensor& w, torch::Tensor& out, const torch::Tensor& offsets, const torch::Tensor& meta,
-                  const torch::Tensor& perm, int64_t kslots, int64_t N, int64_t C, int64_t HW, bool x_gather) {
+void xc_final_fwd(const at::Tensor& xs, const at::Tensor& shared, const at::Tensor& attn,
+                  const at::Tensor& w, at::Tensor& out, const at::Tensor& offsets, const at::Tensor& meta,
+                  const at::Tensor& perm, int64_t kslots, int64_t N, int64_t C, int64_t HW, bool x_gather) {
   const DeviceGuard guard(xs.device());
   const DType dt = dtype_of(xs, "xs");
-  for (const torch::Tensor* t : {&shared, &attn, &w}) check_t(*t, "expert tensor", xs);
+  for (const at::Tensor* t : {&shared, &attn, &w}) check_t(*t, "expert tensor", xs);
   check_t(out, "out", xs);
   expert_conv::FinalParams p{};
   p.xs = xs.data_ptr();
@@ -237,14 +239,14 @@ void xc_final_fwd(const torch::Tensor& xs, const torch::Tensor& shared, const to
   check_cuda(expert_conv::launch_final_fwd(dt, p, current_stream(xs.device())), "expert epilogue");
 }
 
-void xc_final_bwd(const torch::Tensor& g, const torch::Tensor& shared, const torch::Tensor& attn,
-                  const torch::Tensor& w, torch::Tensor& gt, torch::Tensor& gu, torch::Tensor& h,
-                  const torch::Tensor& offsets, const torch::Tensor& meta, const torch::Tensor& perm, int64_t kslots,
+void xc_final_bwd(const at::Tensor& g, const at::Tensor& shared, const at::Tensor& attn,
+                  const at::Tensor& w, at::Tensor& gt, at::Tensor& gu, at::Tensor& h,
+                  const at::Tensor& offsets, const at::Tensor& meta, const at::Tensor& perm, int64_t kslots,
                   int64_t N, int64_t C, int64_t HW, int64_t max_r) {
   const DeviceGuard guard(shared.device());
   const DType dt = dtype_of(shared, "shared");
   check(g, "g", shared);
-  const bool g_f32 = g.scalar_type() == torch::kFloat && shared.scalar_type() != torch::kFloat;
+  const bool g_f32 = g.scalar_type() == at::kFloat && shared.scalar_type() != at::kFloat;
   TORCH_CHECK(g_f32 || g.scalar_type() == shared.scalar_type(), "expert_conv (cuda): g must be float32 or T");
   check_t(attn, "attn", shared);
   check_t(w, "w", shared);
@@ -273,7 +275,7 @@ void xc_final_bwd(const torch::Tensor& g, const torch::Tensor& shared, const tor
   check_cuda(expert_conv::launch_final_bwd(dt, p, current_stream(shared.device())), "expert epilogue backward");
 }
 
-void xc_gather_sum(const torch::Tensor& src, const torch::Tensor& inv, torch::Tensor& out, int64_t kslots) {
+void xc_gather_sum(const at::Tensor& src, const at::Tensor& inv, at::Tensor& out, int64_t kslots) {
   const DeviceGuard guard(out.device());
   const DType dt = dtype_of(out, "out");
   check(out, "out", out);

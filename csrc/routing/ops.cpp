@@ -5,7 +5,9 @@
 
 #include "common/torch_device.h"
 
-#include <torch/torch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include "routing/kernels.h"
 
@@ -18,34 +20,34 @@ void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "moce_C routing: ", what, " failed: ", cudaGetErrorString(err));
 }
 
-DType big_dtype(const torch::Tensor& t, const char* name) {
+DType big_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
-    case torch::kFloat: return DType::kFloat32;
-    case torch::kHalf: return DType::kFloat16;
-    case torch::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
     default: TORCH_CHECK(false, "moe routing (cuda): ", name, " must be float32, float16 or bfloat16, got ",
                          t.scalar_type());
   }
   return DType::kFloat32;
 }
 
-void check_dev(const torch::Tensor& t, const char* name, const torch::Tensor& like) {
+void check_dev(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(on_kernel_device(t), "moe routing (cuda): ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == like.device(), "moe routing (cuda): ", name, " is on ", t.device(), " but expected ",
               like.device());
   TORCH_CHECK(t.is_contiguous(), "moe routing (cuda): ", name, " must be contiguous");
 }
 
-void check_f32(const torch::Tensor& t, const char* name, const torch::Tensor& like, int64_t numel) {
+void check_f32(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t numel) {
   check_dev(t, name, like);
-  TORCH_CHECK(t.scalar_type() == torch::kFloat, "moe routing (cuda): ", name, " must be float32, got ",
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "moe routing (cuda): ", name, " must be float32, got ",
               t.scalar_type());
   TORCH_CHECK(t.numel() == numel, "moe routing (cuda): ", name, " must have ", numel, " elements, got ", t.numel());
 }
 
-void check_i64(const torch::Tensor& t, const char* name, const torch::Tensor& like, int64_t numel) {
+void check_i64(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t numel) {
   check_dev(t, name, like);
-  TORCH_CHECK(t.scalar_type() == torch::kLong, "moe routing (cuda): ", name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kLong, "moe routing (cuda): ", name, " must be int64, got ", t.scalar_type());
   TORCH_CHECK(t.numel() == numel, "moe routing (cuda): ", name, " must have ", numel, " elements, got ", t.numel());
 }
 
@@ -53,11 +55,11 @@ void check_i64(const torch::Tensor& t, const char* name, const torch::Tensor& li
 // the returned tensors).
 struct RouterSetup {
   routing::RouteParams p;
-  torch::Tensor part, scratch;
+  at::Tensor part, scratch;
 };
 
-RouterSetup setup_router(const torch::Tensor& x, const torch::Tensor& fe, const torch::Tensor& gw,
-                         const torch::Tensor& fw, const torch::Tensor& cplx, const torch::Tensor& noise, int64_t k,
+RouterSetup setup_router(const at::Tensor& x, const at::Tensor& fe, const at::Tensor& gw,
+                         const at::Tensor& fw, const at::Tensor& cplx, const at::Tensor& noise, int64_t k,
                          double noise_std, bool compute_loss, bool use_complexity, cudaStream_t stream) {
   TORCH_CHECK(x.dim() == 4, "moe routing (cuda): x must be (B, C, H, W)");
   check_dev(x, "x", x);
@@ -76,8 +78,8 @@ RouterSetup setup_router(const torch::Tensor& x, const torch::Tensor& fe, const 
   check_f32(noise, "noise", x, B * E);
   RouterSetup s;
   const int split = routing::pool_split(B * C, HW);
-  s.part = torch::empty({B * C, split}, x.options().dtype(torch::kFloat));
-  s.scratch = torch::empty({routing::route_scratch_doubles(B, C, E)}, x.options().dtype(torch::kDouble));
+  s.part = at::empty({B * C, split}, x.options().dtype(at::kFloat));
+  s.scratch = at::empty({routing::route_scratch_doubles(B, C, E)}, x.options().dtype(at::kDouble));
   check_cuda(routing::launch_pool_partial(x.data_ptr(), dt, B * C, HW, split, s.part.data_ptr<float>(), stream),
              "pool_partial launch");
   s.p = routing::RouteParams{s.part.data_ptr<float>(), fe.data_ptr<float>(), gw.data_ptr<float>(),
@@ -88,10 +90,10 @@ RouterSetup setup_router(const torch::Tensor& x, const torch::Tensor& fe, const 
   return s;
 }
 
-void route_forward(const torch::Tensor& x, const torch::Tensor& fe, const torch::Tensor& gw, const torch::Tensor& fw,
-                   const torch::Tensor& cplx, const torch::Tensor& noise, int64_t k, double noise_std,
-                   bool compute_loss, bool use_complexity, torch::Tensor& gates, torch::Tensor& indices,
-                   torch::Tensor& logits, torch::Tensor& loss) {
+void route_forward(const at::Tensor& x, const at::Tensor& fe, const at::Tensor& gw, const at::Tensor& fw,
+                   const at::Tensor& cplx, const at::Tensor& noise, int64_t k, double noise_std,
+                   bool compute_loss, bool use_complexity, at::Tensor& gates, at::Tensor& indices,
+                   at::Tensor& logits, at::Tensor& loss) {
   const DeviceGuard guard(x.device());
   const cudaStream_t stream = current_stream(x.device());
   RouterSetup s = setup_router(x, fe, gw, fw, cplx, noise, k, noise_std, compute_loss, use_complexity, stream);
@@ -105,11 +107,11 @@ void route_forward(const torch::Tensor& x, const torch::Tensor& fe, const torch:
              "route_head launch");
 }
 
-void route_backward(const torch::Tensor& grad_gates, const torch::Tensor& grad_logits, const torch::Tensor& grad_loss,
-                    const torch::Tensor& x, const torch::Tensor& fe, const torch::Tensor& gw, const torch::Tensor& fw,
-                    const torch::Tensor& cplx, const torch::Tensor& noise, int64_t k, double noise_std,
-                    bool compute_loss, bool use_complexity, torch::Tensor& grad_x, torch::Tensor& grad_fe,
-                    torch::Tensor& grad_gw, torch::Tensor& grad_fw) {
+void route_backward(const at::Tensor& grad_gates, const at::Tensor& grad_logits, const at::Tensor& grad_loss,
+                    const at::Tensor& x, const at::Tensor& fe, const at::Tensor& gw, const at::Tensor& fw,
+                    const at::Tensor& cplx, const at::Tensor& noise, int64_t k, double noise_std,
+                    bool compute_loss, bool use_complexity, at::Tensor& grad_x, at::Tensor& grad_fe,
+                    at::Tensor& grad_gw, at::Tensor& grad_fw) {
   const DeviceGuard guard(x.device());
   const cudaStream_t stream = current_stream(x.device());
   RouterSetup s = setup_router(x, fe, gw, fw, cplx, noise, k, noise_std, compute_loss, use_complexity, stream);
@@ -123,7 +125,7 @@ void route_backward(const torch::Tensor& grad_gates, const torch::Tensor& grad_l
   check_dev(grad_x, "grad_x", x);
   TORCH_CHECK(grad_x.sizes() == x.sizes() && grad_x.scalar_type() == x.scalar_type(),
               "moe routing (cuda): grad_x must match x");
-  torch::Tensor gpool = torch::empty({B, C}, x.options().dtype(torch::kFloat));
+  at::Tensor gpool = at::empty({B, C}, x.options().dtype(at::kFloat));
   check_cuda(routing::launch_route_head_backward(s.p, grad_gates.data_ptr<float>(), grad_logits.data_ptr<float>(),
                                                  grad_loss.data_ptr<float>(), grad_fe.data_ptr<float>(),
                                                  grad_gw.data_ptr<float>(), grad_fw.data_ptr<float>(),
@@ -134,8 +136,8 @@ void route_backward(const torch::Tensor& grad_gates, const torch::Tensor& grad_l
              "broadcast_rows launch");
 }
 
-void dispatch(const torch::Tensor& indices, int64_t num_experts, torch::Tensor& counts, torch::Tensor& offsets,
-              torch::Tensor& perm) {
+void dispatch(const at::Tensor& indices, int64_t num_experts, at::Tensor& counts, at::Tensor& offsets,
+              at::Tensor& perm) {
   const DeviceGuard guard(indices.device());
   const cudaStream_t stream = current_stream(indices.device());
   check_i64(indices, "indices", indices, indices.numel());
@@ -150,7 +152,7 @@ void dispatch(const torch::Tensor& indices, int64_t num_experts, torch::Tensor& 
              "dispatch launch");
 }
 
-void check_combine(const torch::Tensor& eo, const torch::Tensor& gates, const torch::Tensor& perm) {
+void check_combine(const at::Tensor& eo, const at::Tensor& gates, const at::Tensor& perm) {
   check_dev(eo, "expert_out", eo);
   TORCH_CHECK(gates.dim() == 2, "moe_combine (cuda): gates must be (B, k)");
   const int64_t B = gates.size(0), k = gates.size(1);
@@ -160,7 +162,7 @@ void check_combine(const torch::Tensor& eo, const torch::Tensor& gates, const to
   check_i64(perm, "perm", eo, B * k);
 }
 
-void combine(const torch::Tensor& eo, const torch::Tensor& gates, const torch::Tensor& perm, torch::Tensor& out) {
+void combine(const at::Tensor& eo, const at::Tensor& gates, const at::Tensor& perm, at::Tensor& out) {
   const DeviceGuard guard(eo.device());
   const cudaStream_t stream = current_stream(eo.device());
   check_combine(eo, gates, perm);
@@ -173,8 +175,8 @@ void combine(const torch::Tensor& eo, const torch::Tensor& gates, const torch::T
              "combine launch");
 }
 
-void combine_backward(const torch::Tensor& grad, const torch::Tensor& eo, const torch::Tensor& gates,
-                      const torch::Tensor& perm, torch::Tensor& grad_eo, torch::Tensor& grad_gates) {
+void combine_backward(const at::Tensor& grad, const at::Tensor& eo, const at::Tensor& gates,
+                      const at::Tensor& perm, at::Tensor& grad_eo, at::Tensor& grad_gates) {
   const DeviceGuard guard(eo.device());
   const cudaStream_t stream = current_stream(eo.device());
   check_combine(eo, gates, perm);
@@ -187,8 +189,8 @@ void combine_backward(const torch::Tensor& grad, const torch::Tensor& eo, const 
               "moe_combine_backward (cuda): grad_expert_out must match expert_out");
   check_f32(grad_gates, "grad_gates", eo, B * k);
   if (B * k == 0 || N == 0) return;
-  torch::Tensor part =
-      torch::empty({routing::combine_backward_scratch_floats(B, static_cast<int>(k), N)}, eo.options().dtype(torch::kFloat));
+  at::Tensor part =
+      at::empty({routing::combine_backward_scratch_floats(B, static_cast<int>(k), N)}, eo.options().dtype(at::kFloat));
   check_cuda(routing::launch_combine_backward(grad.data_ptr(), eo.data_ptr(), gates.data_ptr<float>(),
                                               perm.data_ptr<int64_t>(), grad_eo.data_ptr(),
                                               grad_gates.data_ptr<float>(), part.data_ptr<float>(),
