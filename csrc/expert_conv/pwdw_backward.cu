@@ -44,17 +44,11 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
   float* sdw = sg + B::kG;
   float* sred = sdw + B::kDw;
 
-  const int64_t bid = blockIdx.x;
-  const int cb = (int)(bid % n_cblk);
-  const int64_t rest = bid / n_cblk;
-  const int tile = (int)(rest % n_tiles);
-  const int64_t n = rest / n_tiles;
-  if (n >= p.N) return;  // uniform over the block
-  const int64_t* m = p.meta + 16 * expert_of(p.offsets, n, p.E);
+  TileWork w;
+  if (!tile_work(p, n_tw, n_tiles, n_cblk, w)) return;  // uniform over the block
+  const auto& [cb, ty0, tx0, n, srow, m] = w;
   const int cout = (int)m[1];
   if (cb * CG >= cout) return;  // uniform over the block
-  const int64_t srow = p.perm != nullptr ? p.perm[n] / p.kslots : n;
-  const int ty0 = (tile / n_tw) * kTH, tx0 = (tile % n_tw) * kTW;
   const int64_t HW = (int64_t)p.H * p.W;
   stage_dw<T, K, CG, 1>(p, m, cb, cout, sdw);
   pw_halo<T, K, CG, 1>(p, m, srow, cb, cout, ty0, tx0, sy, sx, sw);  // ends with a barrier

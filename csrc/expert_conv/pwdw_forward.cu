@@ -36,17 +36,11 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
   T* sw = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(sx) + S::kXBytes);
   float* sdw = smem + S::kY + S::kStage;
 
-  const int64_t bid = blockIdx.x;
-  const int cb = (int)(bid % n_cblk);
-  const int64_t rest = bid / n_cblk;
-  const int tile = (int)(rest % n_tiles);
-  const int64_t n = rest / n_tiles;
-  if (n >= p.N) return;  // uniform over the block
-  const int64_t* m = p.meta + 16 * expert_of(p.offsets, n, p.E);
+  TileWork w;
+  if (!tile_work(p, n_tw, n_tiles, n_cblk, w)) return;  // uniform over the block
+  const auto& [cb, ty0, tx0, n, srow, m] = w;
   const int nch = (int)m[1] / NB;
   if (cb * OUT_PER_BLOCK >= nch) return;  // uniform over the block
-  const int64_t srow = p.perm != nullptr ? p.perm[n] / p.kslots : n;
-  const int ty0 = (tile / n_tw) * kTH, tx0 = (tile % n_tw) * kTW;
   stage_dw<T, K, CG, NB>(p, m, cb, nch, sdw);
   pw_halo<T, K, CG, NB>(p, m, srow, cb, nch, ty0, tx0, sy, sx, sw);
 

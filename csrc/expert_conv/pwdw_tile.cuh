@@ -36,6 +36,30 @@ struct Geo {
   static constexpr int CGRP = CG / 8, PL = kThreads / CGRP, PPT = (NH + PL - 1) / PL;
 };
 
+// The work of one block: blocks enumerate (row n, output tile, channel block cb), channel blocks
+// fastest; m is row n's expert meta row, srow its source row (a gathered row for routed inputs).
+struct TileWork {
+  int cb, ty0, tx0;
+  int64_t n, srow;
+  const int64_t* m;
+};
+
+// Decodes blockIdx.x; false for blocks past the last row (uniform over the block).
+template <typename Params>
+__device__ __forceinline__ bool tile_work(const Params& p, int n_tw, int n_tiles, int n_cblk, TileWork& w) {
+  const int64_t bid = blockIdx.x;
+  w.cb = (int)(bid % n_cblk);
+  const int64_t rest = bid / n_cblk;
+  const int tile = (int)(rest % n_tiles);
+  w.n = rest / n_tiles;
+  if (w.n >= p.N) return false;
+  w.m = p.meta + 16 * expert_of(p.offsets, w.n, p.E);
+  w.srow = p.perm != nullptr ? p.perm[w.n] / p.kslots : w.n;
+  w.ty0 = (tile / n_tw) * kTH;
+  w.tx0 = (tile % n_tw) * kTW;
+  return true;
+}
+
 // Shared memory of a block, in floats: the 1x1 result (CG x LD), the staged inputs and weights
 // (aliased as T), the depthwise weights (CG x K*K).
 template <typename T, int K, int CG>
