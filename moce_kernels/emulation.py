@@ -75,12 +75,6 @@ def _static_shared(m: "re.Match[str]") -> str:
     return " ".join(out)
 
 
-def enabled() -> bool:
-    """True when backend ``cuda`` runs emulated: ``MOCE_CUDA_EMULATION=1`` and no CUDA device."""
-    from .backends import cuda_emulated
-    return cuda_emulated()
-
-
 def cuda_include_dir() -> Optional[str]:
     """The CUDA toolkit's include directory (for cuda_runtime_api.h, cuda_bf16.h), or None."""
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]

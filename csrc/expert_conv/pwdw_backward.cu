@@ -59,9 +59,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
     const int r = i / G::HALO, j = i % G::HALO, c = cb * CG + r;
     const int iy = ty0 - G::P + j / G::HWD, ix = tx0 - G::P + j % G::HWD;
     const bool inside = c < cout && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W;
-    sg[r * G::LD + j] = inside ? to_f(go[m[8] + (c / m[9]) * m[10] + n * m[11] + (c % m[9]) * HW +
-                                        (int64_t)iy * p.W + ix])
-                               : 0.f;
+    sg[r * G::LD + j] = inside ? to_f(go[out_offset(m, c, n, HW) + (int64_t)iy * p.W + ix]) : 0.f;
   }
   __syncthreads();
 

@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
     if (NB == 2) dw_column<K>(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, lane, b);
     const float dba = db != nullptr ? to_f(db[m[5] + oc]) : 0.f;
     const float dbb = (NB == 2 && db != nullptr) ? to_f(db[m[5] + oc + nch]) : 0.f;
-    const int64_t obase = m[8] + (oc / m[9]) * m[10] + n * m[11] + (oc % m[9]) * HW;
+    const int64_t obase = out_offset(m, oc, n, HW);
 #pragma unroll
     for (int oy = 0; oy < kTH; ++oy) {
       const int py = ty0 + oy;

@@ -60,6 +60,12 @@ __device__ __forceinline__ bool tile_work(const Params& p, int n_tw, int n_tiles
   return true;
 }
 
+// Element offset of output channel c of row n in the pw->dw output layout (meta columns 8-11: base,
+// channels per split, split stride, row stride); add the pixel index.
+__device__ __forceinline__ int64_t out_offset(const int64_t* m, int c, int64_t n, int64_t HW) {
+  return m[8] + (c / m[9]) * m[10] + n * m[11] + (c % m[9]) * HW;
+}
+
 // Shared memory of a block, in floats: the 1x1 result (CG x LD), the staged inputs and weights
 // (aliased as T), the depthwise weights (CG x K*K).
 template <typename T, int K, int CG>

@@ -170,9 +170,10 @@ def one_shot_channels(p: int, C: int, backward: bool = False, prec: str = "tf32"
     return cb if cb * lay.br * lay.bc <= limit else 0
 
 
-def _constexprs(p: int, prec: str, C: int) -> dict:
+def _constexprs(p: int, prec: str, C: int, cb: int = 0) -> dict:
+    """Kernel constexprs; CB = ``cb`` when given (the one-shot block), else ``channel_block``."""
     lay = layout(p)
-    return dict(BR=lay.br, BC=lay.bc, CB=channel_block(p, C, prec), KRON=lay.kron, P=p, WC=lay.wc, PREC=prec)
+    return dict(BR=lay.br, BC=lay.bc, CB=cb or channel_block(p, C, prec), KRON=lay.kron, P=p, WC=lay.wc, PREC=prec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -688,10 +689,8 @@ def window_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win
     w, b = norm_weight.contiguous(), norm_bias.contiguous()
     cb1 = one_shot_channels(p, C, False, prec) if S == 1 else 0
     if cb1:
-        lay = layout(p)
         _wfa_fwd_oneshot_kernel[(tiles, N)](q, k, v, w, b, out, cm, sm, rows, C, H, W, 0.5 / (p * p), float(eps),
-                                            BR=lay.br, BC=lay.bc, CB=cb1, KRON=lay.kron, P=p, WC=lay.wc,
-                                            PREC=prec, num_warps=ONE_SHOT_WARPS)
+                                            **_constexprs(p, prec, C, cb1), num_warps=ONE_SHOT_WARPS)
         return
     stats = _stats_workspace(N, S, tiles, p, q.device)
     meta = dict(**_constexprs(p, prec, C), num_warps=_num_warps(p))
@@ -725,10 +724,9 @@ def window_attention_rows_backward(grad: torch.Tensor, q: torch.Tensor, k: torch
     w, b = norm_weight.contiguous(), norm_bias.contiguous()
     cb1 = one_shot_channels(p, C, True, prec) if S == 1 else 0
     if cb1:
-        lay = layout(p)
         _wfa_bwd_oneshot_kernel[(tiles, N)](grad, q, k, v, w, b, grad_q, grad_k, grad_v, part, cm, sm, rows, C, H,
-                                            W, tiles, 0.5 / (p * p), float(eps), BR=lay.br, BC=lay.bc, CB=cb1,
-                                            KRON=lay.kron, P=p, WC=lay.wc, PREC=prec, num_warps=ONE_SHOT_WARPS)
+                                            W, tiles, 0.5 / (p * p), float(eps), **_constexprs(p, prec, C, cb1),
+                                            num_warps=ONE_SHOT_WARPS)
         return part[:, :, 0].sum((0, 1)), part[:, :, 1].sum((0, 1))
     stats = _stats_workspace(N, S, tiles, p, q.device)
     sums = _stats_workspace(N, S, tiles, p, q.device)
