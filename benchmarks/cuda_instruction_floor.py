@@ -1,0 +1,115 @@
+"""Instruction floor of the CUDA window-attention kernels, read from their sm_90 SASS (no GPU needed).
+
+METHOD.md: two numbers first, bytes over bandwidth and operations over rate; the larger is the
+floor. For `csrc/window_attention/kernels.cu` (exact fp32 FFTs on the CUDA cores) the operations are
+*instructions*: every channel of a window row is one trip through each channel loop, and a lane
+owns P pixels, so (instructions of a loop body) / P is that loop's issue cost per pixel and channel.
+This script compiles the file with nvcc for sm_90, disassembles it with Triton's cuobjdump, finds
+the channel loops (innermost backward branches of the main body; the `BRA.DIV` fallback code of
+`__syncwarp` placed after the body is left out: uniform warps never take it) and prints, per
+kernel, instructions per pixel and channel against the memory floor:
+
+    ceiling = (bytes per pixel-channel / copy bandwidth) / (instructions per pixel-channel / issue rate)
+
+Issue rate: 132 SMs x 4 schedulers x 1 warp-instruction per cycle x 32 lanes x 1.98 GHz (the H200's
+boost clock, seen under load on this workplace's H200s); copy bandwidth 4.3 TB/s (KINDS.md, measured
+there). Both are optimistic (perfect issue, no stalls, every instruction type at full rate), so the
+ceiling is an upper bound on the fraction of the memory roofline the kernel can reach.
+
+Usage: python benchmarks/cuda_instruction_floor.py [--dtype bfloat16|float16|float32] [--json FILE] [--sass FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "csrc" / "window_attention" / "kernels.cu"
+ISSUE_RATE = 132 * 4 * 32 * 1.98e9   # lane-instructions per second
+COPY_BW = 4.3e12                     # bytes per second (read + write)
+ELEMENTS = {"fwd": 4, "bwd": 7}      # tensors moved per pixel and channel (notes: "What must move")
+MANGLED = {"bfloat16": "13__nv_bfloat16", "float16": "6__half", "float32": "f"}
+SIZES = {"bfloat16": 2, "float16": 2, "float32": 4}
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_BRANCH = re.compile(r"\bBRA(?:\.(\w+))?\s+(?:.*?)0x([0-9a-f]+)")
+
+
+def _cuobjdump() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def compile_sass() -> str:
+    """SASS of every kernel in kernels.cu, compiled for sm_90 as setup.py does (-O3)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "wa.cubin"
+        subprocess.run(["nvcc", "-std=c++17", "-O3", "-cubin", "-gencode", "arch=compute_90,code=sm_90",
+                        f"-I{ROOT / 'csrc'}", str(SOURCE), "-o", str(cubin)], check=True)
+        return subprocess.run([str(_cuobjdump()), "-sass", str(cubin)], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def channel_loops(body: str) -> List[Tuple[int, int]]:
+    """(start, end) addresses of a kernel's channel loops: the innermost loops of its main body that
+    hold a `__syncwarp` (a transpose, so a convolution), i.e. a `BRA.DIV` check."""
+    ins = [(int(a, 16), text.strip()) for a, text in _INSTR.findall(body)]
+    branches = [(addr, m) for addr, text in ins for m in [_BRANCH.search(text)] if m]
+    div_at = [addr for addr, m in branches if m.group(1) == "DIV"]
+    fallback = min((int(m.group(2), 16) for _, m in branches if m.group(1) == "DIV"), default=float("inf"))
+    loops = [(int(m.group(2), 16), addr) for addr, m in branches
+             if m.group(1) != "DIV" and int(m.group(2), 16) < addr < fallback]
+    inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    return sorted(lp for lp in inner if any(lp[0] <= a <= lp[1] for a in div_at))
+
+
+def report(sass: str, dtype: str) -> List[Dict]:
+    rows = []
+    for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = chunk.split("\n", 1)[0]
+        m = re.search(r"(fwd|bwd)_kernelI" + re.escape(MANGLED[dtype]) + r"Li(\d+)E", name)
+        if not m:
+            continue
+        kind, p = m.group(1), int(m.group(2))
+        loops = channel_loops(chunk)
+        per_px = [((e - s) // 16 + 1) / p for s, e in loops]   # 16 bytes per sm_90 instruction
+        instr = sum(per_px)
+        mem_s = ELEMENTS[kind] * SIZES[dtype] / COPY_BW
+        ceiling = mem_s / (instr / ISSUE_RATE) if instr else float("nan")
+        rows.append({"kernel": kind, "p": p, "dtype": dtype, "channel_loops_instr_per_px": [round(x, 1) for x in per_px],
+                     "instr_per_px_ch": round(instr, 1), "ceiling_fraction_of_memory_roofline": round(min(ceiling, 1.0), 2)})
+    return sorted(rows, key=lambda r: (r["kernel"], r["p"]))
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(MANGLED))
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--sass", type=Path, help="read (or, if missing, write) the disassembly here")
+    args = parser.parse_args(argv)
+    if args.sass and args.sass.exists():
+        sass = args.sass.read_text()
+    else:
+        sass = compile_sass()
+        if args.sass:
+            args.sass.write_text(sass)
+    rows = report(sass, args.dtype)
+    print("| kernel | p | dtype | channel loops (instr / px / channel) | total | ceiling (fraction of memory roofline) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        loops = " + ".join(str(x) for x in r["channel_loops_instr_per_px"])
+        print(f"| {r['kernel']} | {r['p']} | {r['dtype']} | {loops} | {r['instr_per_px_ch']} | "
+              f"{r['ceiling_fraction_of_memory_roofline']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
