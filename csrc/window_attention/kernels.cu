@@ -72,25 +72,46 @@ __device__ __forceinline__ void bit_reverse(float2 (&x)[P]) {
   }
 }
 
-// One radix-2 stage (butterflies of span LEN) of the FFT below, then the next.
+// One radix-2 butterfly (u, v) -> (u + w v, u - w v), w = exp(SIGN 2 pi i m / 32), M a compile-time
+// constant. w = 1 and w = +-i (m = 8) cost 4 FADD (the multiply is a swap and a sign); any other w
+// costs 6 FFMA: x = u + w v as two fused chains, then u - w v = 2u - x (one FFMA per component; its
+// error, <= eps (|u + w v| + |u - w v|) per component, is of the order of the plain butterfly's).
+template <int SIGN, int M>
+__device__ __forceinline__ void butterfly(float2& u, float2& v) {
+  if constexpr (M == 0) {
+    const float2 a = u;
+    u = make_float2(a.x + v.x, a.y + v.y);
+    v = make_float2(a.x - v.x, a.y - v.y);
+  } else if constexpr (M == 8) {  // w v = SIGN i v = (-SIGN v.y, SIGN v.x)
+    const float2 a = u;
+    const float tx = -SIGN * v.y, ty = SIGN * v.x;
+    u = make_float2(a.x + tx, a.y + ty);
+    v = make_float2(a.x - tx, a.y - ty);
+  } else {
+    const float c = kCos32[M], s = SIGN * kSin32[M];
+    const float2 a = u;
+    const float x = fmaf(v.x, c, fmaf(-v.y, s, a.x));
+    const float y = fmaf(v.x, s, fmaf(v.y, c, a.y));
+    u = make_float2(x, y);
+    v = make_float2(fmaf(2.f, a.x, -x), fmaf(2.f, a.y, -y));
+  }
+}
+
+// Butterflies j, j + 1, ... of every group of one radix-2 stage (span LEN), twiddle m = j * 32 / LEN.
+template <int P, int SIGN, int LEN, int J = 0>
+__device__ __forceinline__ void stage(float2 (&x)[P]) {
+  if constexpr (J < LEN / 2) {
+#pragma unroll
+    for (int i = 0; i < P; i += LEN) butterfly<SIGN, J * (32 / LEN)>(x[i + J], x[i + J + LEN / 2]);
+    stage<P, SIGN, LEN, J + 1>(x);
+  }
+}
+
+// The radix-2 stages of span LEN, 2 LEN, ..., P.
 template <int P, int SIGN, int LEN>
 __device__ __forceinline__ void fft_stages(float2 (&x)[P]) {
   if constexpr (LEN <= P) {
-#pragma unroll
-    for (int i = 0; i < P; i += LEN) {
-#pragma unroll
-      for (int j = 0; j < LEN / 2; ++j) {
-        const float2 u = x[i + j], v = x[i + j + LEN / 2];
-        float2 t = v;
-        if (j != 0) {
-          const int m = j * (32 / LEN);
-          const float c = kCos32[m], s = SIGN * kSin32[m];
-          t = make_float2(v.x * c - v.y * s, v.x * s + v.y * c);
-        }
-        x[i + j] = make_float2(u.x + t.x, u.y + t.y);
-        x[i + j + LEN / 2] = make_float2(u.x - t.x, u.y - t.y);
-      }
-    }
+    stage<P, SIGN, LEN>(x);
     fft_stages<P, SIGN, LEN * 2>(x);
   }
 }
