@@ -5,9 +5,10 @@ floor. For `csrc/window_attention/kernels.cu` (exact fp32 FFTs on the CUDA cores
 *instructions*: every channel of a window row is one trip through each channel loop, and a lane
 owns P pixels, so (instructions of a loop body) / P is that loop's issue cost per pixel and channel.
 This script compiles the file with nvcc for sm_90, disassembles it with Triton's cuobjdump, finds
-the channel loops (innermost backward branches of the main body; the `BRA.DIV` fallback code of
-`__syncwarp` placed after the body is left out: uniform warps never take it) and prints, per
-kernel, instructions per pixel and channel against the memory floor:
+the channel loops (innermost loops of the main body that load from global memory; the split-combine
+loops read only shared memory, and the `BRA.DIV` fallback code of `__syncwarp` placed after the body
+is left out: uniform warps never take it) and prints, per kernel, instructions per pixel and channel
+against the memory floor:
 
     ceiling = (bytes per pixel-channel / copy bandwidth) / (instructions per pixel-channel / issue rate)
 
@@ -16,7 +17,12 @@ boost clock, seen under load on this workplace's H200s); copy bandwidth 4.3 TB/s
 there). Both are optimistic (perfect issue, no stalls, every instruction type at full rate), so the
 ceiling is an upper bound on the fraction of the memory roofline the kernel can reach.
 
-Usage: python benchmarks/cuda_instruction_floor.py [--dtype bfloat16|float16|float32] [--json FILE] [--sass FILE]
+The kernels choose per launch whether each channel's convolution rows stay in shared memory (small
+C per warp) or are recomputed in every pass; `--rows cached|recomputed` compiles one path only
+(`-DMOCE_WFA_FORCE_YCACHE=1|0`), so that each loop holds that path.
+
+Usage: python benchmarks/cuda_instruction_floor.py [--rows cached|recomputed] [--dtype bfloat16|float16|float32]
+       [--json FILE] [--sass FILE]
 """
 from __future__ import annotations
 
@@ -46,27 +52,29 @@ def _cuobjdump() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def compile_sass() -> str:
-    """SASS of every kernel in kernels.cu, compiled for sm_90 as setup.py does (-O3)."""
+def compile_sass(rows: str) -> str:
+    """SASS of every kernel in kernels.cu, compiled for sm_90 as setup.py does (-O3), with the
+    convolution rows `cached` in shared memory or `recomputed` in every pass."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "wa.cubin"
         subprocess.run(["nvcc", "-std=c++17", "-O3", "-cubin", "-gencode", "arch=compute_90,code=sm_90",
-                        f"-I{ROOT / 'csrc'}", str(SOURCE), "-o", str(cubin)], check=True)
+                        f"-DMOCE_WFA_FORCE_YCACHE={int(rows == 'cached')}", f"-I{ROOT / 'csrc'}", str(SOURCE),
+                        "-o", str(cubin)], check=True)
         return subprocess.run([str(_cuobjdump()), "-sass", str(cubin)], check=True, capture_output=True,
                               text=True).stdout
 
 
 def channel_loops(body: str) -> List[Tuple[int, int]]:
     """(start, end) addresses of a kernel's channel loops: the innermost loops of its main body that
-    hold a `__syncwarp` (a transpose, so a convolution), i.e. a `BRA.DIV` check."""
+    read global memory (q, k, v or the gradient of a channel)."""
     ins = [(int(a, 16), text.strip()) for a, text in _INSTR.findall(body)]
     branches = [(addr, m) for addr, text in ins for m in [_BRANCH.search(text)] if m]
-    div_at = [addr for addr, m in branches if m.group(1) == "DIV"]
+    ldg_at = [addr for addr, text in ins if re.search(r"\bLDG\b", text)]
     fallback = min((int(m.group(2), 16) for _, m in branches if m.group(1) == "DIV"), default=float("inf"))
     loops = [(int(m.group(2), 16), addr) for addr, m in branches
              if m.group(1) != "DIV" and int(m.group(2), 16) < addr < fallback]
     inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
-    return sorted(lp for lp in inner if any(lp[0] <= a <= lp[1] for a in div_at))
+    return sorted(lp for lp in inner if any(lp[0] <= a <= lp[1] for a in ldg_at))
 
 
 def report(sass: str, dtype: str) -> List[Dict]:
@@ -89,6 +97,7 @@ def report(sass: str, dtype: str) -> List[Dict]:
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="recomputed", choices=["cached", "recomputed"])
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(MANGLED))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sass", type=Path, help="read (or, if missing, write) the disassembly here")
@@ -96,10 +105,11 @@ def main(argv: List[str] | None = None) -> int:
     if args.sass and args.sass.exists():
         sass = args.sass.read_text()
     else:
-        sass = compile_sass()
+        sass = compile_sass(args.rows)
         if args.sass:
             args.sass.write_text(sass)
     rows = report(sass, args.dtype)
+    print(f"convolution rows {args.rows}")
     print("| kernel | p | dtype | channel loops (instr / px / channel) | total | ceiling (fraction of memory roofline) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -1,6 +1,6 @@
 """The SASS reader of benchmarks/cuda_instruction_floor.py picks the channel loops (the innermost loops
-of the main body that hold a `__syncwarp`) and nothing else: not the statistics-combine loop (no
-transpose), not the `BRA.DIV` fallback code after the body whose jumps back look like loops."""
+of the main body that read global memory) and nothing else: not the statistics-combine loop (shared
+memory only), not the `BRA.DIV` fallback code after the body whose jumps back look like loops."""
 from __future__ import annotations
 
 import sys
@@ -17,29 +17,30 @@ def _sass(lines):
 
 
 def _program(stats_len: int, out_len: int):
-    """A body shaped like the real one: a statistics loop with a __syncwarp, a combine loop without,
-    an output loop with a __syncwarp, EXIT, then divergent fallback code that jumps back."""
+    """A body shaped like the real one: a statistics loop (global loads, a __syncwarp), a combine loop
+    (shared loads only), an output loop (global loads), EXIT, then divergent fallback code that jumps
+    back into the loops."""
     lines, a = [(0x0, "MOV R1, c[0x0][0x28]")], 0x10
     start1 = a
     for i in range(stats_len - 1):
-        lines.append((a, "BRA.DIV UR4, 0x9000" if i == 3 else "FADD R2, R2, R3"))
+        lines.append((a, {1: "LDG.E.U16 R8, desc[UR4][R10.64]", 3: "BRA.DIV UR4, 0x9000"}.get(i, "FADD R2, R2, R3")))
         a += 0x10
     lines.append((a, f"@!P6 BRA 0x{start1:x}"))
     a += 0x10
     start2 = a
-    for _ in range(9):
-        lines.append((a, "FFMA R4, R4, R5, R6"))
+    for i in range(9):
+        lines.append((a, "LDS R7, [R9]" if i == 2 else "FFMA R4, R4, R5, R6"))
         a += 0x10
     lines.append((a, f"@!P2 BRA 0x{start2:x}"))
     a += 0x10
     start3 = a
     for i in range(out_len - 1):
-        lines.append((a, "BRA.DIV UR6, 0x9400" if i == 5 else "FMUL R2, R2, R3"))
+        lines.append((a, {5: "BRA.DIV UR6, 0x9400", 7: "LDG.E R11, desc[UR4][R12.64]"}.get(i, "FMUL R2, R2, R3")))
         a += 0x10
     lines.append((a, f"@!P4 BRA 0x{start3:x}"))
     lines.append((a + 0x10, "EXIT"))
     lines += [(0x9000, "WARPSYNC.COLLECTIVE R35, 0x9030"), (0x9010, f"BRA 0x{start1 + 0x50:x}"),
-              (0x9400, "WARPSYNC.COLLECTIVE R35, 0x9430"), (0x9410, f"BRA 0x{start3 + 0x20:x}")]  # overlaps loop 3
+              (0x9400, "WARPSYNC.COLLECTIVE R35, 0x9430"), (0x9410, f"BRA 0x{start3 + 0x20:x}")]  # overlaps loop 3 (and its load)
     return _sass(lines), (start1, start2, start3)
 
 

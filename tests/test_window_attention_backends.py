@@ -89,6 +89,16 @@ def test_low_precision(backend, dtype, p):
     _check(backend, (2, 3, 13, 11), p, dtype)
 
 
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="needs the CUDA backend (GPU or CPU emulation)")
+@pytest.mark.parametrize("p,C", [(4, 6), (4, 200), (8, 5), (8, 72)])
+def test_cuda_row_cache_both_sides(p, C):
+    """The CUDA kernels keep each channel's convolution rows in shared memory when they fit (per
+    warp <= 21 channels at p = 4, <= 7 at p = 8, at 228 KB of shared memory per SM) and recompute them
+    otherwise. On a 9 x 10 image, batch 2, these C fall on both sides of that rule whatever the
+    channel split (1 to 8 warps per window group) the SM count gives."""
+    _check("cuda", (2, C, 9, 10), p, torch.float32)
+
+
 SHAPES_GPU = [(2, 48, 128, 96), (1, 192, 64, 64), (3, 6, 257, 131), (8, 24, 64, 64), (1, 512, 33, 65)]
 
 

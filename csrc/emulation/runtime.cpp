@@ -55,6 +55,10 @@ cudaError_t CUDARTAPI cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr att
     *value = s != nullptr ? std::atoi(s) : 2;
     return cudaSuccess;
   }
+  if (attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor) {  // sm_90's
+    *value = 233472;
+    return cudaSuccess;
+  }
   return cudaErrorInvalidValue;
 }
 

@@ -1,4 +1,4 @@
-// Window FFT attention CUDA kernels, version 2: exact fp32 FFTs in registers, a window per lane group.
+// Window FFT attention CUDA kernels, version 2.2: exact fp32 FFTs in registers, a window per lane group.
 //
 // A warp owns 32 / p windows of one image, a lane one row of one window. For each channel the lane
 // loads its row of z = q + i k, and the window's 2-D DFT is two p-point radix-2 FFTs in registers
@@ -9,15 +9,25 @@
 //
 // The LayerNorm couples the channels of a pixel: the channels are walked twice (forward: statistics,
 // then output) or three times (backward: statistics; channel means of g v w and g v w yh, weight/bias
-// partials; gradients), recomputing the convolution. Per-pixel statistics live in shared memory
-// (a lane owns p pixels). When windows alone cannot fill the GPU, S warps of a block split one
-// window group's channels and combine their statistics through shared memory (Chan's formula).
+// partials; gradients). The convolution rows of the first pass are kept in shared memory when they
+// fit (small C per warp, see cache_rows), else recomputed in each pass. Per-pixel statistics live in
+// shared memory (a lane owns p pixels). When windows alone cannot fill the GPU, S warps of a block
+// split one window group's channels and combine their statistics through shared memory (Chan's
+// formula).
 // Barriers: __syncwarp inside the transforms, __syncthreads only around the statistics exchange,
 // reached by every warp of a block (none returns early).
 #include "window_attention/kernels.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+// Analysis builds (benchmarks/cuda_instruction_floor.py) fix the cache choice at compile time so
+// that each channel loop holds one path; production builds choose per launch.
+#ifdef MOCE_WFA_FORCE_YCACHE
+#define WFA_CACHED(runtime_choice) (MOCE_WFA_FORCE_YCACHE != 0)
+#else
+#define WFA_CACHED(runtime_choice) (runtime_choice)
+#endif
 
 namespace moce {
 namespace wfa {
@@ -136,11 +146,13 @@ struct Cfg {
   static constexpr int NSTAT = 4;            // per-pixel fields: mean, rstd, m1, m2 (forward: 2 used)
 };
 
-// Dynamic shared memory of a block: per warp a transpose buffer (float2) and NSTAT x P x 32 floats.
+// Dynamic shared memory of a block: per warp a transpose buffer (float2), NSTAT x P x 32 floats of
+// statistics and, when the convolution rows are cached, `cached` x P x 32 floats (one row per lane
+// and channel of the warp's split).
 template <int P>
-constexpr size_t smem_bytes() {
+constexpr size_t smem_bytes(int64_t cached = 0) {
   using C = Cfg<P>;
-  return (size_t)C::WARPS * (C::TBUF * sizeof(float2) + C::NSTAT * P * 32 * sizeof(float));
+  return (size_t)C::WARPS * (C::TBUF * sizeof(float2) + (C::NSTAT + cached) * P * 32 * sizeof(float));
 }
 
 // What one lane works on: row r of window gw of window group `group` of image n, pixels
@@ -156,13 +168,15 @@ struct Lane {
   int c0, c1;
   float2* tbuf;       // this warp's transpose buffer
   float* stat;        // this warp's statistics: [NSTAT][P][32]
+  bool cached;        // the convolution rows are kept in shared memory (else recomputed each pass)
+  float* ycache;      // this warp's convolution rows [c - c0][P][32] (fp32), when cached
 
   __device__ __forceinline__ float& st(int field, int j) { return stat[(field * P + j) * 32 + lane]; }
   __device__ __forceinline__ bool valid(int j, int W) const { return row_valid && hx0 + j < W; }
 };
 
 template <int P>
-__device__ __forceinline__ Lane<P> make_lane(const Shape& s, int S, float* smem) {
+__device__ __forceinline__ Lane<P> make_lane(const Shape& s, int S, bool cache, float* smem) {
   using C = Cfg<P>;
   Lane<P> L;
   L.lane = threadIdx.x % 32;
@@ -186,6 +200,10 @@ __device__ __forceinline__ Lane<P> make_lane(const Shape& s, int S, float* smem)
   float2* tb = reinterpret_cast<float2*>(smem);
   L.tbuf = tb + L.warp * C::TBUF;
   L.stat = reinterpret_cast<float*>(tb + C::WARPS * C::TBUF) + L.warp * C::NSTAT * P * 32;
+  L.cached = cache;
+  L.ycache = cache ? reinterpret_cast<float*>(tb + C::WARPS * C::TBUF) + C::WARPS * C::NSTAT * P * 32 +
+                         (int64_t)L.warp * cs * P * 32
+                   : nullptr;
   return L;
 }
 
@@ -252,6 +270,19 @@ __device__ __forceinline__ void conv_row(const Lane<P>& L, const Shape& s, const
   conv_from_spectrum<P>(L, z, y);
 }
 
+// Lane's row of q (*) k for channel c of the split: from the cache ln_stats filled, or recomputed.
+template <typename T, int P>
+__device__ __forceinline__ void conv_row_of(const Lane<P>& L, const Shape& s, const T* q, const T* k, int64_t plane0,
+                                            int64_t HW, int c, float (&y)[P]) {
+  if (L.cached) {
+    const float* row = L.ycache + (int64_t)(c - L.c0) * P * 32 + L.lane;
+#pragma unroll
+    for (int j = 0; j < P; ++j) y[j] = row[j * 32];
+  } else {
+    conv_row<T, P>(L, s, q, k, plane0 + (int64_t)c * HW, y);
+  }
+}
+
 // Per-pixel mean and rstd over all C channels into the lane's statistics (fields 0, 1). Each warp
 // takes Welford moments over its channel split; the S splits of a window group are combined (Chan).
 template <typename T, int P>
@@ -263,6 +294,11 @@ __device__ void ln_stats(Lane<P>& L, const Shape& s, const T* q, const T* k, int
   for (int c = L.c0; c < L.c1; ++c) {
     float y[P];
     conv_row<T, P>(L, s, q, k, plane0 + (int64_t)c * HW, y);
+    if (L.cached) {  // lane-contiguous: conflict-free; only this lane reads it back
+      float* row = L.ycache + (int64_t)(c - L.c0) * P * 32 + L.lane;
+#pragma unroll
+      for (int j = 0; j < P; ++j) row[j * 32] = y[j];
+    }
     ++cnt;
     const float inv = 1.f / cnt;
 #pragma unroll
@@ -308,12 +344,12 @@ __device__ void ln_stats(Lane<P>& L, const Shape& s, const T* q, const T* k, int
 }
 
 template <typename T, int P>
-__global__ void __launch_bounds__(Cfg<P>::THREADS) fwd_kernel(FwdArgs a, int S) {
+__global__ void __launch_bounds__(Cfg<P>::THREADS) fwd_kernel(FwdArgs a, int S, int cache) {
   extern __shared__ __align__(16) float smem[];
   const Shape s = a.s;
   const int64_t n = blockIdx.y;
   if (a.rows != nullptr && (n < a.rows[0] || n >= a.rows[1])) return;  // uniform over the block
-  Lane<P> L = make_lane<P>(s, S, smem);
+  Lane<P> L = make_lane<P>(s, S, WFA_CACHED(cache != 0), smem);
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
@@ -323,7 +359,7 @@ __global__ void __launch_bounds__(Cfg<P>::THREADS) fwd_kernel(FwdArgs a, int S) 
   for (int c = L.c0; c < L.c1; ++c) {
     const int64_t off = plane0 + (int64_t)c * HW + L.row_off;
     float y[P];
-    conv_row<T, P>(L, s, q, k, plane0 + (int64_t)c * HW, y);
+    conv_row_of<T, P>(L, s, q, k, plane0, HW, c, y);
     const float wc = a.weight[c], bc = a.bias[c];
 #pragma unroll
     for (int j = 0; j < P; ++j)
@@ -338,12 +374,12 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 template <typename T, int P>
-__global__ void __launch_bounds__(Cfg<P>::THREADS) bwd_kernel(BwdArgs a, int S, int64_t n_groups) {
+__global__ void __launch_bounds__(Cfg<P>::THREADS) bwd_kernel(BwdArgs a, int S, int cache, int64_t n_groups) {
   extern __shared__ __align__(16) float smem[];
   const Shape s = a.s;
   const int64_t n = blockIdx.y;
   if (a.rows != nullptr && (n < a.rows[0] || n >= a.rows[1])) return;  // uniform over the block
-  Lane<P> L = make_lane<P>(s, S, smem);
+  Lane<P> L = make_lane<P>(s, S, WFA_CACHED(cache != 0), smem);
   const T* g = static_cast<const T*>(a.grad);
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
@@ -361,7 +397,7 @@ __global__ void __launch_bounds__(Cfg<P>::THREADS) bwd_kernel(BwdArgs a, int S, 
   for (int c = L.c0; c < L.c1; ++c) {
     const int64_t off = plane0 + (int64_t)c * HW + L.row_off;
     float y[P];
-    conv_row<T, P>(L, s, q, k, plane0 + (int64_t)c * HW, y);
+    conv_row_of<T, P>(L, s, q, k, plane0, HW, c, y);
     const float wc = a.weight[c];
     float sw = 0.f, sb = 0.f;
 #pragma unroll
@@ -419,7 +455,7 @@ __global__ void __launch_bounds__(Cfg<P>::THREADS) bwd_kernel(BwdArgs a, int S, 
     const int64_t plane = plane0 + (int64_t)c * HW, off = plane + L.row_off;
     const float wc = a.weight[c], bc = a.bias[c];
     float y[P];
-    conv_row<T, P>(L, s, q, k, plane, y);
+    conv_row_of<T, P>(L, s, q, k, plane0, HW, c, y);
     float2 x[P];
 #pragma unroll
     for (int j = 0; j < P; ++j) {
@@ -480,16 +516,23 @@ int64_t n_groups(const Shape& s) {
   return (nw + G - 1) / G;
 }
 
+// A device attribute of the current device, or `fallback` when the query fails.
+int device_attr(cudaDeviceAttr attr, int fallback) {
+  int dev = 0, value = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, dev) != cudaSuccess || value <= 0)
+    value = fallback;
+  cudaGetLastError();  // clear a failed query
+  return value;
+}
+
 int sm_count() {
-  static int sms = 0;
-  if (sms == 0) {
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
-                                                  cudaSuccess || sms <= 0)
-      sms = 132;
-    cudaGetLastError();  // clear a failed query
-  }
+  static const int sms = device_attr(cudaDevAttrMultiProcessorCount, 132);
   return sms;
+}
+
+int sm_shared_bytes() {
+  static const int bytes = device_attr(cudaDevAttrMaxSharedMemoryPerMultiprocessor, 233472);
+  return bytes;
 }
 
 // Channel splits per window group: 1 when the window groups of the batch give >= 4 warps per SM,
@@ -501,6 +544,15 @@ int channel_splits(const Shape& s, int warps) {
   return S;
 }
 
+// Keep the convolution rows in shared memory (one pass less forward, two less backward) when the
+// cache still leaves room for two blocks per SM: on sm_90 (228 KB per SM) up to 21 channels per warp
+// at p = 4 and 7 at p = 8; never at p >= 16 (transposes and statistics already take ~100 KB a block).
+template <int P>
+bool cache_rows(const Shape& s, int S) {
+  const int64_t cs = (s.C + S - 1) / S;
+  return 2 * ((int64_t)smem_bytes<P>(cs) + 1024) <= sm_shared_bytes();  // 1 KB reserved per block
+}
+
 template <int P>
 dim3 grid_of(const Shape& s, int S) {
   const int64_t per_block = Cfg<P>::WARPS / S;
@@ -510,22 +562,24 @@ dim3 grid_of(const Shape& s, int S) {
 template <typename T, int P>
 cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream) {
   const int S = channel_splits(a.s, Cfg<P>::WARPS);
-  const size_t smem = smem_bytes<P>();
+  const bool cache = cache_rows<P>(a.s, S);
+  const size_t smem = smem_bytes<P>(cache ? (a.s.C + S - 1) / S : 0);
   cudaError_t err = cudaFuncSetAttribute(fwd_kernel<T, P>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  fwd_kernel<T, P><<<grid_of<P>(a.s, S), Cfg<P>::THREADS, smem, stream>>>(a, S);
+  fwd_kernel<T, P><<<grid_of<P>(a.s, S), Cfg<P>::THREADS, smem, stream>>>(a, S, cache ? 1 : 0);
   return cudaGetLastError();
 }
 
 template <typename T, int P>
 cudaError_t launch_bwd(const BwdArgs& a, cudaStream_t stream) {
   const int S = channel_splits(a.s, Cfg<P>::WARPS);
-  const size_t smem = smem_bytes<P>();
+  const bool cache = cache_rows<P>(a.s, S);
+  const size_t smem = smem_bytes<P>(cache ? (a.s.C + S - 1) / S : 0);
   cudaError_t err = cudaMemsetAsync(a.workspace, 0, backward_workspace_floats(a.s) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
   err = cudaFuncSetAttribute(bwd_kernel<T, P>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  bwd_kernel<T, P><<<grid_of<P>(a.s, S), Cfg<P>::THREADS, smem, stream>>>(a, S, n_groups(a.s));
+  bwd_kernel<T, P><<<grid_of<P>(a.s, S), Cfg<P>::THREADS, smem, stream>>>(a, S, cache ? 1 : 0, n_groups(a.s));
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   reduce_partials_kernel<<<static_cast<unsigned>(2 * a.s.C), kReduceThreads, 0, stream>>>(
