@@ -82,24 +82,23 @@ __device__ __forceinline__ void bit_reverse(float2 (&x)[P]) {
   }
 }
 
-// One radix-2 butterfly (u, v) -> (u + w v, u - w v), w = exp(SIGN 2 pi i m / 32), M a compile-time
-// constant. w = 1 and w = +-i (m = 8) cost 4 FADD (the multiply is a swap and a sign); any other w
-// costs 6 FFMA: x = u + w v as two fused chains, then u - w v = 2u - x (one FFMA per component; its
-// error, <= eps (|u + w v| + |u - w v|) per component, is of the order of the plain butterfly's).
-template <int SIGN, int M>
-__device__ __forceinline__ void butterfly(float2& u, float2& v) {
-  if constexpr (M == 0) {
-    const float2 a = u;
+// One radix-2 butterfly (u, v) -> (u + w v, u - w v), w = exp(SIGN 2 pi i m / 32). m is a constant
+// once the FFT's loops are unrolled, so the branches fold away: w = 1 and w = +-i (m = 8) cost 4 FADD
+// (the multiply is a swap and a sign); any other w costs 6 FFMA: x = u + w v as two fused chains,
+// then u - w v = 2u - x (one FFMA per component; its error, <= eps (|u + w v| + |u - w v|) per
+// component, is of the order of the plain butterfly's).
+template <int SIGN>
+__device__ __forceinline__ void butterfly(float2& u, float2& v, int m) {
+  const float2 a = u;
+  if (m == 0) {
     u = make_float2(a.x + v.x, a.y + v.y);
     v = make_float2(a.x - v.x, a.y - v.y);
-  } else if constexpr (M == 8) {  // w v = SIGN i v = (-SIGN v.y, SIGN v.x)
-    const float2 a = u;
+  } else if (m == 8) {  // w v = SIGN i v = (-SIGN v.y, SIGN v.x)
     const float tx = -SIGN * v.y, ty = SIGN * v.x;
     u = make_float2(a.x + tx, a.y + ty);
     v = make_float2(a.x - tx, a.y - ty);
   } else {
-    const float c = kCos32[M], s = SIGN * kSin32[M];
-    const float2 a = u;
+    const float c = kCos32[m], s = SIGN * kSin32[m];
     const float x = fmaf(v.x, c, fmaf(-v.y, s, a.x));
     const float y = fmaf(v.x, s, fmaf(v.y, c, a.y));
     u = make_float2(x, y);
@@ -107,21 +106,15 @@ __device__ __forceinline__ void butterfly(float2& u, float2& v) {
   }
 }
 
-// Butterflies j, j + 1, ... of every group of one radix-2 stage (span LEN), twiddle m = j * 32 / LEN.
-template <int P, int SIGN, int LEN, int J = 0>
-__device__ __forceinline__ void stage(float2 (&x)[P]) {
-  if constexpr (J < LEN / 2) {
-#pragma unroll
-    for (int i = 0; i < P; i += LEN) butterfly<SIGN, J * (32 / LEN)>(x[i + J], x[i + J + LEN / 2]);
-    stage<P, SIGN, LEN, J + 1>(x);
-  }
-}
-
-// The radix-2 stages of span LEN, 2 LEN, ..., P.
+// The radix-2 stages of span LEN, 2 LEN, ..., P (butterfly j of a group has twiddle m = j * 32 / LEN).
 template <int P, int SIGN, int LEN>
 __device__ __forceinline__ void fft_stages(float2 (&x)[P]) {
   if constexpr (LEN <= P) {
-    stage<P, SIGN, LEN>(x);
+#pragma unroll
+    for (int i = 0; i < P; i += LEN) {
+#pragma unroll
+      for (int j = 0; j < LEN / 2; ++j) butterfly<SIGN>(x[i + j], x[i + j + LEN / 2], j * (32 / LEN));
+    }
     fft_stages<P, SIGN, LEN * 2>(x);
   }
 }
