@@ -10,7 +10,7 @@
 // The LayerNorm couples the channels of a pixel: the channels are walked twice (forward: statistics,
 // then output) or three times (backward: statistics; channel means of g v w and g v w yh, weight/bias
 // partials; gradients). The convolution rows of the first pass are kept in shared memory when they
-// fit (small C per warp, see cache_rows), else recomputed in each pass. Per-pixel statistics live in
+// fit (small C per warp, see cached_channels), else recomputed in each pass. Per-pixel statistics live in
 // shared memory (a lane owns p pixels). When windows alone cannot fill the GPU, S warps of a block
 // split one window group's channels and combine their statistics through shared memory (Chan's
 // formula).
@@ -166,6 +166,8 @@ struct Lane {
 
   __device__ __forceinline__ float& st(int field, int j) { return stat[(field * P + j) * 32 + lane]; }
   __device__ __forceinline__ bool valid(int j, int W) const { return row_valid && hx0 + j < W; }
+  // This lane's cached row of channel c (element j at [j * 32]): lane-contiguous, conflict-free.
+  __device__ __forceinline__ float* yrow(int c) const { return ycache + (int64_t)(c - c0) * P * 32 + lane; }
 };
 
 template <int P>
@@ -268,7 +270,7 @@ template <typename T, int P>
 __device__ __forceinline__ void conv_row_of(const Lane<P>& L, const Shape& s, const T* q, const T* k, int64_t plane0,
                                             int64_t HW, int c, float (&y)[P]) {
   if (L.cached) {
-    const float* row = L.ycache + (int64_t)(c - L.c0) * P * 32 + L.lane;
+    const float* row = L.yrow(c);
 #pragma unroll
     for (int j = 0; j < P; ++j) y[j] = row[j * 32];
   } else {
@@ -287,8 +289,8 @@ __device__ void ln_stats(Lane<P>& L, const Shape& s, const T* q, const T* k, int
   for (int c = L.c0; c < L.c1; ++c) {
     float y[P];
     conv_row<T, P>(L, s, q, k, plane0 + (int64_t)c * HW, y);
-    if (L.cached) {  // lane-contiguous: conflict-free; only this lane reads it back
-      float* row = L.ycache + (int64_t)(c - L.c0) * P * 32 + L.lane;
+    if (L.cached) {  // only this lane reads it back: no barrier
+      float* row = L.yrow(c);
 #pragma unroll
       for (int j = 0; j < P; ++j) row[j * 32] = y[j];
     }
@@ -537,13 +539,14 @@ int channel_splits(const Shape& s, int warps) {
   return S;
 }
 
-// Keep the convolution rows in shared memory (one pass less forward, two less backward) when the
-// cache still leaves room for two blocks per SM: on sm_90 (228 KB per SM) up to 21 channels per warp
-// at p = 4 and 7 at p = 8; never at p >= 16 (transposes and statistics already take ~100 KB a block).
+// Channels per warp whose convolution rows stay in shared memory (one pass less forward, two less
+// backward): all of the warp's split when the cache still leaves room for two blocks per SM, else 0
+// (recompute). On sm_90 (228 KB per SM) up to 21 channels per warp at p = 4 and 7 at p = 8; never at
+// p >= 16 (transposes and statistics already take ~100 KB a block).
 template <int P>
-bool cache_rows(const Shape& s, int S) {
+int64_t cached_channels(const Shape& s, int S) {
   const int64_t cs = (s.C + S - 1) / S;
-  return 2 * ((int64_t)smem_bytes<P>(cs) + 1024) <= sm_shared_bytes();  // 1 KB reserved per block
+  return 2 * ((int64_t)smem_bytes<P>(cs) + 1024) <= sm_shared_bytes() ? cs : 0;  // 1 KB reserved per block
 }
 
 template <int P>
@@ -555,24 +558,24 @@ dim3 grid_of(const Shape& s, int S) {
 template <typename T, int P>
 cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream) {
   const int S = channel_splits(a.s, Cfg<P>::WARPS);
-  const bool cache = cache_rows<P>(a.s, S);
-  const size_t smem = smem_bytes<P>(cache ? (a.s.C + S - 1) / S : 0);
+  const int64_t cached = cached_channels<P>(a.s, S);
+  const size_t smem = smem_bytes<P>(cached);
   cudaError_t err = cudaFuncSetAttribute(fwd_kernel<T, P>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  fwd_kernel<T, P><<<grid_of<P>(a.s, S), Cfg<P>::THREADS, smem, stream>>>(a, S, cache ? 1 : 0);
+  fwd_kernel<T, P><<<grid_of<P>(a.s, S), Cfg<P>::THREADS, smem, stream>>>(a, S, cached > 0);
   return cudaGetLastError();
 }
 
 template <typename T, int P>
 cudaError_t launch_bwd(const BwdArgs& a, cudaStream_t stream) {
   const int S = channel_splits(a.s, Cfg<P>::WARPS);
-  const bool cache = cache_rows<P>(a.s, S);
-  const size_t smem = smem_bytes<P>(cache ? (a.s.C + S - 1) / S : 0);
+  const int64_t cached = cached_channels<P>(a.s, S);
+  const size_t smem = smem_bytes<P>(cached);
   cudaError_t err = cudaMemsetAsync(a.workspace, 0, backward_workspace_floats(a.s) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
   err = cudaFuncSetAttribute(bwd_kernel<T, P>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  bwd_kernel<T, P><<<grid_of<P>(a.s, S), Cfg<P>::THREADS, smem, stream>>>(a, S, cache ? 1 : 0, n_groups(a.s));
+  bwd_kernel<T, P><<<grid_of<P>(a.s, S), Cfg<P>::THREADS, smem, stream>>>(a, S, cached > 0, n_groups(a.s));
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   reduce_partials_kernel<<<static_cast<unsigned>(2 * a.s.C), kReduceThreads, 0, stream>>>(
