@@ -1,5 +1,6 @@
 // Device helpers shared by the expert_conv kernel files: dtype conversion, the expert of a row,
-// the exact GELU and its derivative, sigmoid, a warp sum, and the host-side dtype dispatch.
+// the exact GELU and its derivative, sigmoid, a warp sum, an opaque pointer, and the host-side dtype
+// dispatch.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,6 +12,16 @@
 
 namespace moce {
 namespace expert_conv {
+
+// p, hidden from the optimiser's integer reassociation: indexing it then costs one IMAD.WIDE per
+// element (base register + offset) instead of a 64-bit index sum rescaled and rebased per element.
+template <typename P>
+__device__ __forceinline__ P* opaque(P* p) {
+#ifdef __CUDA_ARCH__
+  asm("" : "+l"(p));
+#endif
+  return p;
+}
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }

@@ -114,6 +114,7 @@ void xc_pwdw(const at::Tensor& src, const at::Tensor& w, const at::Tensor& dw, c
   p.N = to_int(N, "N");
   p.H = to_int(H, "H");
   p.W = to_int(W, "W");
+  to_int(H * W, "H * W (pixel offsets are 32-bit)");
   p.K = to_int(K, "K");
   p.max_nch = to_int(max_nch, "max_nch");
   p.mode = (int)mode;
@@ -150,6 +151,7 @@ void xc_pwdw_bwd(const at::Tensor& src, const at::Tensor& w, const at::Tensor& d
   p.N = to_int(N, "N");
   p.H = to_int(H, "H");
   p.W = to_int(W, "W");
+  to_int(H * W, "H * W (pixel offsets are 32-bit)");
   p.K = to_int(K, "K");
   p.max_cout = to_int(max_cout, "max_cout");
   check_cuda(expert_conv::launch_pwdw_bwd(dt, p, current_stream(src.device())), "fused pw->dw backward");

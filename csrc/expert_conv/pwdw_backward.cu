@@ -53,13 +53,23 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
   stage_dw<T, K, CG, 1>(p, m, cb, cout, sdw);
   pw_halo<T, K, CG, 1>(p, m, srow, cb, cout, ty0, tx0, sy, sx, sw);  // ends with a barrier
 
-  // go over the tile plus halo (the staging buffers are free now)
+  // go over the tile plus halo (the staging buffers are free now): a warp per channel, a lane per
+  // halo column, zero outside the image
   const T* go = static_cast<const T*>(p.go);
-  for (int i = threadIdx.x; i < CG * G::HALO; i += kThreads) {
-    const int r = i / G::HALO, j = i % G::HALO, c = cb * CG + r;
-    const int iy = ty0 - G::P + j / G::HWD, ix = tx0 - G::P + j % G::HWD;
-    const bool inside = c < cout && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W;
-    sg[r * G::LD + j] = inside ? to_f(go[out_offset(m, c, n, HW) + (int64_t)iy * p.W + ix]) : 0.f;
+  const OutAddr oa(m, n, HW);
+  {
+    constexpr int U = (G::HALO + 31) / 32;
+    HaloLane<K, U> hl;
+    hl.init(0, ty0, tx0, p.H, p.W);
+    for (int r = threadIdx.x / 32; r < CG; r += kWarps) {
+      const int c = cb * CG + r;
+      const T* gc = go + (c < cout ? oa(c) : 0);
+      float* dst = sg + r * G::LD + threadIdx.x % 32;
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (threadIdx.x % 32 + 32 * u < G::HALO)
+          dst[32 * u] = (c < cout && hl.in(u)) ? to_f(gc[hl.off[u]]) : 0.f;
+    }
   }
   __syncthreads();
 
@@ -133,7 +143,7 @@ cudaError_t launch_t(const PwdwBwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_pwdw_bwd(DType dt, const PwdwBwdParams& p, cudaStream_t stream) {
-  if (p.K != 3 && p.K != 5 && p.K != 7) return cudaErrorInvalidValue;
+  if ((p.K != 3 && p.K != 5 && p.K != 7) || (int64_t)p.H * p.W > INT32_MAX) return cudaErrorInvalidValue;
   return with_type(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     if (p.K == 3) return launch_t<T, 3>(p, stream);

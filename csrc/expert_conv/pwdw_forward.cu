@@ -48,32 +48,35 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t HW = (int64_t)p.H * p.W;
   const T* db = static_cast<const T*>(p.db);
+  const int64_t db_off = m[5];
+  const OutAddr oa(m, n, HW);
   const int px = tx0 + lane;
+  const int rows = px < p.W ? min(kTH, p.H - ty0) : 0;  // output rows this lane writes
+  const int64_t pix0 = (int64_t)ty0 * p.W + px;
   for (int q = warp; q < OUT_PER_BLOCK; q += kWarps) {
     const int oc = cb * OUT_PER_BLOCK + q;  // output channel; its a row is block row q, b row q + CG/2
     if (oc >= nch) break;
     float a[kTH], b[kTH];
     dw_column<K>(sy + q * G::LD, sdw + q * K * K, lane, a);
     if (NB == 2) dw_column<K>(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, lane, b);
-    const float dba = db != nullptr ? to_f(db[m[5] + oc]) : 0.f;
-    const float dbb = (NB == 2 && db != nullptr) ? to_f(db[m[5] + oc + nch]) : 0.f;
-    const int64_t obase = out_offset(m, oc, n, HW);
+    const float dba = db != nullptr ? to_f(db[db_off + oc]) : 0.f;
+    const float dbb = (NB == 2 && db != nullptr) ? to_f(db[db_off + oc + nch]) : 0.f;
+    const int64_t o0 = oa(oc) + pix0;
 #pragma unroll
     for (int oy = 0; oy < kTH; ++oy) {
-      const int py = ty0 + oy;
-      if (py >= p.H || px >= p.W) continue;
-      const int64_t pix = (int64_t)py * p.W + px;
+      if (oy >= rows) break;
+      const int64_t o = o0 + (int64_t)oy * p.W;
       const float av = a[oy] + dba;
       if (MODE == 0) {
-        static_cast<T*>(p.out)[obase + pix] = from_f<T>(av);
+        static_cast<T*>(p.out)[o] = from_f<T>(av);
       } else {
         const float bv = b[oy] + dbb;
         if (MODE == 1) {
-          static_cast<T*>(p.out)[obase + pix] = from_f<T>(gelu_f(av) * bv);
+          static_cast<T*>(p.out)[o] = from_f<T>(gelu_f(av) * bv);
         } else {
-          const float g = to_f(static_cast<const T*>(p.g)[obase + pix]);
+          const float g = to_f(static_cast<const T*>(p.g)[o]);
           T* gf = static_cast<T*>(p.gofull);
-          const int64_t base = (n * (int64_t)m[1] + oc) * HW + pix;
+          const int64_t base = (n * (int64_t)m[1] + oc) * HW + pix0 + (int64_t)oy * p.W;
           gf[base] = from_f<T>(g * bv * gelu_grad_f(av));
           gf[base + (int64_t)nch * HW] = from_f<T>(g * gelu_f(av));
         }
@@ -103,6 +106,7 @@ cudaError_t launch_t(const PwdwParams& p, cudaStream_t stream) {
 
 cudaError_t launch_pwdw(DType dt, const PwdwParams& p, cudaStream_t stream) {
   if (p.mode < 0 || p.mode > 2 || (p.K != 3 && p.K != 5 && p.K != 7)) return cudaErrorInvalidValue;
+  if ((int64_t)p.H * p.W > INT32_MAX) return cudaErrorInvalidValue;  // pixel offsets are 32-bit
   return with_type(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     switch (p.K * 10 + p.mode) {

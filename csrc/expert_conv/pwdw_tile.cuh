@@ -60,11 +60,17 @@ __device__ __forceinline__ bool tile_work(const Params& p, int n_tw, int n_tiles
   return true;
 }
 
-// Element offset of output channel c of row n in the pw->dw output layout (meta columns 8-11: base,
-// channels per split, split stride, row stride); add the pixel index.
-__device__ __forceinline__ int64_t out_offset(const int64_t* m, int c, int64_t n, int64_t HW) {
-  return m[8] + (c / m[9]) * m[10] + n * m[11] + (c % m[9]) * HW;
-}
+// Element offsets of row n's output channels in the pw->dw output layout (meta columns 8-11: base,
+// channels per split, split stride, row stride), read once per block: oa(c) + pixel index.
+struct OutAddr {
+  int64_t base, split_stride, HW;
+  int split;
+  __device__ __forceinline__ OutAddr(const int64_t* m, int64_t n, int64_t HW_)
+      : base(m[8] + n * m[11]), split_stride(m[10]), HW(HW_), split((int)m[9]) {}
+  __device__ __forceinline__ int64_t operator()(int c) const {
+    return base + (c / split) * split_stride + (c % split) * HW;
+  }
+};
 
 // Shared memory of a block, in floats: the 1x1 result (CG x LD), the staged inputs and weights
 // (aliased as T), the depthwise weights (CG x K*K).
@@ -91,26 +97,69 @@ __device__ __forceinline__ int pw_row(int r, int cb, int nch) {
   return c < nch ? c + h * nch : -1;
 }
 
-// Stages input channels [k0, k0 + kKC) of the halo pixels [half * NH, half * NH + NH) (zero
-// outside the image / beyond cin) into sx (kKC x LDX) and the block's weights of those channels
-// into sw (CG x LDW).
+// Halo pixels j0 + lane + 32 u (u < U) of this thread's lane: their offsets in the image (iy * W + ix),
+// or kOutside outside the image or past the halo (j >= HALO). Computed once, so that the per-channel
+// loops that stage or patch the halo do no index arithmetic (unsigned: one IMAD.WIDE.U32 per address).
+template <int K, int U>
+struct HaloLane {
+  static constexpr unsigned kOutside = 0xffffffffu;
+  unsigned off[U];
+
+  __device__ __forceinline__ bool in(int u) const { return off[u] != kOutside; }
+
+  __device__ __forceinline__ void init(int j0, int ty0, int tx0, int H, int W) {
+    using G = Geo<K, 32>;
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + lane + 32 * u;
+      const int iy = ty0 - G::P + j / G::HWD, ix = tx0 - G::P + j % G::HWD;
+      off[u] = (j < G::HALO && iy >= 0 && iy < H && ix >= 0 && ix < W) ? (unsigned)(iy * W + ix) : kOutside;
+    }
+  }
+};
+
+// Staging of one K step: input channels [k0, k0 + kKC) over the halo pixels of one half into sx
+// (kKC x LDX; zero outside the image / beyond cin), a warp per channel row and a lane per pixel (the
+// pixel offsets precomputed per half); the block's weights of those channels into sw (CG x LDW), each
+// thread owning the same EW consecutive entries of one weight row in every step.
 template <typename T, int K, int CG, int NB>
-__device__ __forceinline__ void stage(const T* __restrict__ src, int64_t src_off, const T* __restrict__ w,
-                                      int64_t w_off, int cin, int k0, int half, int cb, int nch, int ty0, int tx0,
-                                      int H, int W, T* sx, T* sw) {
+struct Stager {
   using G = Geo<K, CG>;
-  const int64_t HW = (int64_t)H * W;
-  for (int i = threadIdx.x; i < kKC * G::NH; i += kThreads) {
-    const int kk = i / G::NH, jh = i % G::NH, j = half * G::NH + jh, k = k0 + kk;
-    const int iy = ty0 - G::P + j / G::HWD, ix = tx0 - G::P + j % G::HWD;
-    const bool valid = j < G::HALO && k < cin && iy >= 0 && iy < H && ix >= 0 && ix < W;
-    sx[kk * G::LDX + jh] = valid ? src[src_off + (int64_t)k * HW + (int64_t)iy * W + ix] : from_f<T>(0.f);
+  static constexpr int kU = (G::NH + 31) / 32;           // pixel slots per lane and half
+  static constexpr int kEW = G::CG * kKC / kThreads;     // weight entries per thread and step
+  static_assert(G::CG * kKC % kThreads == 0 && kKC % kEW == 0, "weight staging: CG * kKC / threads entries each");
+  HaloLane<K, kU> px;
+  const T* wp;  // this thread's weights: row of block row wr, from input channel wk; null outside the expert
+  int wr, wk;
+
+  __device__ __forceinline__ void init_weights(const T* w, int64_t w_off, int cin, int cb, int nch) {
+    wr = threadIdx.x / (kKC / kEW);
+    wk = threadIdx.x % (kKC / kEW) * kEW;
+    const int row = pw_row<G::CG, NB>(wr, cb, nch);
+    wp = row >= 0 ? w + w_off + (int64_t)row * cin + wk : nullptr;
   }
-  for (int i = threadIdx.x; i < G::CG * kKC; i += kThreads) {
-    const int r = i / kKC, kk = i % kKC, k = k0 + kk, row = pw_row<G::CG, NB>(r, cb, nch);
-    sw[r * G::LDW + kk] = (row >= 0 && k < cin) ? w[w_off + (int64_t)row * cin + k] : from_f<T>(0.f);
+  __device__ __forceinline__ void init_half(int half, int ty0, int tx0, int H, int W) {
+    px.init(half * G::NH, ty0, tx0, H, W);
   }
-}
+  __device__ __forceinline__ void stage(const T* __restrict__ src, int64_t src_off, int64_t HW, int cin, int k0,
+                                        T* sx, T* sw) const {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = warp; kk < kKC; kk += kWarps) {
+      const int k = k0 + kk;
+      const T* chan = opaque(src + src_off + (int64_t)k * HW);
+      T* row = sx + kk * G::LDX + lane;
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+        if (lane + 32 * u < G::NH) row[32 * u] = (k < cin && px.in(u)) ? __ldg(chan + px.off[u]) : from_f<T>(0.f);
+    }
+    T* dst = sw + wr * G::LDW + wk;
+    const T* wk0 = opaque(wp + k0);
+#pragma unroll
+    for (int e = 0; e < kEW; ++e) dst[e] = (wp != nullptr && k0 + wk + e < cin) ? __ldg(wk0 + e) : from_f<T>(0.f);
+  }
+};
 
 // Accumulators of the 1x1 over the halo: tensor cores for 16-bit T (fragments), fp32 FMAs for float.
 template <typename T, int K, int CG, bool MMA = !std::is_same<T, float>::value>
@@ -120,20 +169,19 @@ template <typename T, int K, int CG>
 struct Pw<T, K, CG, true> {
   using G = Geo<K, CG>;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[G::TPW];
-  int mt, nw;  // this warp's row tile and first column tile
+  int mt, nw, tv;  // this warp's row tile, first column tile, and count of column tiles in the half
 
-  __device__ __forceinline__ void init() {
+  __device__ __forceinline__ void init(int half) {
     const int warp = threadIdx.x / 32;
     mt = warp % G::MT;
     nw = warp / G::MT;
+    const int lim = G::NT - half * G::NTH < G::NTH ? G::NT - half * G::NTH : G::NTH;  // column tiles of the half
+    tv = lim > nw ? (lim - nw + G::NW - 1) / G::NW : 0;
 #pragma unroll
     for (int t = 0; t < G::TPW; ++t) nvcuda::wmma::fill_fragment(acc[t], 0.f);
   }
-  // column tile t of this warp in half `half` (in [0, NTH) within the half), or -1
-  __device__ __forceinline__ int tile_of(int t, int half) const {
-    const int nt = nw + t * G::NW;
-    return (nt < G::NTH && half * G::NTH + nt < G::NT) ? nt : -1;
-  }
+  // column tile t of this warp (in [0, NTH) within the half), or -1
+  __device__ __forceinline__ int tile_of(int t, int) const { return t < tv ? nw + t * G::NW : -1; }
   __device__ __forceinline__ void step(const T* sx, const T* sw, int half) {
     using namespace nvcuda;
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
@@ -166,7 +214,7 @@ struct Pw<float, K, CG, false> {
   float acc[8][G::PPT];
   int grp, lane;  // rows grp*8 .. grp*8+7; pixels lane + i*PL
 
-  __device__ __forceinline__ void init() {
+  __device__ __forceinline__ void init(int) {
     grp = threadIdx.x / G::PL;
     lane = threadIdx.x % G::PL;
 #pragma unroll
@@ -238,28 +286,42 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
                                         int tx0, float* sy, T* sx, T* sw) {
   using G = Geo<K, CG>;
   const int cin = (int)m[0];
+  const int64_t HW = (int64_t)p.H * p.W;
+  const int64_t src_off = m[6] + srow * m[7];
+  Stager<T, K, CG, NB> st;
+  st.init_weights(static_cast<const T*>(p.w), m[2], cin, cb, nch);
   for (int half = 0; half < 2; ++half) {
     Pw<T, K, CG> pw;
-    pw.init();
+    pw.init(half);
+    st.init_half(half, ty0, tx0, p.H, p.W);
     for (int k0 = 0; k0 < cin; k0 += kKC) {
       __syncthreads();  // the previous step's operands are consumed
-      stage<T, K, CG, NB>(static_cast<const T*>(p.src), m[6] + srow * m[7], static_cast<const T*>(p.w), m[2], cin,
-                          k0, half, cb, nch, ty0, tx0, p.H, p.W, sx, sw);
+      st.stage(static_cast<const T*>(p.src), src_off, HW, cin, k0, sx, sw);
       __syncthreads();
       pw.step(sx, sw, half);
     }
     pw.store(sy, half);
   }
   __syncthreads();
+  // bias and zero padding: a warp per row, a lane per halo column (inside-the-image bits precomputed)
+  constexpr int U = (G::HALO + 31) / 32;
+  static_assert(U <= 32, "one bit per halo slot");
+  unsigned inside = 0;
+  {
+    HaloLane<K, U> hl;
+    hl.init(0, ty0, tx0, p.H, p.W);
+#pragma unroll
+    for (int u = 0; u < U; ++u) inside |= (hl.in(u) ? 1u : 0u) << u;
+  }
   const T* pb = static_cast<const T*>(p.pb);
-  for (int i = threadIdx.x; i < CG * G::HALO; i += kThreads) {
-    const int r = i / G::HALO, j = i % G::HALO;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < CG; r += kWarps) {
     const int row = pw_row<CG, NB>(r, cb, nch);
-    const int iy = ty0 - G::P + j / G::HWD, ix = tx0 - G::P + j % G::HWD;
-    const bool inside = iy >= 0 && iy < p.H && ix >= 0 && ix < p.W;
-    float v = sy[r * G::LD + j];
-    if (pb != nullptr && row >= 0) v += to_f(pb[m[4] + row]);
-    sy[r * G::LD + j] = inside ? v : 0.f;
+    const float b = (pb != nullptr && row >= 0) ? to_f(pb[m[4] + row]) : 0.f;
+    float* y = sy + r * G::LD + lane;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (lane + 32 * u < G::HALO) y[32 * u] = (inside >> u & 1u) ? y[32 * u] + b : 0.f;
   }
   __syncthreads();
 }

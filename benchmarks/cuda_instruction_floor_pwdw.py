@@ -1,0 +1,191 @@
+"""Issue cost of the CUDA fused pw->dw forward, read from its sm_90 SASS (no GPU needed).
+
+METHOD.md's second number for `csrc/expert_conv/pwdw_forward.cu`: lane-instructions per output
+element (one output channel at one pixel), against the budget that the memory floor leaves. The file
+is compiled for sm_90 with line information and disassembled with Triton's nvdisasm; in each kernel
+the script finds four loops and weights each body by its trip count per block (Geo in
+`pwdw_tile.cuh`: CG pw rows per block, an 8 x 32 output tile, 256 threads):
+
+* step:  the innermost loop holding the tensor-core MMAs, one trip per K step of 16 input channels
+         and half of the halo (stage x and the weights, MMAs): 256 threads x 2 ceil(C_in / 16) trips;
+* half:  the loop around it (accumulator set-up and store), minus the step loop: 256 threads x 2;
+* patch: the bias / zero-padding pass over the 1x1 result (the loop holding the line that writes
+         `y[32 * u]` in `pw_halo`): a warp per pw row, 256 threads x CG / 8 trips;
+* dw:    the depthwise loop (innermost loops that store to global memory): a warp per output channel,
+         32 lanes x (output channels of the block) trips.
+
+Dividing by the block's outputs (output channels x 256 pixels) gives lane-instructions per output;
+the memory floor allows (bytes per output / copy bandwidth) x issue rate of them, so
+
+    ceiling = budget / instructions   (fraction of the memory roofline at perfect issue)
+
+with the issue rate and bandwidth of cuda_instruction_floor.py (perfect issue: an upper bound).
+Only the 16-bit paths are modelled (the speed targets are for bf16; fp32 runs its 1x1 on FMAs).
+
+Usage: python benchmarks/cuda_instruction_floor_pwdw.py [--dtype bfloat16|float16] [--json FILE] [--sass FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_instruction_floor import COPY_BW, ISSUE_RATE, MANGLED, ROOT, _cuobjdump  # noqa: E402
+
+SOURCE = ROOT / "csrc" / "expert_conv" / "pwdw_forward.cu"
+TILE = ROOT / "csrc" / "expert_conv" / "pwdw_tile.cuh"
+PATCH_LINE = re.compile(r"y\[32 \* u\] = \(inside")
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_BRANCH = re.compile(r"\bBRA(?:\.(\w+))?\s+(?:.*?)`?\(?\.?L?_?x?_?(?:0x)?([0-9a-f]+)?")
+
+
+@dataclass
+class Case:
+    name: str
+    cin: int
+    cout: int   # pw output rows (2x the outputs for the gated variant)
+    k: int
+    mode: int   # 0 plain, 1 gated
+
+
+# the benchmark's trunk cases (MoCE-IR level 1, C = 96) and the rank-48 experts (bench_expert_conv.py)
+CASES = [Case("qkv", 96, 288, 3, 0), Case("xkv", 96, 192, 7, 0), Case("gdfn", 96, 384, 3, 1),
+         Case("exp_q_r48", 48, 48, 3, 0), Case("exp_kv_r48", 48, 96, 7, 0)]
+
+
+def compile_listing() -> str:
+    """nvdisasm listing (with source lines) of every kernel in pwdw_forward.cu, built for sm_90 -O3."""
+    nvdisasm = _cuobjdump().parent / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "pwdw.cubin"
+        subprocess.run(["nvcc", "-std=c++17", "-O3", "-lineinfo", "-cubin", "-gencode", "arch=compute_90,code=sm_90",
+                        f"-I{ROOT / 'csrc'}", str(SOURCE), "-o", str(cubin)], check=True)
+        return subprocess.run([str(nvdisasm), "-g", "-c", str(cubin)], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def parse(chunk: str) -> Tuple[List[Tuple[int, str, Optional[str]]], Dict[str, int]]:
+    """(address, instruction, 'file:line') of a kernel's instructions, and its label addresses."""
+    ins, labels, where = [], {}, None
+    pending: List[str] = []
+    for line in chunk.split("\n"):
+        m = _LINE.search(line)
+        if m:
+            where = f"{Path(m.group(1)).name}:{m.group(2)}"
+            continue
+        lab = re.match(r"^(\.L_x_\d+):", line.strip())
+        if lab:
+            pending.append(lab.group(1))
+            continue
+        m = _INSTR.search(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for name in pending:
+                labels[name] = addr
+            pending = []
+            ins.append((addr, m.group(2).strip(), where))
+    return ins, labels
+
+
+def loops(ins, labels) -> List[Tuple[int, int]]:
+    """(start, end) of every backward branch that is not a divergence fallback."""
+    out = []
+    for addr, text, _ in ins:
+        m = re.search(r"\bBRA(\.\w+)?\s.*?(\.L_x_\d+|0x[0-9a-f]+)", text)
+        if not m or (m.group(1) or "").startswith(".DIV"):
+            continue
+        tgt = labels.get(m.group(2)) if m.group(2).startswith(".L") else int(m.group(2), 16)
+        if tgt is not None and tgt < addr:
+            out.append((tgt, addr))
+    return sorted(set(out))
+
+
+def _body(ins, lp) -> List[Tuple[int, str, Optional[str]]]:
+    return [x for x in ins if lp[0] <= x[0] <= lp[1]]
+
+
+def roles(ins, labels, patch_lines: List[str]) -> Dict[str, int]:
+    """Instructions per trip of the step, half (less its step loop), patch and dw loops."""
+    lps = loops(ins, labels)
+    inner = [lp for lp in lps if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in lps)]
+
+    def n(lp):
+        return len(_body(ins, lp))
+
+    step = [lp for lp in inner if any(t.startswith("HMMA") for _, t, _ in _body(ins, lp))]
+    if len(step) != 1:
+        raise ValueError(f"expected one MMA step loop, found {len(step)}")
+    step = step[0]
+    half = min((lp for lp in lps if lp != step and lp[0] <= step[0] and step[1] <= lp[1]), key=n)
+    patch = [lp for lp in lps if lp not in (half,) and any(w in patch_lines for _, _, w in _body(ins, lp))]
+    dw = [lp for lp in inner if any(re.match(r"(@!?P\d\s+)?STG", t) for _, t, _ in _body(ins, lp))]
+    if not patch or not dw:
+        raise ValueError("patch or depthwise loop not found")
+    return {"step": n(step), "half": n(half) - n(step), "patch": max(n(lp) for lp in patch),
+            "dw": max(n(lp) for lp in dw)}
+
+
+def per_output(r: Dict[str, int], case: Case, elem_bytes: int) -> Dict:
+    """Lane-instructions per output of one 8 x 32 tile's blocks (the last channel block may be partial:
+    the step, half and patch loops run for all CG rows, the depthwise loop for valid channels only)."""
+    cg = 64 if case.k == 3 else 32
+    nb = 2 if case.mode else 1
+    nout = case.cout // nb                          # output channels
+    blocks = -(-nout // (cg // nb))                 # channel blocks per tile
+    steps = 2 * -(-case.cin // 16)
+    lane = {"step": r["step"] * 256 * steps * blocks, "half": r["half"] * 256 * 2 * blocks,
+            "patch": r["patch"] * 256 * (cg // 8) * blocks, "dw": r["dw"] * 32 * nout}
+    per = {k: v / (nout * 256) for k, v in lane.items()}
+    total = sum(per.values())
+    bytes_per_out = elem_bytes * (case.cin + nout) / nout
+    budget = bytes_per_out / COPY_BW * ISSUE_RATE
+    return {"case": case.name, **{k: round(v, 1) for k, v in per.items()}, "total": round(total, 1),
+            "budget_at_roofline": round(budget, 1), "ceiling": round(min(budget / total, 1.0), 2)}
+
+
+def report(listing: str, dtype: str) -> List[Dict]:
+    tile = TILE.read_text().split("\n")
+    patch_lines = [f"{TILE.name}:{i + 1}" for i, line in enumerate(tile) if PATCH_LINE.search(line)]
+    kernels = {}
+    for chunk in re.split(r"\n//-+ \.text\.", listing)[1:]:
+        m = re.search(r"pwdw_fwd_kernelI" + re.escape(MANGLED[dtype]) + r"Li(\d)ELi(\d)E", chunk.split("\n", 1)[0])
+        if m:
+            kernels[(int(m.group(1)), int(m.group(2)))] = roles(*parse(chunk), patch_lines)
+    return [{**per_output(kernels[(c.k, c.mode)], c, 2), "per_trip": kernels[(c.k, c.mode)]} for c in CASES]
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--sass", type=Path, help="read (or, if missing, write) the listing here")
+    args = parser.parse_args(argv)
+    if args.sass and args.sass.exists():
+        listing = args.sass.read_text()
+    else:
+        listing = compile_listing()
+        if args.sass:
+            args.sass.write_text(listing)
+    rows = report(listing, args.dtype)
+    print("lane-instructions per output element (one channel at one pixel), by loop; budget = what the memory "
+          "floor allows at perfect issue")
+    print("| case | step | half | patch | dw | total | budget at roofline | ceiling |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['step']} | {r['half']} | {r['patch']} | {r['dw']} | {r['total']} | "
+              f"{r['budget_at_roofline']} | {r['ceiling']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
