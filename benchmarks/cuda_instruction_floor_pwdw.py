@@ -108,6 +108,11 @@ def loops(ins, labels) -> List[Tuple[int, int]]:
     return sorted(set(out))
 
 
+def _op(text: str) -> str:
+    """The opcode of an instruction, without its predicate and modifiers."""
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
 def _body(ins, lp) -> List[Tuple[int, str, Optional[str]]]:
     return [x for x in ins if lp[0] <= x[0] <= lp[1]]
 
@@ -120,13 +125,13 @@ def roles(ins, labels, patch_lines: List[str]) -> Dict[str, int]:
     def n(lp):
         return len(_body(ins, lp))
 
-    step = [lp for lp in inner if any(t.startswith("HMMA") for _, t, _ in _body(ins, lp))]
+    step = [lp for lp in inner if any(_op(t) == "HMMA" for _, t, _ in _body(ins, lp))]
     if len(step) != 1:
         raise ValueError(f"expected one MMA step loop, found {len(step)}")
     step = step[0]
     half = min((lp for lp in lps if lp != step and lp[0] <= step[0] and step[1] <= lp[1]), key=n)
     patch = [lp for lp in lps if lp not in (half,) and any(w in patch_lines for _, _, w in _body(ins, lp))]
-    dw = [lp for lp in inner if any(re.match(r"(@!?P\d\s+)?STG", t) for _, t, _ in _body(ins, lp))]
+    dw = [lp for lp in inner if any(_op(t) == "STG" for _, t, _ in _body(ins, lp))]
     if not patch or not dw:
         raise ValueError("patch or depthwise loop not found")
     return {"step": n(step), "half": n(half) - n(step), "patch": max(n(lp) for lp in patch),

@@ -13,6 +13,11 @@
 namespace moce {
 namespace expert_conv {
 
+// The bits of an element type, for copies that need no conversion (a 16-bit zero is then just a zero
+// register; fp32 0.0f is all-zero bits too).
+template <typename T> struct RawBits { using type = unsigned short; };
+template <> struct RawBits<float> { using type = unsigned int; };
+
 // p, hidden from the optimiser's integer reassociation: indexing it then costs one IMAD.WIDE per
 // element (base register + offset) instead of a 64-bit index sum rescaled and rebased per element.
 template <typename P>

@@ -4,10 +4,10 @@
 // memory, and the depthwise conv of one channel for a lane's column with the 8 rows in registers.
 #pragma once
 
-#include <mma.h>
 
 #include <type_traits>
 
+#include "common/warp_mma.cuh"
 #include "expert_conv/device_common.cuh"
 #include "expert_conv/kernels.h"
 
@@ -145,19 +145,27 @@ struct Stager {
   __device__ __forceinline__ void stage(const T* __restrict__ src, int64_t src_off, int64_t HW, int cin, int k0,
                                         T* sx, T* sw) const {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    using R = typename RawBits<T>::type;  // copied as raw bits: a zeroed register and a predicated load
 #pragma unroll
     for (int kk = warp; kk < kKC; kk += kWarps) {
       const int k = k0 + kk;
-      const T* chan = opaque(src + src_off + (int64_t)k * HW);
-      T* row = sx + kk * G::LDX + lane;
+      const R* chan = opaque(reinterpret_cast<const R*>(src) + src_off + (int64_t)k * HW);
+      R* row = reinterpret_cast<R*>(sx) + kk * G::LDX + lane;
 #pragma unroll
-      for (int u = 0; u < kU; ++u)
-        if (lane + 32 * u < G::NH) row[32 * u] = (k < cin && px.in(u)) ? __ldg(chan + px.off[u]) : from_f<T>(0.f);
+      for (int u = 0; u < kU; ++u) {
+        R v = 0;
+        if (k < cin && px.in(u)) v = __ldg(chan + px.off[u]);
+        if (lane + 32 * u < G::NH) row[32 * u] = v;
+      }
     }
-    T* dst = sw + wr * G::LDW + wk;
-    const T* wk0 = opaque(wp + k0);
+    R* dst = reinterpret_cast<R*>(sw) + wr * G::LDW + wk;
+    const R* wk0 = opaque(reinterpret_cast<const R*>(wp) + k0);
 #pragma unroll
-    for (int e = 0; e < kEW; ++e) dst[e] = (wp != nullptr && k0 + wk + e < cin) ? __ldg(wk0 + e) : from_f<T>(0.f);
+    for (int e = 0; e < kEW; ++e) {
+      R v = 0;
+      if (wp != nullptr && k0 + wk + e < cin) v = __ldg(wk0 + e);
+      dst[e] = v;
+    }
   }
 };
 
@@ -168,7 +176,9 @@ struct Pw;
 template <typename T, int K, int CG>
 struct Pw<T, K, CG, true> {
   using G = Geo<K, CG>;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[G::TPW];
+  // mma.sync m16n8k16 (warp_mma.cuh): per 16-pixel column tile two n8 accumulators; A (the weights,
+  // 16 rows x 16 input channels) by one ldmatrix, B (16 channels x 16 pixels) by one ldmatrix.trans.
+  float acc[G::TPW][2][4];
   int mt, nw, tv;  // this warp's row tile, first column tile, and count of column tiles in the half
 
   __device__ __forceinline__ void init(int half) {
@@ -178,32 +188,46 @@ struct Pw<T, K, CG, true> {
     const int lim = G::NT - half * G::NTH < G::NTH ? G::NT - half * G::NTH : G::NTH;  // column tiles of the half
     tv = lim > nw ? (lim - nw + G::NW - 1) / G::NW : 0;
 #pragma unroll
-    for (int t = 0; t < G::TPW; ++t) nvcuda::wmma::fill_fragment(acc[t], 0.f);
+    for (int t = 0; t < G::TPW; ++t)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[t][h][i] = 0.f;
   }
   // column tile t of this warp (in [0, NTH) within the half), or -1
   __device__ __forceinline__ int tile_of(int t, int) const { return t < tv ? nw + t * G::NW : -1; }
-  __device__ __forceinline__ void step(const T* sx, const T* sw, int half) {
-    using namespace nvcuda;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-    wmma::load_matrix_sync(a, sw + mt * 16 * G::LDW, G::LDW);
+  __device__ __forceinline__ void step(const T* sx, const T* sw, int) {
+    const int lane = threadIdx.x % 32, m = lane / 8, r = lane % 8;
+    uint32_t a[4];  // matrices: rows 0-7 / 8-15 (m % 2) x channels 0-7 / 8-15 (m / 2)
+    warp_mma::ldsm_x4<false>(a, sw + (mt * 16 + (m % 2) * 8 + r) * G::LDW + (m / 2) * 8);
+    const T* brow = sx + ((m % 2) * 8 + r) * G::LDX + (m / 2) * 8;  // channels (m % 2) * 8 + r, pixels + (m / 2) * 8
+#pragma unroll
+    for (int t = 0; t < G::TPW; ++t) {
+      const int nt = tile_of(t, 0);
+      if (nt >= 0) {
+        uint32_t b[4];  // b[0..1]: pixels 0-7 of the tile, b[2..3]: pixels 8-15
+        warp_mma::ldsm_x4<true>(b, brow + nt * 16);
+        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        warp_mma::mma_16816<T>(acc[t][0], a, b0);
+        warp_mma::mma_16816<T>(acc[t][1], a, b1);
+      }
+    }
+  }
+  // Writes this thread's part of the half's result to sy (CG x LD): rows g and g + 8 of the row tile,
+  // pixel pairs 2t, 2t + 1 of each n8 tile.
+  __device__ __forceinline__ void store(float* sy, int half) {
+    const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
 #pragma unroll
     for (int t = 0; t < G::TPW; ++t) {
       const int nt = tile_of(t, half);
       if (nt >= 0) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(b, sx + nt * 16, G::LDX);
-        wmma::mma_sync(acc[t], a, b, acc[t]);
-      }
-    }
-  }
-  // Writes this thread's part of the half's result to sy (CG x LD).
-  __device__ __forceinline__ void store(float* sy, int half) {
 #pragma unroll
-    for (int t = 0; t < G::TPW; ++t) {
-      const int nt = tile_of(t, half);
-      if (nt >= 0)
-        nvcuda::wmma::store_matrix_sync(sy + mt * 16 * G::LD + half * G::NH + nt * 16, acc[t], G::LD,
-                                        nvcuda::wmma::mem_row_major);
+        for (int h = 0; h < 2; ++h) {
+          float* y = sy + (mt * 16 + g) * G::LD + half * G::NH + nt * 16 + h * 8 + 2 * tq;
+          *reinterpret_cast<float2*>(y) = make_float2(acc[t][h][0], acc[t][h][1]);
+          *reinterpret_cast<float2*>(y + 8 * G::LD) = make_float2(acc[t][h][2], acc[t][h][3]);
+        }
+      }
     }
   }
 };
