@@ -6,12 +6,13 @@ is compiled for sm_90 with line information and disassembled with Triton's nvdis
 the script finds four loops and weights each body by its trip count per block (Geo in
 `pwdw_tile.cuh`: CG pw rows per block, an 8 x 32 output tile, 256 threads):
 
-* step:  the innermost loop holding the tensor-core MMAs, one trip per K step of 16 input channels
+* step:  the innermost loop holding the 1x1's MMAs and x's loads, one trip per K step of 16 input channels
          and half of the halo (stage x and the weights, MMAs): 256 threads x 2 ceil(C_in / 16) trips;
 * half:  the loop around it (accumulator set-up and store), minus the step loop: 256 threads x 2;
 * patch: the bias / zero-padding pass over the 1x1 result (the loop holding the line that writes
          `y[32 * u]` in `pw_halo`): a warp per pw row, 256 threads x CG / 8 trips;
-* dw:    the depthwise loop (innermost loops that store to global memory): a warp per output channel,
+* dw:    the depthwise loop (innermost loops that store to global memory; on tensor cores for 16-bit
+         inputs since version 3.2): a warp per output channel,
          32 lanes x (output channels of the block) trips.
 
 Dividing by the block's outputs (output channels x 256 pixels) gives lane-instructions per output;
@@ -125,13 +126,18 @@ def roles(ins, labels, patch_lines: List[str]) -> Dict[str, int]:
     def n(lp):
         return len(_body(ins, lp))
 
-    step = [lp for lp in inner if any(_op(t) == "HMMA" for _, t, _ in _body(ins, lp))]
+    def ops(lp):
+        return {_op(t) for _, t, _ in _body(ins, lp)}
+
+    # the step loads x from global memory and multiplies; the depthwise loop (which may multiply too, on
+    # tensor cores) is the one that stores to global memory
+    step = [lp for lp in inner if {"HMMA", "LDG"} <= ops(lp) and "STG" not in ops(lp)]
     if len(step) != 1:
         raise ValueError(f"expected one MMA step loop, found {len(step)}")
     step = step[0]
     half = min((lp for lp in lps if lp != step and lp[0] <= step[0] and step[1] <= lp[1]), key=n)
     patch = [lp for lp in lps if lp not in (half,) and any(w in patch_lines for _, _, w in _body(ins, lp))]
-    dw = [lp for lp in inner if any(_op(t) == "STG" for _, t, _ in _body(ins, lp))]
+    dw = [lp for lp in inner if "STG" in ops(lp)]
     if not patch or not dw:
         raise ValueError("patch or depthwise loop not found")
     return {"step": n(step), "half": n(half) - n(step), "patch": max(n(lp) for lp in patch),

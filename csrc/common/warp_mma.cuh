@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #ifdef MOCE_CUDA_EMULATION
@@ -20,6 +21,17 @@
 
 namespace moce {
 namespace warp_mma {
+
+// The emulation fails on a misaligned vector or matrix access, which a GPU would fault on (or, for
+// ldmatrix, silently misread); on the GPU this is a no-op.
+__device__ __forceinline__ void check_aligned(const void* p, unsigned bytes, const char* what) {
+#ifdef MOCE_CUDA_EMULATION
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0)
+    ::emu::fail(std::string(what) + " is not " + std::to_string(bytes) + "-byte aligned");
+#else
+  (void)p, (void)bytes, (void)what;
+#endif
+}
 
 // Two elements of T (bfloat16 or half) packed into a register, lo in the low half.
 template <typename T>
@@ -44,6 +56,7 @@ template <bool TRANS>
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
 #ifdef MOCE_CUDA_EMULATION
   const int l = ::emu::lane(), g = l / 4, t = l % 4;
+  check_aligned(row, 16, "ldmatrix row address");
   ::emu::warp_exchange(0xffffffffu, reinterpret_cast<uint64_t>(row), [&](const uint64_t* s, unsigned) {
     for (int j = 0; j < 4; ++j) {
       auto at = [&](int lane, int col) { return reinterpret_cast<const uint16_t*>(s[8 * j + lane])[col]; };

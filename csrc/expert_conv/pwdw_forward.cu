@@ -44,41 +44,60 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
   stage_dw<T, K, CG, NB>(p, m, cb, nch, sdw);
   pw_halo<T, K, CG, NB>(p, m, srow, cb, nch, ty0, tx0, sy, sx, sw);
 
-  // depthwise: one warp per output channel, a lane per column
+  // depthwise: one warp per output channel; 16-bit: tensor cores (dw_tile_tc, a lane holds row g,
+  // columns 8 nt + 2 t + e), float: exact FMAs (dw_column, a lane per column, 8 rows)
+  constexpr bool kTC = !std::is_same<T, float>::value;
+  constexpr int kOut = 8;  // outputs per lane and channel
+  static_assert(kTH == kOut, "dw_column gives kTH rows per lane");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t HW = (int64_t)p.H * p.W;
   const T* db = static_cast<const T*>(p.db);
   const int64_t db_off = m[5];
   const OutAddr oa(m, n, HW);
-  const int px = tx0 + lane;
-  const int rows = px < p.W ? min(kTH, p.H - ty0) : 0;  // output rows this lane writes
-  const int64_t pix0 = (int64_t)ty0 * p.W + px;
+  // this lane's output pixels (image offsets, or kOutside), the same for every channel
+  constexpr unsigned kOutside = 0xffffffffu;
+  unsigned opix[kOut];
+#pragma unroll
+  for (int i = 0; i < kOut; ++i) {
+    const int oy = kTC ? lane / 4 : i, ox = kTC ? 8 * (i / 2) + 2 * (lane % 4) + i % 2 : lane;
+    const int py = ty0 + oy, px = tx0 + ox;
+    opix[i] = (py < p.H && px < p.W) ? (unsigned)(py * p.W + px) : kOutside;
+  }
   for (int q = warp; q < OUT_PER_BLOCK; q += kWarps) {
     const int oc = cb * OUT_PER_BLOCK + q;  // output channel; its a row is block row q, b row q + CG/2
     if (oc >= nch) break;
-    float a[kTH], b[kTH];
-    dw_column<K>(sy + q * G::LD, sdw + q * K * K, lane, a);
-    if (NB == 2) dw_column<K>(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, lane, b);
+    float a[kOut], b[kOut] = {};
+    if constexpr (kTC) {
+      float ta[4][2], tb[4][2] = {};
+      dw_tile_tc<T, K>(sy + q * G::LD, sdw + q * K * K, ta);
+      if (NB == 2) dw_tile_tc<T, K>(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, tb);
+#pragma unroll
+      for (int i = 0; i < kOut; ++i) {
+        a[i] = ta[i / 2][i % 2];
+        b[i] = tb[i / 2][i % 2];
+      }
+    } else {
+      dw_column<K>(sy + q * G::LD, sdw + q * K * K, lane, a);
+      if (NB == 2) dw_column<K>(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, lane, b);
+    }
     const float dba = db != nullptr ? to_f(db[db_off + oc]) : 0.f;
     const float dbb = (NB == 2 && db != nullptr) ? to_f(db[db_off + oc + nch]) : 0.f;
-    const int64_t o0 = oa(oc) + pix0;
+    T* out = opaque(static_cast<T*>(p.out) + oa(oc));
 #pragma unroll
-    for (int oy = 0; oy < kTH; ++oy) {
-      if (oy >= rows) break;
-      const int64_t o = o0 + (int64_t)oy * p.W;
-      const float av = a[oy] + dba;
+    for (int i = 0; i < kOut; ++i) {
+      if (opix[i] == kOutside) continue;
+      const float av = a[i] + dba;
       if (MODE == 0) {
-        static_cast<T*>(p.out)[o] = from_f<T>(av);
+        __stcg(out + opix[i], from_f<T>(av));  // st.global: out is opaque to the compiler
       } else {
-        const float bv = b[oy] + dbb;
+        const float bv = b[i] + dbb;
         if (MODE == 1) {
-          static_cast<T*>(p.out)[o] = from_f<T>(gelu_f(av) * bv);
+          __stcg(out + opix[i], from_f<T>(gelu_f(av) * bv));
         } else {
-          const float g = to_f(static_cast<const T*>(p.g)[o]);
-          T* gf = static_cast<T*>(p.gofull);
-          const int64_t base = (n * (int64_t)m[1] + oc) * HW + pix0 + (int64_t)oy * p.W;
-          gf[base] = from_f<T>(g * bv * gelu_grad_f(av));
-          gf[base + (int64_t)nch * HW] = from_f<T>(g * gelu_f(av));
+          const float g = to_f(static_cast<const T*>(p.g)[oa(oc) + opix[i]]);
+          T* gf = static_cast<T*>(p.gofull) + (n * (int64_t)m[1] + oc) * HW + opix[i];
+          gf[0] = from_f<T>(g * bv * gelu_grad_f(av));
+          gf[(int64_t)nch * HW] = from_f<T>(g * gelu_f(av));
         }
       }
     }

@@ -25,7 +25,8 @@ struct Geo {
   static constexpr int NT = (HALO + 15) / 16;      // 16-pixel tiles of the halo
   static constexpr int NTH = (NT + 1) / 2;         // ... per half
   static constexpr int NH = NTH * 16;              // pixels per half
-  static constexpr int LD = NT * 16;               // row stride of the 1x1 result in smem (floats)
+  static constexpr int LD = NT * 16 + 8;           // row stride of the 1x1 result in smem (floats; the 8-float
+                                                   // tail is zeroed: the tensor-core depthwise reads past HALO)
   static constexpr int LDX = NH + 8;               // row stride of the staged inputs (conflict-free B loads)
   static constexpr int CG = CG_;                   // pw output rows per block
   static constexpr int MT = CG / 16;               // 16-row MMA tiles
@@ -68,7 +69,8 @@ struct OutAddr {
   __device__ __forceinline__ OutAddr(const int64_t* m, int64_t n, int64_t HW_)
       : base(m[8] + n * m[11]), split_stride(m[10]), HW(HW_), split((int)m[9]) {}
   __device__ __forceinline__ int64_t operator()(int c) const {
-    return base + (c / split) * split_stride + (c % split) * HW;
+    const unsigned uc = (unsigned)c, us = (unsigned)split;  // both >= 0: unsigned division is cheaper
+    return base + (int64_t)(uc / us) * split_stride + (int64_t)(uc % us) * HW;
   }
 };
 
@@ -224,6 +226,7 @@ struct Pw<T, K, CG, true> {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           float* y = sy + (mt * 16 + g) * G::LD + half * G::NH + nt * 16 + h * 8 + 2 * tq;
+          warp_mma::check_aligned(y, 8, "1x1 result pair");
           *reinterpret_cast<float2*>(y) = make_float2(acc[t][h][0], acc[t][h][1]);
           *reinterpret_cast<float2*>(y + 8 * G::LD) = make_float2(acc[t][h][2], acc[t][h][3]);
         }
@@ -302,6 +305,46 @@ __device__ __forceinline__ void dw_column(const float* __restrict__ y, const flo
   }
 }
 
+// Depthwise k x k of one channel on tensor cores (16-bit T): each row shift dy is a banded Toeplitz
+// product. Per 8-column slice x0 = 8 nt of the tile, A (16 x 16) holds the 1x1 result rounded to T,
+// rows oy + dy (oy < 8; rows 8-15 repeat them and their results are dropped) and halo columns
+// x0 .. x0 + 15; B (16 x 8) holds w[dy][j - x] for input column j and output column x (zero outside
+// [0, k): only columns j < x + k <= 7 + k < 16 matter, so the row tail read past HWD meets zero weights
+// and the zeroed tail of the row block). out[nt][e] = output (row g, column 8 nt + 2 t + e) of the lane.
+template <typename T, int K>
+__device__ __forceinline__ void dw_tile_tc(const float* __restrict__ y, const float* __restrict__ wk,
+                                           float (&out)[4][2]) {
+  using G = Geo<K, 32>;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  float acc[4][4];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+  const int d0 = 2 * t - g;  // tap index of this lane's B elements: d0, d0 + 1, d0 + 8, d0 + 9
+#pragma unroll
+  for (int dy = 0; dy < K; ++dy) {
+    const float* w = wk + dy * K;
+    auto tap = [&](int d) { return d >= 0 && d < K ? w[d] : 0.f; };
+    const uint32_t b[2] = {warp_mma::pack2<T>(tap(d0), tap(d0 + 1)), warp_mma::pack2<T>(tap(d0 + 8), tap(d0 + 9))};
+    const float* row = y + (g + dy) * G::HWD + 2 * t;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      warp_mma::check_aligned(row + 8 * nt, 8, "depthwise A pair");
+      const float2 lo = *reinterpret_cast<const float2*>(row + 8 * nt);
+      const float2 hi = *reinterpret_cast<const float2*>(row + 8 * nt + 8);
+      const uint32_t a0 = warp_mma::pack2<T>(lo.x, lo.y), a2 = warp_mma::pack2<T>(hi.x, hi.y);
+      const uint32_t a[4] = {a0, a0, a2, a2};
+      warp_mma::mma_16816<T>(acc[nt], a, b);
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    out[nt][0] = acc[nt][0];
+    out[nt][1] = acc[nt][1];
+  }
+}
+
 // The block's 1x1 result over the tile plus halo into sy (CG x LD, fp32): two halves of the halo's
 // pixels, input channels streamed through shared memory; then the pw bias is added and the halo
 // zeroed outside the image (the depthwise conv pads the 1x1 *output*). Ends with a barrier.
@@ -327,8 +370,9 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
     pw.store(sy, half);
   }
   __syncthreads();
-  // bias and zero padding: a warp per row, a lane per halo column (inside-the-image bits precomputed)
-  constexpr int U = (G::HALO + 31) / 32;
+  // bias and zero padding: a warp per row, a lane per column of the row (inside-the-image bits
+  // precomputed; zero past the halo too)
+  constexpr int U = (G::LD + 31) / 32;
   static_assert(U <= 32, "one bit per halo slot");
   unsigned inside = 0;
   {
@@ -345,7 +389,7 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
     float* y = sy + r * G::LD + lane;
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (lane + 32 * u < G::HALO) y[32 * u] = (inside >> u & 1u) ? y[32 * u] + b : 0.f;
+      if (lane + 32 * u < G::LD) y[32 * u] = (inside >> u & 1u) ? y[32 * u] + b : 0.f;
   }
   __syncthreads();
 }
