@@ -7,9 +7,10 @@ the script finds four loops and weights each body by its trip count per block (G
 `pwdw_tile.cuh`: CG pw rows per block, an 8 x 32 output tile, 256 threads):
 
 * step:  the innermost loop holding the 1x1's MMAs and x's loads, one trip per K step of 16 input channels
-         and half of the halo (stage x and the weights, MMAs): 256 threads x 2 ceil(C_in / 16) trips;
-* half:  the loop around it (accumulator set-up and store), minus the step loop: 256 threads x 2;
-* patch: the bias / zero-padding pass over the 1x1 result (the loop holding the line that writes
+         and part of the halo (stage x and the weights, MMAs): 256 threads x NPART ceil(C_in / 16) trips;
+* part:  the loop around it (accumulator set-up and store), minus the step loop: 256 threads x NPART
+         (Geo::NPART: 2 at k = 3, 3 at k = 5, 7);
+* patch: the zero-padding pass over the 1x1 result (the loop holding the line that writes
          `y[32 * u]` in `pw_halo`): a warp per pw row, 256 threads x CG / 8 trips;
 * dw:    the depthwise loop (innermost loops that store to global memory; on tensor cores for 16-bit
          inputs since version 3.2): a warp per output channel,
@@ -42,7 +43,7 @@ from cuda_instruction_floor import COPY_BW, ISSUE_RATE, MANGLED, ROOT, _cuobjdum
 
 SOURCE = ROOT / "csrc" / "expert_conv" / "pwdw_forward.cu"
 TILE = ROOT / "csrc" / "expert_conv" / "pwdw_tile.cuh"
-PATCH_LINE = re.compile(r"y\[32 \* u\] = \(inside")
+PATCH_LINE = re.compile(r"y\[32 \* u\] = from_f<Y>\(0\.f\)")
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 _BRANCH = re.compile(r"\bBRA(?:\.(\w+))?\s+(?:.*?)`?\(?\.?L?_?x?_?(?:0x)?([0-9a-f]+)?")
@@ -119,7 +120,7 @@ def _body(ins, lp) -> List[Tuple[int, str, Optional[str]]]:
 
 
 def roles(ins, labels, patch_lines: List[str]) -> Dict[str, int]:
-    """Instructions per trip of the step, half (less its step loop), patch and dw loops."""
+    """Instructions per trip of the step, part (less its step loop), patch and dw loops."""
     lps = loops(ins, labels)
     inner = [lp for lp in lps if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in lps)]
 
@@ -135,24 +136,31 @@ def roles(ins, labels, patch_lines: List[str]) -> Dict[str, int]:
     if len(step) != 1:
         raise ValueError(f"expected one MMA step loop, found {len(step)}")
     step = step[0]
-    half = min((lp for lp in lps if lp != step and lp[0] <= step[0] and step[1] <= lp[1]), key=n)
-    patch = [lp for lp in lps if lp not in (half,) and any(w in patch_lines for _, _, w in _body(ins, lp))]
+    part = min((lp for lp in lps if lp != step and lp[0] <= step[0] and step[1] <= lp[1]), key=n)
+    patch = [lp for lp in lps if lp not in (part,) and any(w in patch_lines for _, _, w in _body(ins, lp))]
     dw = [lp for lp in inner if "STG" in ops(lp)]
     if not patch or not dw:
         raise ValueError("patch or depthwise loop not found")
-    return {"step": n(step), "half": n(half) - n(step), "patch": max(n(lp) for lp in patch),
+    return {"step": n(step), "part": n(part) - n(step), "patch": max(n(lp) for lp in patch),
             "dw": max(n(lp) for lp in dw)}
+
+
+def parts(k: int) -> int:
+    """Geo::NPART: the halo's 16-pixel tiles (an 8 x 32 tile plus k - 1) in parts of at most 12."""
+    nt = -(-((8 + k - 1) * (32 + k - 1)) // 16)
+    return -(-nt // 12)
 
 
 def per_output(r: Dict[str, int], case: Case, elem_bytes: int) -> Dict:
     """Lane-instructions per output of one 8 x 32 tile's blocks (the last channel block may be partial:
     the step, half and patch loops run for all CG rows, the depthwise loop for valid channels only)."""
-    cg = 64 if case.k == 3 else 32
+    cg = 64                                         # 16-bit paths: 64 pw rows per block (kFwdGroup)
     nb = 2 if case.mode else 1
     nout = case.cout // nb                          # output channels
     blocks = -(-nout // (cg // nb))                 # channel blocks per tile
-    steps = 2 * -(-case.cin // 16)
-    lane = {"step": r["step"] * 256 * steps * blocks, "half": r["half"] * 256 * 2 * blocks,
+    nparts = parts(case.k)
+    steps = nparts * -(-case.cin // 16)
+    lane = {"step": r["step"] * 256 * steps * blocks, "part": r["part"] * 256 * nparts * blocks,
             "patch": r["patch"] * 256 * (cg // 8) * blocks, "dw": r["dw"] * 32 * nout}
     per = {k: v / (nout * 256) for k, v in lane.items()}
     total = sum(per.values())
@@ -188,10 +196,10 @@ def main(argv: List[str] | None = None) -> int:
     rows = report(listing, args.dtype)
     print("lane-instructions per output element (one channel at one pixel), by loop; budget = what the memory "
           "floor allows at perfect issue")
-    print("| case | step | half | patch | dw | total | budget at roofline | ceiling |")
+    print("| case | step | part | patch | dw | total | budget at roofline | ceiling |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['step']} | {r['half']} | {r['patch']} | {r['dw']} | {r['total']} | "
+        print(f"| {r['case']} | {r['step']} | {r['part']} | {r['patch']} | {r['dw']} | {r['total']} | "
               f"{r['budget_at_roofline']} | {r['ceiling']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -68,7 +68,7 @@ import cuda_instruction_floor_pwdw as pwdw  # noqa: E402
 
 
 def _listing():
-    """An nvdisasm -g listing shaped like pwdw_fwd_kernel<bf16, 3, 0>: a half loop around an MMA step
+    """An nvdisasm -g listing shaped like pwdw_fwd_kernel<bf16, 3, 0>: a part loop around an MMA step
     loop, a patch loop (its line is the patch line), a depthwise loop storing to global memory, and a
     divergence fallback whose jump back must not count as a loop."""
     out, a = [], 0
@@ -88,20 +88,21 @@ def _listing():
     ins("MOV R1, c[0x0][0x28]")
     out.append(".L_x_1:")
     for _ in range(5):
-        ins("CS2R R12, SRZ")                                           # half: 5 + 1 (branch) outside the step
-    loop(".L_x_2", 20, lambda i: "HMMA.16816.F32.BF16 R12, R4, R70, R12" if i == 3 else "LDG.E.U16 R8, desc[UR4][R2.64]")
+        ins("CS2R R12, SRZ")                                           # part: 5 + 1 (branch) outside the step
+    loop(".L_x_2", 20, lambda i: "@!P2 HMMA.16816.F32.BF16 R12, R4, R70, R12" if i == 3 else "LDG.E.U16 R8, desc[UR4][R2.64]")
     ins("@!P1 BRA `(.L_x_1)")
     loop(".L_x_3", 9, lambda i: "FADD R3, R3, R4", line=300)            # patch
-    loop(".L_x_4", 30, lambda i: "STG.E.U16 desc[UR4][R6.64], R5" if i == 7 else "FFMA R4, R4, R5, R6")
+    loop(".L_x_4", 30, lambda i: {7: "STG.E.U16 desc[UR4][R6.64], R5", 2: "@P1 HMMA.16816.F32.BF16 R8, R4, R2, R8",
+                                  4: "LDG.E.U16 R9, desc[UR4][R2.64]"}.get(i, "FFMA R4, R4, R5, R6"))  # a TC depthwise
     ins("EXIT")
     ins("BRA.DIV UR4, `(.L_x_2)")                                        # fallback: not a loop
     name = "_ZN4moce11expert_conv4_GLOBAL__N_15pwdw_fwd_kernelI13__nv_bfloat16Li3ELi0EEEvNS0_10PwdwParamsEiii"
     return f"\n//--------------------- .text.{name} ----\n" + "\n".join(out) + "\n"
 
 
-def test_pwdw_reader_finds_step_half_patch_and_dw_loops():
+def test_pwdw_reader_finds_step_part_patch_and_dw_loops():
     ins, labels = pwdw.parse(_listing().split(".text.", 1)[1])
-    assert pwdw.roles(ins, labels, ["pwdw_tile.cuh:300"]) == {"step": 20, "half": 6, "patch": 9, "dw": 30}
+    assert pwdw.roles(ins, labels, ["pwdw_tile.cuh:300"]) == {"step": 20, "part": 6, "patch": 9, "dw": 30}
     try:
         pwdw.roles(ins, labels, ["pwdw_tile.cuh:301"])                   # no patch loop at that line
     except ValueError:
@@ -111,8 +112,9 @@ def test_pwdw_reader_finds_step_half_patch_and_dw_loops():
 
 
 def test_pwdw_per_output_weights_loops_by_trip_counts():
-    r = {"step": 20, "half": 6, "patch": 9, "dw": 30}
-    case = pwdw.Case("c", cin=40, cout=100, k=3, mode=0)                # 2 channel blocks of 64, 6 K steps
+    r = {"step": 20, "part": 6, "patch": 9, "dw": 30}
+    case = pwdw.Case("c", cin=40, cout=100, k=3, mode=0)                # 2 channel blocks of 64, 2 parts x 3 K steps
+    assert (pwdw.parts(3), pwdw.parts(7)) == (2, 3)                     # 22 and 34 halo tiles of 16 pixels
     row = pwdw.per_output(r, case, 2)
     lanes = 20 * 256 * 6 * 2 + 6 * 256 * 2 * 2 + 9 * 256 * 8 * 2 + 30 * 32 * 100
     assert abs(row["total"] - round(lanes / (100 * 256), 1)) < 0.11

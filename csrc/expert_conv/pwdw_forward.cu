@@ -21,17 +21,22 @@ namespace {
 
 using namespace tile;
 
-template <int K>
-constexpr int kFwdGroup = K == 3 ? 64 : 32;  // pw output rows per block
+// pw output rows per block: 64, except 32 for the fp32 path at k = 5, 7 (its fp32 1x1 result would not
+// leave room for two blocks per SM); the 16-bit path keeps its 1x1 result in T.
+template <typename T, int K>
+constexpr int kFwdGroup = (K == 3 || !std::is_same<T, float>::value) ? 64 : 32;
+template <typename T>
+using YOf = std::conditional_t<std::is_same<T, float>::value, float, T>;  // element of the 1x1 result in smem
 
 template <typename T, int K, int MODE>
 __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_tw, int n_tiles, int n_cblk) {
-  constexpr int CG = kFwdGroup<K>, NB = MODE > 0 ? 2 : 1;
+  constexpr int CG = kFwdGroup<T, K>, NB = MODE > 0 ? 2 : 1;
+  using Y = YOf<T>;
   constexpr int OUT_PER_BLOCK = CG / NB;  // output channels of the block
   using G = Geo<K, CG>;
-  using S = Smem<T, K, CG>;
+  using S = Smem<T, K, CG, Y>;
   extern __shared__ __align__(128) float smem[];
-  float* sy = smem;
+  Y* sy = reinterpret_cast<Y*>(smem);
   T* sx = reinterpret_cast<T*>(smem + S::kY);
   T* sw = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(sx) + S::kXBytes);
   float* sdw = smem + S::kY + S::kStage;
@@ -106,14 +111,14 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
 
 template <typename T, int K, int MODE>
 cudaError_t launch_t(const PwdwParams& p, cudaStream_t stream) {
-  using G = Geo<K, kFwdGroup<K>>;
+  using G = Geo<K, kFwdGroup<T, K>>;
   constexpr int NB = MODE > 0 ? 2 : 1;
   const int n_tw = (int)cdiv(p.W, kTW), n_tiles = (int)cdiv(p.H, kTH) * n_tw;
   const int n_cblk = (int)cdiv(p.max_nch, G::CG / NB);
   const int64_t blocks = (int64_t)p.N * n_tiles * n_cblk;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  const size_t smem = sizeof(float) * Smem<T, K, kFwdGroup<K>>::kFloats;
+  const size_t smem = sizeof(float) * Smem<T, K, kFwdGroup<T, K>, YOf<T>>::kFloats;
   cudaError_t err = cudaFuncSetAttribute(pwdw_fwd_kernel<T, K, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          (int)smem);
   if (err != cudaSuccess) return err;

@@ -23,17 +23,19 @@ template <int K, int CG_>
 struct Geo {
   static constexpr int P = K / 2, HWD = kTW + K - 1, HH = kTH + K - 1, HALO = HH * HWD;
   static constexpr int NT = (HALO + 15) / 16;      // 16-pixel tiles of the halo
-  static constexpr int NTH = (NT + 1) / 2;         // ... per half
-  static constexpr int NH = NTH * 16;              // pixels per half
+  static constexpr int NPART = (NT + 11) / 12;     // parts of the halo computed one after the other (the
+                                                   // accumulators of a part stay in registers): 2 at k = 3, 3 at k = 5, 7
+  static constexpr int NTH = (NT + NPART - 1) / NPART;  // 16-pixel tiles per part
+  static constexpr int NH = NTH * 16;              // pixels per part
   static constexpr int LD = NT * 16 + 8;           // row stride of the 1x1 result in smem (floats; the 8-float
                                                    // tail is zeroed: the tensor-core depthwise reads past HALO)
   static constexpr int LDX = NH + 8;               // row stride of the staged inputs (conflict-free B loads)
   static constexpr int CG = CG_;                   // pw output rows per block
   static constexpr int MT = CG / 16;               // 16-row MMA tiles
   static constexpr int NW = kWarps / MT;           // warps sharing an MMA row tile
-  static constexpr int TPW = (NTH + NW - 1) / NW;  // MMA column tiles per warp and half
+  static constexpr int TPW = (NTH + NW - 1) / NW;  // MMA column tiles per warp and part
   static constexpr int LDW = kKC + 8;              // row stride of the staged weights
-  // float path: thread = 8 rows x PPT pixels of a half (pixel lanes PL apart)
+  // float path: thread = 8 rows x PPT pixels of a part (pixel lanes PL apart)
   static constexpr int CGRP = CG / 8, PL = kThreads / CGRP, PPT = (NH + PL - 1) / PL;
 };
 
@@ -74,12 +76,12 @@ struct OutAddr {
   }
 };
 
-// Shared memory of a block, in floats: the 1x1 result (CG x LD), the staged inputs and weights
-// (aliased as T), the depthwise weights (CG x K*K).
-template <typename T, int K, int CG>
+// Shared memory of a block, in floats: the 1x1 result (CG x LD elements of Y: float, or T for the
+// 16-bit forward), the staged inputs and weights (aliased as T), the depthwise weights (CG x K*K).
+template <typename T, int K, int CG, typename Y = float>
 struct Smem {
   using G = Geo<K, CG>;
-  static constexpr int kY = G::CG * G::LD;
+  static constexpr int kY = (G::CG * G::LD * (int)sizeof(Y) + 15) / 16 * 4;
   static constexpr int kXBytes = kKC * G::LDX * (int)sizeof(T);
   static constexpr int kWBytes = G::CG * G::LDW * (int)sizeof(T);
   static constexpr int kStage = (kXBytes + kWBytes + 15) / 16 * 4;  // floats, 16-byte aligned
@@ -121,14 +123,14 @@ struct HaloLane {
   }
 };
 
-// Staging of one K step: input channels [k0, k0 + kKC) over the halo pixels of one half into sx
+// Staging of one K step: input channels [k0, k0 + kKC) over the halo pixels of one part into sx
 // (kKC x LDX; zero outside the image / beyond cin), a warp per channel row and a lane per pixel (the
-// pixel offsets precomputed per half); the block's weights of those channels into sw (CG x LDW), each
+// pixel offsets precomputed per part); the block's weights of those channels into sw (CG x LDW), each
 // thread owning the same EW consecutive entries of one weight row in every step.
 template <typename T, int K, int CG, int NB>
 struct Stager {
   using G = Geo<K, CG>;
-  static constexpr int kU = (G::NH + 31) / 32;           // pixel slots per lane and half
+  static constexpr int kU = (G::NH + 31) / 32;           // pixel slots per lane and part
   static constexpr int kEW = G::CG * kKC / kThreads;     // weight entries per thread and step
   static_assert(G::CG * kKC % kThreads == 0 && kKC % kEW == 0, "weight staging: CG * kKC / threads entries each");
   HaloLane<K, kU> px;
@@ -141,8 +143,8 @@ struct Stager {
     const int row = pw_row<G::CG, NB>(wr, cb, nch);
     wp = row >= 0 ? w + w_off + (int64_t)row * cin + wk : nullptr;
   }
-  __device__ __forceinline__ void init_half(int half, int ty0, int tx0, int H, int W) {
-    px.init(half * G::NH, ty0, tx0, H, W);
+  __device__ __forceinline__ void init_part(int part, int ty0, int tx0, int H, int W) {
+    px.init(part * G::NH, ty0, tx0, H, W);
   }
   __device__ __forceinline__ void stage(const T* __restrict__ src, int64_t src_off, int64_t HW, int cin, int k0,
                                         T* sx, T* sw) const {
@@ -181,13 +183,23 @@ struct Pw<T, K, CG, true> {
   // mma.sync m16n8k16 (warp_mma.cuh): per 16-pixel column tile two n8 accumulators; A (the weights,
   // 16 rows x 16 input channels) by one ldmatrix, B (16 channels x 16 pixels) by one ldmatrix.trans.
   float acc[G::TPW][2][4];
-  int mt, nw, tv;  // this warp's row tile, first column tile, and count of column tiles in the half
+  float bias[2];   // pw bias of this lane's rows g and g + 8
+  int mt, nw, tv;  // this warp's row tile, first column tile, and count of column tiles in the part
 
-  __device__ __forceinline__ void init(int half) {
+  template <int NB>
+  __device__ __forceinline__ void set_bias(const T* pb, int64_t pb_off, int cb, int nch) {
+    const int r0 = (threadIdx.x / 32) % G::MT * 16 + threadIdx.x % 32 / 4;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = pw_row<G::CG, NB>(r0 + 8 * i, cb, nch);
+      bias[i] = (pb != nullptr && row >= 0) ? to_f(pb[pb_off + row]) : 0.f;
+    }
+  }
+  __device__ __forceinline__ void init(int part) {
     const int warp = threadIdx.x / 32;
     mt = warp % G::MT;
     nw = warp / G::MT;
-    const int lim = G::NT - half * G::NTH < G::NTH ? G::NT - half * G::NTH : G::NTH;  // column tiles of the half
+    const int lim = G::NT - part * G::NTH < G::NTH ? G::NT - part * G::NTH : G::NTH;  // column tiles of the part
     tv = lim > nw ? (lim - nw + G::NW - 1) / G::NW : 0;
 #pragma unroll
     for (int t = 0; t < G::TPW; ++t)
@@ -196,7 +208,7 @@ struct Pw<T, K, CG, true> {
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[t][h][i] = 0.f;
   }
-  // column tile t of this warp (in [0, NTH) within the half), or -1
+  // column tile t of this warp (in [0, NTH) within the part), or -1
   __device__ __forceinline__ int tile_of(int t, int) const { return t < tv ? nw + t * G::NW : -1; }
   __device__ __forceinline__ void step(const T* sx, const T* sw, int) {
     const int lane = threadIdx.x % 32, m = lane / 8, r = lane % 8;
@@ -215,20 +227,28 @@ struct Pw<T, K, CG, true> {
       }
     }
   }
-  // Writes this thread's part of the half's result to sy (CG x LD): rows g and g + 8 of the row tile,
-  // pixel pairs 2t, 2t + 1 of each n8 tile.
-  __device__ __forceinline__ void store(float* sy, int half) {
+  // Writes this thread's share of the part's result plus the pw bias to sy (CG x LD of Y, rounded
+  // once to Y): rows g and g + 8 of the row tile, pixel pairs 2t, 2t + 1 of each n8 tile.
+  template <typename Y>
+  __device__ __forceinline__ void store(Y* sy, int part) {
     const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
 #pragma unroll
     for (int t = 0; t < G::TPW; ++t) {
-      const int nt = tile_of(t, half);
+      const int nt = tile_of(t, part);
       if (nt >= 0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          float* y = sy + (mt * 16 + g) * G::LD + half * G::NH + nt * 16 + h * 8 + 2 * tq;
-          warp_mma::check_aligned(y, 8, "1x1 result pair");
-          *reinterpret_cast<float2*>(y) = make_float2(acc[t][h][0], acc[t][h][1]);
-          *reinterpret_cast<float2*>(y + 8 * G::LD) = make_float2(acc[t][h][2], acc[t][h][3]);
+          Y* y = sy + (mt * 16 + g) * G::LD + part * G::NH + nt * 16 + h * 8 + 2 * tq;
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            Y* yi = y + 8 * i * G::LD;
+            const float v0 = acc[t][h][2 * i] + bias[i], v1 = acc[t][h][2 * i + 1] + bias[i];
+            warp_mma::check_aligned(yi, 2 * sizeof(Y), "1x1 result pair");
+            if constexpr (std::is_same<Y, float>::value)
+              *reinterpret_cast<float2*>(yi) = make_float2(v0, v1);
+            else
+              *reinterpret_cast<uint32_t*>(yi) = warp_mma::pack2<Y>(v0, v1);
+          }
         }
       }
     }
@@ -239,8 +259,17 @@ template <int K, int CG>
 struct Pw<float, K, CG, false> {
   using G = Geo<K, CG>;
   float acc[8][G::PPT];
+  float bias[8];  // pw bias of rows grp*8 .. grp*8+7
   int grp, lane;  // rows grp*8 .. grp*8+7; pixels lane + i*PL
 
+  template <int NB>
+  __device__ __forceinline__ void set_bias(const float* pb, int64_t pb_off, int cb, int nch) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int row = pw_row<G::CG, NB>(threadIdx.x / G::PL * 8 + i, cb, nch);
+      bias[i] = (pb != nullptr && row >= 0) ? pb[pb_off + row] : 0.f;
+    }
+  }
   __device__ __forceinline__ void init(int) {
     grp = threadIdx.x / G::PL;
     lane = threadIdx.x % G::PL;
@@ -266,13 +295,15 @@ struct Pw<float, K, CG, false> {
       }
     }
   }
-  __device__ __forceinline__ void store(float* sy, int half) {
+  template <typename Y>
+  __device__ __forceinline__ void store(Y* sy, int part) {
+    static_assert(std::is_same<Y, float>::value, "the fp32 path keeps its 1x1 result in fp32");
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
       for (int j = 0; j < G::PPT; ++j) {
-        const int px = half * G::NH + lane + j * G::PL;
-        if (lane + j * G::PL < G::NH && px < G::LD) sy[(grp * 8 + i) * G::LD + px] = acc[i][j];
+        const int px = part * G::NH + lane + j * G::PL;
+        if (lane + j * G::PL < G::NH && px < G::LD) sy[(grp * 8 + i) * G::LD + px] = acc[i][j] + bias[i];
       }
   }
 };
@@ -306,13 +337,13 @@ __device__ __forceinline__ void dw_column(const float* __restrict__ y, const flo
 }
 
 // Depthwise k x k of one channel on tensor cores (16-bit T): each row shift dy is a banded Toeplitz
-// product. Per 8-column slice x0 = 8 nt of the tile, A (16 x 16) holds the 1x1 result rounded to T,
+// product. Per 8-column slice x0 = 8 nt of the tile, A (16 x 16) holds the 1x1 result (kept in T),
 // rows oy + dy (oy < 8; rows 8-15 repeat them and their results are dropped) and halo columns
 // x0 .. x0 + 15; B (16 x 8) holds w[dy][j - x] for input column j and output column x (zero outside
 // [0, k): only columns j < x + k <= 7 + k < 16 matter, so the row tail read past HWD meets zero weights
 // and the zeroed tail of the row block). out[nt][e] = output (row g, column 8 nt + 2 t + e) of the lane.
 template <typename T, int K>
-__device__ __forceinline__ void dw_tile_tc(const float* __restrict__ y, const float* __restrict__ wk,
+__device__ __forceinline__ void dw_tile_tc(const T* __restrict__ y, const float* __restrict__ wk,
                                            float (&out)[4][2]) {
   using G = Geo<K, 32>;
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -327,13 +358,12 @@ __device__ __forceinline__ void dw_tile_tc(const float* __restrict__ y, const fl
     const float* w = wk + dy * K;
     auto tap = [&](int d) { return d >= 0 && d < K ? w[d] : 0.f; };
     const uint32_t b[2] = {warp_mma::pack2<T>(tap(d0), tap(d0 + 1)), warp_mma::pack2<T>(tap(d0 + 8), tap(d0 + 9))};
-    const float* row = y + (g + dy) * G::HWD + 2 * t;
+    const T* row = y + (g + dy) * G::HWD + 2 * t;
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
-      warp_mma::check_aligned(row + 8 * nt, 8, "depthwise A pair");
-      const float2 lo = *reinterpret_cast<const float2*>(row + 8 * nt);
-      const float2 hi = *reinterpret_cast<const float2*>(row + 8 * nt + 8);
-      const uint32_t a0 = warp_mma::pack2<T>(lo.x, lo.y), a2 = warp_mma::pack2<T>(hi.x, hi.y);
+      warp_mma::check_aligned(row + 8 * nt, 4, "depthwise A pair");
+      const uint32_t a0 = *reinterpret_cast<const uint32_t*>(row + 8 * nt);
+      const uint32_t a2 = *reinterpret_cast<const uint32_t*>(row + 8 * nt + 8);
       const uint32_t a[4] = {a0, a0, a2, a2};
       warp_mma::mma_16816<T>(acc[nt], a, b);
     }
@@ -345,33 +375,35 @@ __device__ __forceinline__ void dw_tile_tc(const float* __restrict__ y, const fl
   }
 }
 
-// The block's 1x1 result over the tile plus halo into sy (CG x LD, fp32): two halves of the halo's
-// pixels, input channels streamed through shared memory; then the pw bias is added and the halo
-// zeroed outside the image (the depthwise conv pads the 1x1 *output*). Ends with a barrier.
-template <typename T, int K, int CG, int NB, typename Params>
+// The block's 1x1 result plus the pw bias over the tile and halo into sy (CG x LD of Y: fp32, or T
+// for the 16-bit forward, rounded once): NPART parts of the halo's pixels, input channels streamed
+// through shared memory; then the halo is zeroed outside the image (the depthwise conv pads the 1x1
+// *output*) and past it. Ends with a barrier.
+template <typename T, int K, int CG, int NB, typename Y, typename Params>
 __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64_t srow, int cb, int nch, int ty0,
-                                        int tx0, float* sy, T* sx, T* sw) {
+                                        int tx0, Y* sy, T* sx, T* sw) {
   using G = Geo<K, CG>;
   const int cin = (int)m[0];
   const int64_t HW = (int64_t)p.H * p.W;
   const int64_t src_off = m[6] + srow * m[7];
   Stager<T, K, CG, NB> st;
   st.init_weights(static_cast<const T*>(p.w), m[2], cin, cb, nch);
-  for (int half = 0; half < 2; ++half) {
-    Pw<T, K, CG> pw;
-    pw.init(half);
-    st.init_half(half, ty0, tx0, p.H, p.W);
+  Pw<T, K, CG> pw;
+  pw.template set_bias<NB>(static_cast<const T*>(p.pb), m[4], cb, nch);
+  for (int part = 0; part < G::NPART; ++part) {
+    pw.init(part);
+    st.init_part(part, ty0, tx0, p.H, p.W);
     for (int k0 = 0; k0 < cin; k0 += kKC) {
       __syncthreads();  // the previous step's operands are consumed
       st.stage(static_cast<const T*>(p.src), src_off, HW, cin, k0, sx, sw);
       __syncthreads();
-      pw.step(sx, sw, half);
+      pw.step(sx, sw, part);
     }
-    pw.store(sy, half);
+    pw.store(sy, part);
   }
   __syncthreads();
-  // bias and zero padding: a warp per row, a lane per column of the row (inside-the-image bits
-  // precomputed; zero past the halo too)
+  // zero padding: a warp per row, a lane per column of the row (inside-the-image bits precomputed;
+  // zero past the halo too)
   constexpr int U = (G::LD + 31) / 32;
   static_assert(U <= 32, "one bit per halo slot");
   unsigned inside = 0;
@@ -381,15 +413,12 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
 #pragma unroll
     for (int u = 0; u < U; ++u) inside |= (hl.in(u) ? 1u : 0u) << u;
   }
-  const T* pb = static_cast<const T*>(p.pb);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < CG; r += kWarps) {
-    const int row = pw_row<CG, NB>(r, cb, nch);
-    const float b = (pb != nullptr && row >= 0) ? to_f(pb[m[4] + row]) : 0.f;
-    float* y = sy + r * G::LD + lane;
+    Y* y = sy + r * G::LD + lane;
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (lane + 32 * u < G::LD) y[32 * u] = (inside >> u & 1u) ? y[32 * u] + b : 0.f;
+      if (lane + 32 * u < G::LD && !(inside >> u & 1u)) y[32 * u] = from_f<Y>(0.f);
   }
   __syncthreads();
 }
