@@ -85,6 +85,19 @@ def test_forward_backward_fp32(backend, gated, case):
     _check(backend, case, torch.float32, gated, backward=True)
 
 
+# W and C_in multiples of 8: the CUDA 16-bit forward stages x and the weights by 16-byte cp.async here
+# (the cases above take its element-wise path); two column tiles, the second past the image's edge,
+# and a last K step with half its channels.
+ALIGNED_CASES = [(2, 24, 32, 9, 40, 3, True, True), (1, 16, 12, 10, 24, 7, True, False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_aligned_rows(backend, dtype):
+    _check(backend, ALIGNED_CASES[0], dtype, gated=True, backward=False)
+    _check(backend, ALIGNED_CASES[1], dtype, gated=False, backward=False)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gated", [False, True])
 def test_float64(backend, gated):

@@ -113,10 +113,10 @@ def test_pwdw_reader_finds_step_part_patch_and_dw_loops():
 
 def test_pwdw_per_output_weights_loops_by_trip_counts():
     r = {"step": 20, "part": 6, "patch": 9, "dw": 30}
-    case = pwdw.Case("c", cin=40, cout=100, k=3, mode=0)                # 2 channel blocks of 64, 2 parts x 3 K steps
-    assert (pwdw.parts(3), pwdw.parts(7)) == (2, 3)                     # 22 and 34 halo tiles of 16 pixels
+    case = pwdw.Case("c", cin=40, cout=100, k=3, mode=0)                # 2 channel blocks of 64, 3 parts x 3 K steps
+    assert (pwdw.parts(3), pwdw.parts(7)) == (3, 4)                     # windows of 10 and 14 rows x 3 tiles
     row = pwdw.per_output(r, case, 2)
-    lanes = 20 * 256 * 6 * 2 + 6 * 256 * 2 * 2 + 9 * 256 * 8 * 2 + 30 * 32 * 100
+    lanes = 20 * 256 * 9 * 2 + 6 * 256 * 3 * 2 + 9 * 256 * 8 * 2 + 30 * 32 * 100
     assert abs(row["total"] - round(lanes / (100 * 256), 1)) < 0.11
     budget = 2 * (40 + 100) / 100 / pwdw.COPY_BW * pwdw.ISSUE_RATE
     assert row["ceiling"] == round(min(budget / (lanes / (100 * 256)), 1.0), 2)

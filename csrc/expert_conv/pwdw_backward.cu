@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
   if (cb * CG >= cout) return;  // uniform over the block
   const int64_t HW = (int64_t)p.H * p.W;
   stage_dw<T, K, CG, 1>(p, m, cb, cout, sdw);
-  pw_halo<T, K, CG, 1, float>(p, m, srow, cb, cout, ty0, tx0, sy, sx, sw);  // ends with a barrier
+  pw_halo<T, K, CG, 1, float, false>(p, m, srow, cb, cout, ty0, tx0, sy, sx, sw);  // ends with a barrier
 
   // go over the tile plus halo (the staging buffers are free now): a warp per channel, a lane per
   // halo column, zero outside the image
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
   const OutAddr oa(m, n, HW);
   {
     constexpr int U = (G::HALO + 31) / 32;
-    HaloLane<K, U> hl;
+    HaloLane<G, U> hl;
     hl.init(0, ty0, tx0, p.H, p.W);
     for (int r = threadIdx.x / 32; r < CG; r += kWarps) {
       const int c = cb * CG + r;
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
     const float* yq = sy + q * G::LD;
     const float* gq = sg + q * G::LD;
     float gy[kTH];
-    dw_column<K, true>(gq, sdw + q * KK, lane, gy);
+    dw_column<G, true>(gq, sdw + q * KK, lane, gy);
     T* gyp = static_cast<T*>(p.gy) + m[12] + n * m[13] + (int64_t)c * HW;
 #pragma unroll
     for (int oy = 0; oy < kTH; ++oy)
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
     float gcol[kTH], acc[KK], sgo = 0.f;
 #pragma unroll
     for (int oy = 0; oy < kTH; ++oy) {
-      gcol[oy] = gq[(oy + G::P) * G::HWD + lane + G::P];
+      gcol[oy] = gq[(oy + G::P) * G::RS + G::C0 + lane + G::P];
       sgo += gcol[oy];
     }
 #pragma unroll
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
     for (int ri = 0; ri < G::HH; ++ri) {
       float v[K];
 #pragma unroll
-      for (int dx = 0; dx < K; ++dx) v[dx] = yq[ri * G::HWD + lane + dx];
+      for (int dx = 0; dx < K; ++dx) v[dx] = yq[ri * G::RS + G::C0 + lane + dx];
 #pragma unroll
       for (int dy = 0; dy < K; ++dy) {
         const int oy = ri - dy;

@@ -1,18 +1,19 @@
 // Fused pointwise -> depthwise forward (plain, GELU-gated, gated-backward epilogue), grouped over
-// experts (kernels.h: PwdwParams, meta columns). Version 3; design and byte counts in
+// experts (kernels.h: PwdwParams, meta columns). Version 3.4; design, counts and history in
 // benchmarks/notes/expert_conv.md.
 //
-// One block per (row n, 8 x 32 output tile, group of CG pw output channels: 64 for k = 3, 32 for
-// k = 5, 7). The 1x1 result of the group over the tile plus its (k-1)/2 halo (64 x 352, 32 x 432,
-// 32 x 544) is computed in two halves of the halo's pixels, each accumulated in registers while the
-// input channels stream through shared memory 16 at a time, and stored to shared memory (fp32): x is
-// read once per channel group (version 2 re-read it once per 16 channels). Tensor cores (wmma
-// 16x16x16, fp32 accumulation) for half / bfloat16, register-blocked fp32 FMAs for float (exact, as
-// the reference's fp32 conv). Then the pw bias is added and the halo zeroed outside the image (the
-// depthwise conv pads the 1x1 *output*), and one warp per channel computes the depthwise conv with a
-// lane per output column and the tile's 8 rows in registers, sliding down the halo rows (k loads per
-// input row feed k*k FMAs per output); stores are 32 consecutive pixels per warp. Shared memory
-// ~101 KB (bf16, k = 3), registers <= 128: two blocks per SM.
+// One block per (row n, 8 x 32 output tile, group of CG = 64 pw output channels; 32 for fp32 at
+// k = 5, 7). The group's 1x1 result over the tile plus its (k-1)/2 halo is computed in Geo::NPART
+// parts of at most 12 16-pixel tiles, each accumulated in registers while the input channels stream
+// through shared memory 16 at a time, then stored with the pw bias; x is read once per channel group.
+//  * 16-bit: the halo lives in a 48-column window of aligned 8-pixel chunks, so x (and the weights)
+//    are staged by 16-byte cp.async when aligned (element-wise otherwise); the 1x1 runs on mma.sync
+//    (ldmatrix / ldmatrix.trans operands) and its result stays in T; the depthwise runs on tensor
+//    cores as a banded Toeplitz product per row shift (dw_tile_tc).
+//  * fp32: exact FMAs for the 1x1 (register-blocked) and the depthwise (a lane per column, the
+//    tile's 8 rows in registers), as the reference's fp32 convs.
+// The halo is zeroed outside the image (the depthwise conv pads the 1x1 *output*). Registers <= 128
+// and <= ~110 KB of shared memory: two blocks per SM.
 #include "expert_conv/pwdw_tile.cuh"
 
 namespace moce {
@@ -32,9 +33,10 @@ template <typename T, int K, int MODE>
 __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_tw, int n_tiles, int n_cblk) {
   constexpr int CG = kFwdGroup<T, K>, NB = MODE > 0 ? 2 : 1;
   using Y = YOf<T>;
+  constexpr bool WIN = !std::is_same<T, float>::value;  // 16-bit: window layout, x staged by cp.async
   constexpr int OUT_PER_BLOCK = CG / NB;  // output channels of the block
-  using G = Geo<K, CG>;
-  using S = Smem<T, K, CG, Y>;
+  using G = Geo<K, CG, WIN>;
+  using S = Smem<T, K, CG, Y, WIN>;
   extern __shared__ __align__(128) float smem[];
   Y* sy = reinterpret_cast<Y*>(smem);
   T* sx = reinterpret_cast<T*>(smem + S::kY);
@@ -47,7 +49,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
   const int nch = (int)m[1] / NB;
   if (cb * OUT_PER_BLOCK >= nch) return;  // uniform over the block
   stage_dw<T, K, CG, NB>(p, m, cb, nch, sdw);
-  pw_halo<T, K, CG, NB>(p, m, srow, cb, nch, ty0, tx0, sy, sx, sw);
+  pw_halo<T, K, CG, NB, Y, WIN>(p, m, srow, cb, nch, ty0, tx0, sy, sx, sw);
 
   // depthwise: one warp per output channel; 16-bit: tensor cores (dw_tile_tc, a lane holds row g,
   // columns 8 nt + 2 t + e), float: exact FMAs (dw_column, a lane per column, 8 rows)
@@ -74,16 +76,16 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
     float a[kOut], b[kOut] = {};
     if constexpr (kTC) {
       float ta[4][2], tb[4][2] = {};
-      dw_tile_tc<T, K>(sy + q * G::LD, sdw + q * K * K, ta);
-      if (NB == 2) dw_tile_tc<T, K>(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, tb);
+      dw_tile_tc<T, G>(sy + q * G::LD, sdw + q * K * K, ta);
+      if (NB == 2) dw_tile_tc<T, G>(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, tb);
 #pragma unroll
       for (int i = 0; i < kOut; ++i) {
         a[i] = ta[i / 2][i % 2];
         b[i] = tb[i / 2][i % 2];
       }
     } else {
-      dw_column<K>(sy + q * G::LD, sdw + q * K * K, lane, a);
-      if (NB == 2) dw_column<K>(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, lane, b);
+      dw_column<G>(sy + q * G::LD, sdw + q * K * K, lane, a);
+      if (NB == 2) dw_column<G>(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, lane, b);
     }
     const float dba = db != nullptr ? to_f(db[db_off + oc]) : 0.f;
     const float dbb = (NB == 2 && db != nullptr) ? to_f(db[db_off + oc + nch]) : 0.f;
@@ -111,14 +113,14 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
 
 template <typename T, int K, int MODE>
 cudaError_t launch_t(const PwdwParams& p, cudaStream_t stream) {
-  using G = Geo<K, kFwdGroup<T, K>>;
+  using G = Geo<K, kFwdGroup<T, K>, !std::is_same<T, float>::value>;
   constexpr int NB = MODE > 0 ? 2 : 1;
   const int n_tw = (int)cdiv(p.W, kTW), n_tiles = (int)cdiv(p.H, kTH) * n_tw;
   const int n_cblk = (int)cdiv(p.max_nch, G::CG / NB);
   const int64_t blocks = (int64_t)p.N * n_tiles * n_cblk;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  const size_t smem = sizeof(float) * Smem<T, K, kFwdGroup<T, K>, YOf<T>>::kFloats;
+  const size_t smem = sizeof(float) * Smem<T, K, kFwdGroup<T, K>, YOf<T>, !std::is_same<T, float>::value>::kFloats;
   cudaError_t err = cudaFuncSetAttribute(pwdw_fwd_kernel<T, K, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          (int)smem);
   if (err != cudaSuccess) return err;

@@ -7,6 +7,7 @@
 
 #include <type_traits>
 
+#include "common/async_copy.cuh"
 #include "common/warp_mma.cuh"
 #include "expert_conv/device_common.cuh"
 #include "expert_conv/kernels.h"
@@ -19,16 +20,24 @@ constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kTH = 8, kTW = 32;  // output tile: 8 rows x 32 columns (a lane per column)
 constexpr int kKC = 16;           // input channels per K step (one MMA k-tile)
 
-template <int K, int CG_>
+// Layout of a block's halo in shared memory (the staged x and the 1x1 result y): HH rows of RS
+// pixels, halo column c at row position C0 + c.
+//   linear (WIN = false): RS = HWD, C0 = 0: the halo's pixels, nothing else (fp32 forward, backward);
+//   window (WIN = true):  RS = 48, C0 = 8 - P: image columns tx0 - 8 .. tx0 + 39, six aligned 8-pixel
+//                          chunks per row, so that x can be staged by 16-byte cp.async (16-bit forward).
+template <int K, int CG_, bool WIN_ = false>
 struct Geo {
-  static constexpr int P = K / 2, HWD = kTW + K - 1, HH = kTH + K - 1, HALO = HH * HWD;
+  static constexpr bool WIN = WIN_;
+  static constexpr int P = K / 2, HWD = kTW + K - 1, HH = kTH + K - 1;
+  static constexpr int RS = WIN ? kTW + 16 : HWD, C0 = WIN ? 8 - P : 0, HALO = HH * RS;
+  static_assert(P <= 8, "the window holds halos of up to 8 columns");
   static constexpr int NT = (HALO + 15) / 16;      // 16-pixel tiles of the halo
   static constexpr int NPART = (NT + 11) / 12;     // parts of the halo computed one after the other (the
                                                    // accumulators of a part stay in registers): 2 at k = 3, 3 at k = 5, 7
   static constexpr int NTH = (NT + NPART - 1) / NPART;  // 16-pixel tiles per part
   static constexpr int NH = NTH * 16;              // pixels per part
-  static constexpr int LD = NT * 16 + 8;           // row stride of the 1x1 result in smem (floats; the 8-float
-                                                   // tail is zeroed: the tensor-core depthwise reads past HALO)
+  static constexpr int LD = NT * 16 + 8;           // row stride of the 1x1 result in smem (elements; the tail
+                                                   // is zeroed)
   static constexpr int LDX = NH + 8;               // row stride of the staged inputs (conflict-free B loads)
   static constexpr int CG = CG_;                   // pw output rows per block
   static constexpr int MT = CG / 16;               // 16-row MMA tiles
@@ -78,9 +87,9 @@ struct OutAddr {
 
 // Shared memory of a block, in floats: the 1x1 result (CG x LD elements of Y: float, or T for the
 // 16-bit forward), the staged inputs and weights (aliased as T), the depthwise weights (CG x K*K).
-template <typename T, int K, int CG, typename Y = float>
+template <typename T, int K, int CG, typename Y = float, bool WIN = false>
 struct Smem {
-  using G = Geo<K, CG>;
+  using G = Geo<K, CG, WIN>;
   static constexpr int kY = (G::CG * G::LD * (int)sizeof(Y) + 15) / 16 * 4;
   static constexpr int kXBytes = kKC * G::LDX * (int)sizeof(T);
   static constexpr int kWBytes = G::CG * G::LDW * (int)sizeof(T);
@@ -101,10 +110,11 @@ __device__ __forceinline__ int pw_row(int r, int cb, int nch) {
   return c < nch ? c + h * nch : -1;
 }
 
-// Halo pixels j0 + lane + 32 u (u < U) of this thread's lane: their offsets in the image (iy * W + ix),
-// or kOutside outside the image or past the halo (j >= HALO). Computed once, so that the per-channel
-// loops that stage or patch the halo do no index arithmetic (unsigned: one IMAD.WIDE.U32 per address).
-template <int K, int U>
+// Pixels j0 + lane + 32 u (u < U) of layout G (row j / RS, position j % RS) for this thread's lane:
+// their offsets in the image (iy * W + ix), or kOutside outside the image or past the layout
+// (j >= HALO). Computed once, so that the per-channel loops that stage or patch the halo do no index
+// arithmetic (unsigned: one IMAD.WIDE.U32 per address).
+template <typename G, int U>
 struct HaloLane {
   static constexpr unsigned kOutside = 0xffffffffu;
   unsigned off[U];
@@ -112,44 +122,104 @@ struct HaloLane {
   __device__ __forceinline__ bool in(int u) const { return off[u] != kOutside; }
 
   __device__ __forceinline__ void init(int j0, int ty0, int tx0, int H, int W) {
-    using G = Geo<K, 32>;
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = j0 + lane + 32 * u;
-      const int iy = ty0 - G::P + j / G::HWD, ix = tx0 - G::P + j % G::HWD;
+      const int iy = ty0 - G::P + j / G::RS, ix = tx0 - G::P - G::C0 + j % G::RS;
       off[u] = (j < G::HALO && iy >= 0 && iy < H && ix >= 0 && ix < W) ? (unsigned)(iy * W + ix) : kOutside;
     }
   }
 };
 
-// Staging of one K step: input channels [k0, k0 + kKC) over the halo pixels of one part into sx
-// (kKC x LDX; zero outside the image / beyond cin), a warp per channel row and a lane per pixel (the
-// pixel offsets precomputed per part); the block's weights of those channels into sw (CG x LDW), each
-// thread owning the same EW consecutive entries of one weight row in every step.
-template <typename T, int K, int CG, int NB>
+// Staging of one K step: input channels [k0, k0 + kKC) over the pixels of one part into sx (kKC x LDX;
+// zero outside the image / beyond cin) and the block's weights of those channels into sw (CG x LDW).
+// Two ways, chosen per block (uniformly):
+//  * element-wise (any layout, any alignment): a warp per channel row and a lane per pixel, the pixel
+//    offsets precomputed per part; each thread owns the same EW consecutive entries of one weight row;
+//  * 16-byte cp.async (window layout; x when W % 8 == 0 and its channel planes are 16-byte aligned,
+//    the weights when C_in % 8 == 0 and their rows are): a thread per 8-pixel chunk of a row, the
+//    chunks' image offsets precomputed per part, zero fill for chunks outside the image.
+template <typename T, int K, int CG, int NB, bool WIN = false>
 struct Stager {
-  using G = Geo<K, CG>;
+  using G = Geo<K, CG, WIN>;
+  using R = typename RawBits<T>::type;  // copied as raw bits: a zeroed register and a predicated load
   static constexpr int kU = (G::NH + 31) / 32;           // pixel slots per lane and part
   static constexpr int kEW = G::CG * kKC / kThreads;     // weight entries per thread and step
   static_assert(G::CG * kKC % kThreads == 0 && kKC % kEW == 0, "weight staging: CG * kKC / threads entries each");
-  HaloLane<K, kU> px;
-  const T* wp;  // this thread's weights: row of block row wr, from input channel wk; null outside the expert
+  static constexpr int kCPR = G::NH / 8;                              // 8-pixel chunks per channel and part
+  static constexpr int kCU = WIN ? (kKC * kCPR + kThreads - 1) / kThreads : 1;  // chunk slots per thread
+  static_assert(!WIN || (G::RS % 8 == 0 && G::NH % 8 == 0 && sizeof(T) == 2), "chunks of 8 16-bit pixels");
+  HaloLane<G, kU> px;
+  const T* cptr[kCU];  // cp.async: the thread's chunk per slot at input channel kk (k0 = 0), or null outside
+  int cdst[kCU], ckk[kCU];  // ... its place in sx and its channel kk within the step (kKC for no chunk)
+  const T* wp;         // this thread's weights: row of block row wr, from input channel wk; null outside the expert
   int wr, wk;
+  const T* wrow16;     // cp.async weights: row of block row threadIdx.x / 2 from channel 8 (threadIdx.x % 2); or null
+  const T* wbase;      // the weights' base (a valid, aligned address for zero-fill copies)
+  bool fast_x, fast_w;
 
   __device__ __forceinline__ void init_weights(const T* w, int64_t w_off, int cin, int cb, int nch) {
+    wbase = w;
     wr = threadIdx.x / (kKC / kEW);
     wk = threadIdx.x % (kKC / kEW) * kEW;
     const int row = pw_row<G::CG, NB>(wr, cb, nch);
     wp = row >= 0 ? w + w_off + (int64_t)row * cin + wk : nullptr;
+    fast_w = WIN && cin % 8 == 0 && w_off % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+    const int row16 = threadIdx.x < 2 * G::CG ? pw_row<G::CG, NB>(threadIdx.x / 2, cb, nch) : -1;
+    wrow16 = row16 >= 0 ? w + w_off + (int64_t)row16 * cin + threadIdx.x % 2 * 8 : nullptr;
   }
-  __device__ __forceinline__ void init_part(int part, int ty0, int tx0, int H, int W) {
-    px.init(part * G::NH, ty0, tx0, H, W);
+  // x may go by cp.async (window layout, rows of 8-pixel chunks aligned in global memory)
+  __device__ __forceinline__ void init_x(const T* src, int64_t src_off, int W) {
+    fast_x = WIN && W % 8 == 0 && src_off % 8 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+#pragma unroll
+    for (int s = 0; s < kCU; ++s) {
+      const int i = threadIdx.x + kThreads * s;  // chunk i % kCPR of channel i / kCPR
+      ckk[s] = i < kKC * kCPR ? i / kCPR : kKC;
+      cdst[s] = ckk[s] * G::LDX + 8 * (i % kCPR);
+    }
   }
+  __device__ __forceinline__ void init_part(int part, const T* src, int64_t src_off, int64_t HW, int ty0, int tx0,
+                                            int H, int W) {
+    if (fast()) {
+#pragma unroll
+      for (int s = 0; s < kCU; ++s) {
+        const int q = (threadIdx.x + kThreads * s) % kCPR;
+        const int j = part * G::NH + 8 * q, iy = ty0 - G::P + j / G::RS, ix = tx0 - G::P - G::C0 + j % G::RS;
+        const bool in = ckk[s] < kKC && j < G::HALO && iy >= 0 && iy < H && ix >= 0 && ix + 8 <= W;
+        cptr[s] = in ? src + src_off + (int64_t)ckk[s] * HW + (int64_t)iy * W + ix : nullptr;
+      }
+    } else {
+      px.init(part * G::NH, ty0, tx0, H, W);
+    }
+  }
+  // both x and the weights by cp.async (window layout, all aligned), the same for the whole block
+  __device__ __forceinline__ bool fast() const { return WIN && fast_x && fast_w; }
+  template <bool FAST>
   __device__ __forceinline__ void stage(const T* __restrict__ src, int64_t src_off, int64_t HW, int cin, int k0,
                                         T* sx, T* sw) const {
+    if constexpr (FAST) {
+      const int64_t step = (int64_t)k0 * HW;
+#pragma unroll
+      for (int s = 0; s < kCU; ++s) {
+        if (ckk[s] < kKC) {
+          const bool in = cptr[s] != nullptr && k0 + ckk[s] < cin;
+          async_copy::copy16(sx + cdst[s], in ? cptr[s] + step : wbase, in);
+        }
+      }
+      if (threadIdx.x < 2 * G::CG) {
+        const bool in = wrow16 != nullptr && k0 + threadIdx.x % 2 * 8 < cin;
+        async_copy::copy16(sw + threadIdx.x / 2 * G::LDW + threadIdx.x % 2 * 8, in ? wrow16 + k0 : wbase, in);
+      }
+      async_copy::wait_all();
+    } else {
+      stage_x(src, src_off, HW, cin, k0, sx);
+      stage_w(cin, k0, sw);
+    }
+  }
+  __device__ __forceinline__ void stage_x(const T* __restrict__ src, int64_t src_off, int64_t HW, int cin, int k0,
+                                          T* sx) const {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    using R = typename RawBits<T>::type;  // copied as raw bits: a zeroed register and a predicated load
 #pragma unroll
     for (int kk = warp; kk < kKC; kk += kWarps) {
       const int k = k0 + kk;
@@ -162,6 +232,8 @@ struct Stager {
         if (lane + 32 * u < G::NH) row[32 * u] = v;
       }
     }
+  }
+  __device__ __forceinline__ void stage_w(int cin, int k0, T* sw) const {
     R* dst = reinterpret_cast<R*>(sw) + wr * G::LDW + wk;
     const R* wk0 = opaque(reinterpret_cast<const R*>(wp) + k0);
 #pragma unroll
@@ -174,12 +246,12 @@ struct Stager {
 };
 
 // Accumulators of the 1x1 over the halo: tensor cores for 16-bit T (fragments), fp32 FMAs for float.
-template <typename T, int K, int CG, bool MMA = !std::is_same<T, float>::value>
+template <typename T, int K, int CG, bool WIN = false, bool MMA = !std::is_same<T, float>::value>
 struct Pw;
 
-template <typename T, int K, int CG>
-struct Pw<T, K, CG, true> {
-  using G = Geo<K, CG>;
+template <typename T, int K, int CG, bool WIN>
+struct Pw<T, K, CG, WIN, true> {
+  using G = Geo<K, CG, WIN>;
   // mma.sync m16n8k16 (warp_mma.cuh): per 16-pixel column tile two n8 accumulators; A (the weights,
   // 16 rows x 16 input channels) by one ldmatrix, B (16 channels x 16 pixels) by one ldmatrix.trans.
   float acc[G::TPW][2][4];
@@ -214,13 +286,13 @@ struct Pw<T, K, CG, true> {
     const int lane = threadIdx.x % 32, m = lane / 8, r = lane % 8;
     uint32_t a[4];  // matrices: rows 0-7 / 8-15 (m % 2) x channels 0-7 / 8-15 (m / 2)
     warp_mma::ldsm_x4<false>(a, sw + (mt * 16 + (m % 2) * 8 + r) * G::LDW + (m / 2) * 8);
-    const T* brow = sx + ((m % 2) * 8 + r) * G::LDX + (m / 2) * 8;  // channels (m % 2) * 8 + r, pixels + (m / 2) * 8
+    // channels (m % 2) * 8 + r, pixels (m / 2) * 8 of this warp's first tile; tile t is NW tiles further
+    const T* brow = sx + ((m % 2) * 8 + r) * G::LDX + (m / 2) * 8 + nw * 16;
 #pragma unroll
     for (int t = 0; t < G::TPW; ++t) {
-      const int nt = tile_of(t, 0);
-      if (nt >= 0) {
+      if (t < tv) {
         uint32_t b[4];  // b[0..1]: pixels 0-7 of the tile, b[2..3]: pixels 8-15
-        warp_mma::ldsm_x4<true>(b, brow + nt * 16);
+        warp_mma::ldsm_x4<true>(b, brow + t * G::NW * 16);
         const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
         warp_mma::mma_16816<T>(acc[t][0], a, b0);
         warp_mma::mma_16816<T>(acc[t][1], a, b1);
@@ -255,9 +327,9 @@ struct Pw<T, K, CG, true> {
   }
 };
 
-template <int K, int CG>
-struct Pw<float, K, CG, false> {
-  using G = Geo<K, CG>;
+template <int K, int CG, bool WIN>
+struct Pw<float, K, CG, WIN, false> {
+  using G = Geo<K, CG, WIN>;
   float acc[8][G::PPT];
   float bias[8];  // pw bias of rows grp*8 .. grp*8+7
   int grp, lane;  // rows grp*8 .. grp*8+7; pixels lane + i*PL
@@ -308,13 +380,13 @@ struct Pw<float, K, CG, false> {
   }
 };
 
-// Depthwise k x k of one channel's 1x1 result (sy row, halo layout) for this lane's column: out[0..8).
+// Depthwise k x k of one channel's 1x1 result (sy row in layout G) for this lane's column: out[0..8).
 // wk: the k*k weights, row-major; FLIP: use them rotated by 180 degrees (the correlation of the
 // backward).
-template <int K, bool FLIP = false>
+template <typename G, bool FLIP = false>
 __device__ __forceinline__ void dw_column(const float* __restrict__ y, const float* __restrict__ wk, int lane,
                                           float (&out)[kTH]) {
-  using G = Geo<K, 32>;
+  constexpr int K = 2 * G::P + 1;
   float wr[K * K];
 #pragma unroll
   for (int t = 0; t < K * K; ++t) wr[t] = wk[FLIP ? K * K - 1 - t : t];
@@ -324,7 +396,7 @@ __device__ __forceinline__ void dw_column(const float* __restrict__ y, const flo
   for (int ri = 0; ri < G::HH; ++ri) {
     float v[K];
 #pragma unroll
-    for (int dx = 0; dx < K; ++dx) v[dx] = y[ri * G::HWD + lane + dx];
+    for (int dx = 0; dx < K; ++dx) v[dx] = y[ri * G::RS + G::C0 + lane + dx];
 #pragma unroll
     for (int dy = 0; dy < K; ++dy) {
       const int oy = ri - dy;
@@ -336,29 +408,32 @@ __device__ __forceinline__ void dw_column(const float* __restrict__ y, const flo
   }
 }
 
-// Depthwise k x k of one channel on tensor cores (16-bit T): each row shift dy is a banded Toeplitz
-// product. Per 8-column slice x0 = 8 nt of the tile, A (16 x 16) holds the 1x1 result (kept in T),
-// rows oy + dy (oy < 8; rows 8-15 repeat them and their results are dropped) and halo columns
-// x0 .. x0 + 15; B (16 x 8) holds w[dy][j - x] for input column j and output column x (zero outside
-// [0, k): only columns j < x + k <= 7 + k < 16 matter, so the row tail read past HWD meets zero weights
-// and the zeroed tail of the row block). out[nt][e] = output (row g, column 8 nt + 2 t + e) of the lane.
-template <typename T, int K>
+// Depthwise k x k of one channel on tensor cores (16-bit T, window layout G): each row shift dy is a
+// banded Toeplitz product. Per 8-column slice x0 = 8 nt of the tile, A (16 x 16) holds the 1x1 result
+// (kept in T), rows oy + dy (oy < 8; rows 8-15 repeat them and their results are dropped) and row
+// positions x0 + 4 .. x0 + 19; B (16 x 8) holds w[dy][j - x - DOFF] for A column j and output column x
+// (zero outside [0, k)), DOFF = C0 - 4. Output column x0 + x reads positions x0 + x + C0 .. + k - 1,
+// which are A columns x + DOFF .. x + DOFF + k - 1, inside [0, 16) (static_assert); the last position
+// read, x0 + 19 <= 43, stays inside the 48-position row. out[nt][e] = output (row g, column
+// 8 nt + 2 t + e) of the lane.
+template <typename T, typename G>
 __device__ __forceinline__ void dw_tile_tc(const T* __restrict__ y, const float* __restrict__ wk,
                                            float (&out)[4][2]) {
-  using G = Geo<K, 32>;
+  constexpr int K = 2 * G::P + 1, AOFF = 4, DOFF = G::C0 - AOFF;
+  static_assert(G::WIN && DOFF >= 0 && 7 + DOFF + K - 1 <= 15 && 24 + AOFF + 15 < G::RS, "A covers every tap");
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   float acc[4][4];
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
-  const int d0 = 2 * t - g;  // tap index of this lane's B elements: d0, d0 + 1, d0 + 8, d0 + 9
+  const int d0 = 2 * t - g - DOFF;  // tap index of this lane's B elements: d0, d0 + 1, d0 + 8, d0 + 9
 #pragma unroll
   for (int dy = 0; dy < K; ++dy) {
     const float* w = wk + dy * K;
     auto tap = [&](int d) { return d >= 0 && d < K ? w[d] : 0.f; };
     const uint32_t b[2] = {warp_mma::pack2<T>(tap(d0), tap(d0 + 1)), warp_mma::pack2<T>(tap(d0 + 8), tap(d0 + 9))};
-    const T* row = y + (g + dy) * G::HWD + 2 * t;
+    const T* row = y + (g + dy) * G::RS + AOFF + 2 * t;
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       warp_mma::check_aligned(row + 8 * nt, 4, "depthwise A pair");
@@ -379,28 +454,35 @@ __device__ __forceinline__ void dw_tile_tc(const T* __restrict__ y, const float*
 // for the 16-bit forward, rounded once): NPART parts of the halo's pixels, input channels streamed
 // through shared memory; then the halo is zeroed outside the image (the depthwise conv pads the 1x1
 // *output*) and past it. Ends with a barrier.
-template <typename T, int K, int CG, int NB, typename Y, typename Params>
+template <typename T, int K, int CG, int NB, typename Y, bool WIN, typename Params>
 __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64_t srow, int cb, int nch, int ty0,
                                         int tx0, Y* sy, T* sx, T* sw) {
-  using G = Geo<K, CG>;
+  using G = Geo<K, CG, WIN>;
   const int cin = (int)m[0];
   const int64_t HW = (int64_t)p.H * p.W;
   const int64_t src_off = m[6] + srow * m[7];
-  Stager<T, K, CG, NB> st;
+  Stager<T, K, CG, NB, WIN> st;
   st.init_weights(static_cast<const T*>(p.w), m[2], cin, cb, nch);
-  Pw<T, K, CG> pw;
+  st.init_x(static_cast<const T*>(p.src), src_off, p.W);
+  Pw<T, K, CG, WIN> pw;
   pw.template set_bias<NB>(static_cast<const T*>(p.pb), m[4], cb, nch);
-  for (int part = 0; part < G::NPART; ++part) {
-    pw.init(part);
-    st.init_part(part, ty0, tx0, p.H, p.W);
-    for (int k0 = 0; k0 < cin; k0 += kKC) {
-      __syncthreads();  // the previous step's operands are consumed
-      st.stage(static_cast<const T*>(p.src), src_off, HW, cin, k0, sx, sw);
-      __syncthreads();
-      pw.step(sx, sw, part);
+  auto parts = [&](auto fast) {
+    for (int part = 0; part < G::NPART; ++part) {
+      pw.init(part);
+      st.init_part(part, static_cast<const T*>(p.src), src_off, HW, ty0, tx0, p.H, p.W);
+      for (int k0 = 0; k0 < cin; k0 += kKC) {
+        __syncthreads();  // the previous step's operands are consumed
+        st.template stage<decltype(fast)::value>(static_cast<const T*>(p.src), src_off, HW, cin, k0, sx, sw);
+        __syncthreads();
+        pw.step(sx, sw, part);
+      }
+      pw.store(sy, part);
     }
-    pw.store(sy, part);
-  }
+  };
+  if (st.fast())
+    parts(std::true_type{});
+  else
+    parts(std::false_type{});
   __syncthreads();
   // zero padding: a warp per row, a lane per column of the row (inside-the-image bits precomputed;
   // zero past the halo too)
@@ -408,7 +490,7 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
   static_assert(U <= 32, "one bit per halo slot");
   unsigned inside = 0;
   {
-    HaloLane<K, U> hl;
+    HaloLane<G, U> hl;
     hl.init(0, ty0, tx0, p.H, p.W);
 #pragma unroll
     for (int u = 0; u < U; ++u) inside |= (hl.in(u) ? 1u : 0u) << u;
