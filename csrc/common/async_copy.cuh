@@ -1,5 +1,6 @@
-// 16-byte asynchronous global -> shared copies (cp.async, sm_80+) with zero fill, and their twin for
-// the CPU emulation (MOCE_CUDA_EMULATION: a synchronous copy), which also fails on misaligned addresses.
+// 16-byte asynchronous global -> shared copies (cp.async, sm_80+) with zero fill, committed and waited
+// for in groups, and their twins for the CPU emulation (MOCE_CUDA_EMULATION: a synchronous copy, which
+// also fails on misaligned addresses).
 #pragma once
 
 #include <cstdint>
@@ -30,10 +31,19 @@ __device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
 #endif
 }
 
-// Waits for all of this thread's outstanding copies (follow with a barrier before others read them).
-__device__ __forceinline__ void wait_all() {
+// Closes the group of copies issued since the last commit.
+__device__ __forceinline__ void commit() {
 #ifndef MOCE_CUDA_EMULATION
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N committed groups of this thread are still in flight (follow with a barrier
+// before other threads read the copies). The emulation copies synchronously: nothing is in flight.
+template <int N>
+__device__ __forceinline__ void wait_group() {
+#ifndef MOCE_CUDA_EMULATION
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 

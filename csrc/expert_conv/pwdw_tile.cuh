@@ -86,14 +86,17 @@ struct OutAddr {
 };
 
 // Shared memory of a block, in floats: the 1x1 result (CG x LD elements of Y: float, or T for the
-// 16-bit forward), the staged inputs and weights (aliased as T), the depthwise weights (CG x K*K).
+// 16-bit forward), the staged inputs and weights (aliased as T; two buffers in the window layout,
+// where cp.async fills one while the MMAs read the other), the depthwise weights (CG x K*K).
 template <typename T, int K, int CG, typename Y = float, bool WIN = false>
 struct Smem {
   using G = Geo<K, CG, WIN>;
   static constexpr int kY = (G::CG * G::LD * (int)sizeof(Y) + 15) / 16 * 4;
   static constexpr int kXBytes = kKC * G::LDX * (int)sizeof(T);
   static constexpr int kWBytes = G::CG * G::LDW * (int)sizeof(T);
-  static constexpr int kStage = (kXBytes + kWBytes + 15) / 16 * 4;  // floats, 16-byte aligned
+  static constexpr int kBuf = WIN ? 2 : 1;                               // window layout: double-buffered (cp.async)
+  static constexpr int kStage1 = (kXBytes + kWBytes + 15) / 16 * 4;    // one buffer, floats, 16-byte aligned
+  static constexpr int kStage = kBuf * kStage1;
   static constexpr int kDw = G::CG * K * K;
   static constexpr int kFloats = kY + kStage + kDw;
 };
@@ -211,7 +214,7 @@ struct Stager {
         const bool in = wrow16 != nullptr && k0 + threadIdx.x % 2 * 8 < cin;
         async_copy::copy16(sw + threadIdx.x / 2 * G::LDW + threadIdx.x % 2 * 8, in ? wrow16 + k0 : wbase, in);
       }
-      async_copy::wait_all();
+      async_copy::commit();  // the caller waits
     } else {
       stage_x(src, src_off, HW, cin, k0, sx);
       stage_w(cin, k0, sw);
@@ -466,15 +469,38 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
   st.init_x(static_cast<const T*>(p.src), src_off, p.W);
   Pw<T, K, CG, WIN> pw;
   pw.template set_bias<NB>(static_cast<const T*>(p.pb), m[4], cb, nch);
+  const T* src = static_cast<const T*>(p.src);
   auto parts = [&](auto fast) {
+    constexpr bool FAST = decltype(fast)::value;
+    // cp.async: step s + 1 is copied into the other buffer while the MMAs of step s run
+    constexpr int kBufElems = Smem<T, K, CG, Y, WIN>::kStage1 * 4 / (int)sizeof(T);
     for (int part = 0; part < G::NPART; ++part) {
       pw.init(part);
-      st.init_part(part, static_cast<const T*>(p.src), src_off, HW, ty0, tx0, p.H, p.W);
-      for (int k0 = 0; k0 < cin; k0 += kKC) {
-        __syncthreads();  // the previous step's operands are consumed
-        st.template stage<decltype(fast)::value>(static_cast<const T*>(p.src), src_off, HW, cin, k0, sx, sw);
-        __syncthreads();
-        pw.step(sx, sw, part);
+      st.init_part(part, src, src_off, HW, ty0, tx0, p.H, p.W);
+      if constexpr (FAST) {
+        const int nsteps = (cin + kKC - 1) / kKC;
+        __syncthreads();  // the previous part's last step is consumed
+        st.template stage<true>(src, src_off, HW, cin, 0, sx, sw);
+        for (int s = 0; s < nsteps; ++s) {
+          const int b = s & 1;
+          if (s + 1 < nsteps) {
+            st.template stage<true>(src, src_off, HW, cin, (s + 1) * kKC, sx + (b ^ 1) * kBufElems,
+                                    sw + (b ^ 1) * kBufElems);
+            async_copy::wait_group<1>();  // step s's copies have landed
+          } else {
+            async_copy::wait_group<0>();
+          }
+          __syncthreads();
+          pw.step(sx + b * kBufElems, sw + b * kBufElems, part);
+          __syncthreads();  // buffer b is consumed before step s + 2 refills it
+        }
+      } else {
+        for (int k0 = 0; k0 < cin; k0 += kKC) {
+          __syncthreads();  // the previous step's operands are consumed
+          st.template stage<false>(src, src_off, HW, cin, k0, sx, sw);
+          __syncthreads();
+          pw.step(sx, sw, part);
+        }
       }
       pw.store(sy, part);
     }
