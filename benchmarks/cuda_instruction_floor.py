@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "csrc" / "window_attention" / "kernels.cu"
@@ -95,6 +95,16 @@ def report(sass: str, dtype: str) -> List[Dict]:
     return sorted(rows, key=lambda r: (r["kernel"], r["p"]))
 
 
+def cached(path: Optional[Path], build: Callable[[], str]) -> str:
+    """The listing saved at path if there is one, else build()'s (saved to path when one is given)."""
+    if path is not None and path.exists():
+        return path.read_text()
+    text = build()
+    if path is not None:
+        path.write_text(text)
+    return text
+
+
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="recomputed", choices=["cached", "recomputed"])
@@ -102,13 +112,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sass", type=Path, help="read (or, if missing, write) the disassembly here")
     args = parser.parse_args(argv)
-    if args.sass and args.sass.exists():
-        sass = args.sass.read_text()
-    else:
-        sass = compile_sass(args.rows)
-        if args.sass:
-            args.sass.write_text(sass)
-    rows = report(sass, args.dtype)
+    rows = report(cached(args.sass, lambda: compile_sass(args.rows)), args.dtype)
     print(f"convolution rows {args.rows}")
     print("| kernel | p | dtype | channel loops (instr / px / channel) | total | ceiling (fraction of memory roofline) |")
     print("|---|---|---|---|---|---|")

@@ -39,14 +39,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_instruction_floor import COPY_BW, ISSUE_RATE, MANGLED, ROOT, _cuobjdump  # noqa: E402
+from cuda_instruction_floor import _INSTR, COPY_BW, ISSUE_RATE, MANGLED, ROOT, _cuobjdump, cached  # noqa: E402
 
 SOURCE = ROOT / "csrc" / "expert_conv" / "pwdw_forward.cu"
 TILE = ROOT / "csrc" / "expert_conv" / "pwdw_tile.cuh"
 PATCH_LINE = re.compile(r"y\[32 \* u\] = from_f<Y>\(0\.f\)")
-_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
-_BRANCH = re.compile(r"\bBRA(?:\.(\w+))?\s+(?:.*?)`?\(?\.?L?_?x?_?(?:0x)?([0-9a-f]+)?")
 
 
 @dataclass
@@ -197,13 +195,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sass", type=Path, help="read (or, if missing, write) the listing here")
     args = parser.parse_args(argv)
-    if args.sass and args.sass.exists():
-        listing = args.sass.read_text()
-    else:
-        listing = compile_listing()
-        if args.sass:
-            args.sass.write_text(listing)
-    rows = report(listing, args.dtype)
+    rows = report(cached(args.sass, compile_listing), args.dtype)
     print("lane-instructions per output element (one channel at one pixel), by loop; budget = what the memory "
           "floor allows at perfect issue")
     print("| case | step | part | patch | dw | total | budget at roofline | ceiling | total, element-wise staging |")
