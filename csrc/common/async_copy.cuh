@@ -20,6 +20,8 @@ __device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
 #ifdef MOCE_CUDA_EMULATION
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
     ::emu::fail("cp.async: a 16-byte copy needs 16-byte aligned addresses");
+  if (!::emu::in_shared(dst, 16) || ::emu::in_shared(src, 1))
+    ::emu::fail("cp.async: copies from global memory into shared memory");
   if (valid)
     std::memcpy(dst, src, 16);
   else

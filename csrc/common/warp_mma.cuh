@@ -57,6 +57,7 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
 #ifdef MOCE_CUDA_EMULATION
   const int l = ::emu::lane(), g = l / 4, t = l % 4;
   check_aligned(row, 16, "ldmatrix row address");
+  if (!::emu::in_shared(row, 16)) ::emu::fail("ldmatrix: a row address outside shared memory");
   ::emu::warp_exchange(0xffffffffu, reinterpret_cast<uint64_t>(row), [&](const uint64_t* s, unsigned) {
     for (int j = 0; j < 4; ++j) {
       auto at = [&](int lane, int col) { return reinterpret_cast<const uint16_t*>(s[8 * j + lane])[col]; };

@@ -74,6 +74,7 @@ struct BlockState {
   std::vector<unsigned> warp_live;   // mask of lanes not yet exited, per warp
   std::vector<uint64_t> xch;         // warp exchange slots, 32 per warp
   unsigned char* dyn_smem = nullptr;
+  size_t dyn_smem_size = 0;
   // static __shared__ variables of the running block: key (one per declaration and instantiation) -> storage
   std::vector<std::pair<const void*, std::unique_ptr<unsigned char, void (*)(void*)>>> shared_vars;
   const std::function<void()>* body = nullptr;
@@ -236,6 +237,14 @@ inline unsigned match_any(unsigned mask, T v) {
 template <typename T>
 inline T* dynamic_smem() {
   return reinterpret_cast<T*>(blk().dyn_smem);
+}
+
+// Whether [p, p + n) lies in the running block's dynamic shared memory: what the shared-memory
+// instructions the kernels issue by address (ldmatrix, cp.async destinations) need.
+inline bool in_shared(const void* p, size_t n) {
+  const BlockState& b = blk();
+  const auto* c = static_cast<const unsigned char*>(p);
+  return b.dyn_smem != nullptr && c >= b.dyn_smem && c + n <= b.dyn_smem + b.dyn_smem_size;
 }
 
 // The block's instance of a static __shared__ variable (declared `__shared__ T name;` in the source;
@@ -409,6 +418,7 @@ struct Launch {
                            static_cast<unsigned>(id >> 48));
         std::memset(dyn.data(), 0xff, dyn.size());  // NaN in every float: unwritten reads show up
         b.dyn_smem = dyn.data();
+        b.dyn_smem_size = smem;
         b.shared_vars.clear();  // fresh (poisoned) static shared memory for every block
         run_block(b, fibers);
       }
