@@ -1,9 +1,9 @@
 // The tile machinery shared by the fused pw->dw forward (pwdw_forward.cu) and its backward core
-// (pwdw_backward.cu): an 8 x 32 output tile with a (k-1)/2 halo, the block's 1x1 result over the halo
-// computed in two halves of its pixels (tensor cores for 16-bit, fp32 FMAs for float) into shared
-// memory, and the depthwise conv of one channel for a lane's column with the 8 rows in registers.
+// (pwdw_backward.cu): an 8 x 32 output tile with a (k-1)/2 halo in one of two shared-memory layouts
+// (Geo), the staging of x and the weights (element-wise, or 16-byte cp.async), the block's 1x1 result
+// over the halo computed in parts (mma.sync for 16-bit, fp32 FMAs for float), and the depthwise conv of
+// one channel (fp32 FMAs, a lane per column; or, 16-bit, tensor cores as a banded Toeplitz product).
 #pragma once
-
 
 #include <type_traits>
 
@@ -137,12 +137,12 @@ struct HaloLane {
 
 // Staging of one K step: input channels [k0, k0 + kKC) over the pixels of one part into sx (kKC x LDX;
 // zero outside the image / beyond cin) and the block's weights of those channels into sw (CG x LDW).
-// Two ways, chosen per block (uniformly):
+// Two ways, chosen per block (uniformly, fast()):
 //  * element-wise (any layout, any alignment): a warp per channel row and a lane per pixel, the pixel
 //    offsets precomputed per part; each thread owns the same EW consecutive entries of one weight row;
-//  * 16-byte cp.async (window layout; x when W % 8 == 0 and its channel planes are 16-byte aligned,
-//    the weights when C_in % 8 == 0 and their rows are): a thread per 8-pixel chunk of a row, the
-//    chunks' image offsets precomputed per part, zero fill for chunks outside the image.
+//  * 16-byte cp.async (window layout, when W % 8 == 0 with 16-byte aligned x planes and C_in % 8 == 0
+//    with aligned weight rows): a thread per 8-pixel chunk of a row, the chunks' addresses precomputed
+//    per part, zero fill for chunks outside the image; two threads per weight row. The caller waits.
 template <typename T, int K, int CG, int NB, bool WIN = false>
 struct Stager {
   using G = Geo<K, CG, WIN>;
