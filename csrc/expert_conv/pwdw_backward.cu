@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
   const int cout = (int)m[1];
   if (cb * CG >= cout) return;  // uniform over the block
   const int64_t HW = (int64_t)p.H * p.W;
-  stage_dw<T, K, CG, 1>(p, m, cb, cout, sdw);
+  stage_dw<T, K, CG, 1, float>(p, m, cb, cout, sdw);
   pw_halo<T, K, CG, 1, float, false>(p, m, srow, cb, cout, ty0, tx0, sy, sx, sw);  // ends with a barrier
 
   // go over the tile plus halo (the staging buffers are free now): a warp per channel, a lane per

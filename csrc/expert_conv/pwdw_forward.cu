@@ -37,18 +37,22 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
   constexpr int OUT_PER_BLOCK = CG / NB;  // output channels of the block
   using G = Geo<K, CG, WIN>;
   using S = Smem<T, K, CG, Y, WIN>;
+  // the 16-bit forward's design point: two blocks per SM on sm_90 (228 KB of shared memory, 1 KB
+  // reserved per block)
+  static_assert(!WIN || 2 * (S::kFloats * 4 + 1024) <= 228 * 1024, "two blocks per SM");
   extern __shared__ __align__(128) float smem[];
   Y* sy = reinterpret_cast<Y*>(smem);
   T* sx = reinterpret_cast<T*>(smem + S::kY);
   T* sw = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(sx) + S::kXBytes);
-  float* sdw = smem + S::kY + S::kStage;
+  using D = typename S::D;
+  D* sdw = reinterpret_cast<D*>(smem + S::kY + S::kStage);
 
   TileWork w;
   if (!tile_work(p, n_tw, n_tiles, n_cblk, w)) return;  // uniform over the block
   const auto& [cb, ty0, tx0, n, srow, m] = w;
   const int nch = (int)m[1] / NB;
   if (cb * OUT_PER_BLOCK >= nch) return;  // uniform over the block
-  stage_dw<T, K, CG, NB>(p, m, cb, nch, sdw);
+  stage_dw<T, K, CG, NB, D>(p, m, cb, nch, sdw);
   pw_halo<T, K, CG, NB, Y, WIN>(p, m, srow, cb, nch, ty0, tx0, sy, sx, sw);
 
   // depthwise: one warp per output channel; 16-bit: tensor cores (dw_tile_tc, a lane holds row g,

@@ -87,7 +87,8 @@ struct OutAddr {
 
 // Shared memory of a block, in floats: the 1x1 result (CG x LD elements of Y: float, or T for the
 // 16-bit forward), the staged inputs and weights (aliased as T; two buffers in the window layout,
-// where cp.async fills one while the MMAs read the other), the depthwise weights (CG x K*K).
+// where cp.async fills one while the MMAs read the other), the depthwise weights (CG x K*K of D: T in
+// the window layout, which the tensor-core depthwise packs into operands anyway, else float).
 template <typename T, int K, int CG, typename Y = float, bool WIN = false>
 struct Smem {
   using G = Geo<K, CG, WIN>;
@@ -97,7 +98,8 @@ struct Smem {
   static constexpr int kBuf = WIN ? 2 : 1;                               // window layout: double-buffered (cp.async)
   static constexpr int kStage1 = (kXBytes + kWBytes + 15) / 16 * 4;    // one buffer, floats, 16-byte aligned
   static constexpr int kStage = kBuf * kStage1;
-  static constexpr int kDw = G::CG * K * K;
+  using D = std::conditional_t<WIN, T, float>;                       // depthwise weights: T for the 16-bit forward
+  static constexpr int kDw = (G::CG * K * K * (int)sizeof(D) + 15) / 16 * 4;
   static constexpr int kFloats = kY + kStage + kDw;
 };
 
@@ -420,8 +422,7 @@ __device__ __forceinline__ void dw_column(const float* __restrict__ y, const flo
 // read, x0 + 19 <= 43, stays inside the 48-position row. out[nt][e] = output (row g, column
 // 8 nt + 2 t + e) of the lane.
 template <typename T, typename G>
-__device__ __forceinline__ void dw_tile_tc(const T* __restrict__ y, const float* __restrict__ wk,
-                                           float (&out)[4][2]) {
+__device__ __forceinline__ void dw_tile_tc(const T* __restrict__ y, const T* __restrict__ wk, float (&out)[4][2]) {
   constexpr int K = 2 * G::P + 1, AOFF = 4, DOFF = G::C0 - AOFF;
   static_assert(G::WIN && DOFF >= 0 && 7 + DOFF + K - 1 <= 15 && 24 + AOFF + 15 < G::RS, "A covers every tap");
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -433,8 +434,8 @@ __device__ __forceinline__ void dw_tile_tc(const T* __restrict__ y, const float*
   const int d0 = 2 * t - g - DOFF;  // tap index of this lane's B elements: d0, d0 + 1, d0 + 8, d0 + 9
 #pragma unroll
   for (int dy = 0; dy < K; ++dy) {
-    const float* w = wk + dy * K;
-    auto tap = [&](int d) { return d >= 0 && d < K ? w[d] : 0.f; };
+    const T* w = wk + dy * K;
+    auto tap = [&](int d) { return d >= 0 && d < K ? to_f(w[d]) : 0.f; };
     const uint32_t b[2] = {warp_mma::pack2<T>(tap(d0), tap(d0 + 1)), warp_mma::pack2<T>(tap(d0 + 8), tap(d0 + 9))};
     const T* row = y + (g + dy) * G::RS + AOFF + 2 * t;
 #pragma unroll
@@ -531,13 +532,13 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
   __syncthreads();
 }
 
-// The block's depthwise weights (CG x K*K, fp32) into sdw.
-template <typename T, int K, int CG, int NB, typename Params>
-__device__ __forceinline__ void stage_dw(const Params& p, const int64_t* m, int cb, int nch, float* sdw) {
+// The block's depthwise weights (CG x K*K, as D: float or T) into sdw.
+template <typename T, int K, int CG, int NB, typename D, typename Params>
+__device__ __forceinline__ void stage_dw(const Params& p, const int64_t* m, int cb, int nch, D* sdw) {
   const T* dw = static_cast<const T*>(p.dw);
   for (int i = threadIdx.x; i < CG * K * K; i += kThreads) {
     const int row = pw_row<CG, NB>(i / (K * K), cb, nch);
-    sdw[i] = row >= 0 ? to_f(dw[m[3] + (int64_t)row * K * K + i % (K * K)]) : 0.f;
+    sdw[i] = from_f<D>(row >= 0 ? to_f(dw[m[3] + (int64_t)row * K * K + i % (K * K)]) : 0.f);
   }
 }
 
