@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
 
   // depthwise: one warp per output channel; 16-bit: tensor cores (dw_tile_tc, a lane holds row g,
   // columns 8 nt + 2 t + e), float: exact FMAs (dw_column, a lane per column, 8 rows)
-  constexpr bool kTC = !std::is_same<T, float>::value;
+  constexpr bool kTC = WIN;  // the tensor-core depthwise reads the 16-bit window layout
   constexpr int kOut = 8;  // outputs per lane and channel
   static_assert(kTH == kOut, "dw_column gives kTH rows per lane");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
