@@ -105,6 +105,18 @@ def cached(path: Optional[Path], build: Callable[[], str]) -> str:
     return text
 
 
+def table(title: str, columns: List[str], rows: List[Dict], json_path: Optional[Path],
+          cells: Callable[[Dict], List]) -> None:
+    """Prints rows as a markdown table under a title line, and saves them as JSON when asked."""
+    print(title)
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in cells(r)) + " |")
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=1))
+
+
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="recomputed", choices=["cached", "recomputed"])
@@ -113,15 +125,11 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--sass", type=Path, help="read (or, if missing, write) the disassembly here")
     args = parser.parse_args(argv)
     rows = report(cached(args.sass, lambda: compile_sass(args.rows)), args.dtype)
-    print(f"convolution rows {args.rows}")
-    print("| kernel | p | dtype | channel loops (instr / px / channel) | total | ceiling (fraction of memory roofline) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        loops = " + ".join(str(x) for x in r["channel_loops_instr_per_px"])
-        print(f"| {r['kernel']} | {r['p']} | {r['dtype']} | {loops} | {r['instr_per_px_ch']} | "
-              f"{r['ceiling_fraction_of_memory_roofline']:.2f} |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    columns = ["kernel", "p", "dtype", "channel loops (instr / px / channel)", "total",
+               "ceiling (fraction of memory roofline)"]
+    table(f"convolution rows {args.rows}", columns, rows, args.json, lambda r: [
+        r["kernel"], r["p"], r["dtype"], " + ".join(str(x) for x in r["channel_loops_instr_per_px"]),
+        r["instr_per_px_ch"], f"{r['ceiling_fraction_of_memory_roofline']:.2f}"])
     return 0
 
 

@@ -29,7 +29,6 @@ Usage: python benchmarks/cuda_instruction_floor_pwdw.py [--dtype bfloat16|float1
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_instruction_floor import _INSTR, COPY_BW, ISSUE_RATE, MANGLED, ROOT, _cuobjdump, cached  # noqa: E402
+from cuda_instruction_floor import _INSTR, COPY_BW, ISSUE_RATE, MANGLED, ROOT, _cuobjdump, cached, table  # noqa: E402
 
 SOURCE = ROOT / "csrc" / "expert_conv" / "pwdw_forward.cu"
 TILE = ROOT / "csrc" / "expert_conv" / "pwdw_tile.cuh"
@@ -196,15 +195,12 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--sass", type=Path, help="read (or, if missing, write) the listing here")
     args = parser.parse_args(argv)
     rows = report(cached(args.sass, compile_listing), args.dtype)
-    print("lane-instructions per output element (one channel at one pixel), by loop; budget = what the memory "
-          "floor allows at perfect issue")
-    print("| case | step | part | patch | dw | total | budget at roofline | ceiling | total, element-wise staging |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['case']} | {r['step']} | {r['part']} | {r['patch']} | {r['dw']} | {r['total']} | "
-              f"{r['budget_at_roofline']} | {r['ceiling']:.2f} | {r.get('total_elementwise', '')} |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    columns = ["case", "step", "part", "patch", "dw", "total", "budget at roofline", "ceiling",
+               "total, element-wise staging"]
+    table("lane-instructions per output element (one channel at one pixel), by loop; budget = what the memory "
+          "floor allows at perfect issue", columns, rows, args.json, lambda r: [
+              *(r[c] for c in ("case", "step", "part", "patch", "dw", "total", "budget_at_roofline")),
+              f"{r['ceiling']:.2f}", r.get("total_elementwise", "")])
     return 0
 
 
