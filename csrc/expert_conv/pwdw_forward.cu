@@ -24,19 +24,25 @@ using namespace tile;
 
 // pw output rows per block: 64, except 32 for the fp32 path at k = 5, 7 (its fp32 1x1 result would not
 // leave room for two blocks per SM); the 16-bit path keeps its 1x1 result in T.
-template <typename T, int K>
-constexpr int kFwdGroup = (K == 3 || !std::is_same<T, float>::value) ? 64 : 32;
 template <typename T>
-using YOf = std::conditional_t<std::is_same<T, float>::value, float, T>;  // element of the 1x1 result in smem
+constexpr bool kWin = !std::is_same<T, float>::value;  // 16-bit: window layout, x staged by cp.async
+template <typename T, int K>
+constexpr int kFwdGroup = (K == 3 || kWin<T>) ? 64 : 32;
+template <typename T>
+using YOf = std::conditional_t<kWin<T>, T, float>;  // element of the 1x1 result in smem
+template <typename T, int K>
+using FwdGeo = Geo<K, kFwdGroup<T, K>, kWin<T>>;
+template <typename T, int K>
+using FwdSmem = Smem<T, K, kFwdGroup<T, K>, YOf<T>, kWin<T>>;
 
 template <typename T, int K, int MODE>
 __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_tw, int n_tiles, int n_cblk) {
   constexpr int CG = kFwdGroup<T, K>, NB = MODE > 0 ? 2 : 1;
   using Y = YOf<T>;
-  constexpr bool WIN = !std::is_same<T, float>::value;  // 16-bit: window layout, x staged by cp.async
+  constexpr bool WIN = kWin<T>;
   constexpr int OUT_PER_BLOCK = CG / NB;  // output channels of the block
-  using G = Geo<K, CG, WIN>;
-  using S = Smem<T, K, CG, Y, WIN>;
+  using G = FwdGeo<T, K>;
+  using S = FwdSmem<T, K>;
   // the 16-bit forward's design point: two blocks per SM on sm_90 (228 KB of shared memory, 1 KB
   // reserved per block)
   static_assert(!WIN || 2 * (S::kFloats * 4 + 1024) <= 228 * 1024, "two blocks per SM");
@@ -66,7 +72,6 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
   const int64_t db_off = m[5];
   const OutAddr oa(m, n, HW);
   // this lane's output pixels (image offsets, or kOutside), the same for every channel
-  constexpr unsigned kOutside = 0xffffffffu;
   unsigned opix[kOut];
 #pragma unroll
   for (int i = 0; i < kOut; ++i) {
@@ -93,7 +98,8 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
     }
     const float dba = db != nullptr ? to_f(db[db_off + oc]) : 0.f;
     const float dbb = (NB == 2 && db != nullptr) ? to_f(db[db_off + oc + nch]) : 0.f;
-    T* out = opaque(static_cast<T*>(p.out) + oa(oc));
+    const int64_t o0 = oa(oc);
+    T* out = opaque(static_cast<T*>(p.out) + o0);
 #pragma unroll
     for (int i = 0; i < kOut; ++i) {
       if (opix[i] == kOutside) continue;
@@ -105,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
         if (MODE == 1) {
           __stcg(out + opix[i], from_f<T>(gelu_f(av) * bv));
         } else {
-          const float g = to_f(static_cast<const T*>(p.g)[oa(oc) + opix[i]]);
+          const float g = to_f(static_cast<const T*>(p.g)[o0 + opix[i]]);
           T* gf = static_cast<T*>(p.gofull) + (n * (int64_t)m[1] + oc) * HW + opix[i];
           gf[0] = from_f<T>(g * bv * gelu_grad_f(av));
           gf[(int64_t)nch * HW] = from_f<T>(g * gelu_f(av));
@@ -117,14 +123,14 @@ __global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_
 
 template <typename T, int K, int MODE>
 cudaError_t launch_t(const PwdwParams& p, cudaStream_t stream) {
-  using G = Geo<K, kFwdGroup<T, K>, !std::is_same<T, float>::value>;
+  using G = FwdGeo<T, K>;
   constexpr int NB = MODE > 0 ? 2 : 1;
   const int n_tw = (int)cdiv(p.W, kTW), n_tiles = (int)cdiv(p.H, kTH) * n_tw;
   const int n_cblk = (int)cdiv(p.max_nch, G::CG / NB);
   const int64_t blocks = (int64_t)p.N * n_tiles * n_cblk;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  const size_t smem = sizeof(float) * Smem<T, K, kFwdGroup<T, K>, YOf<T>, !std::is_same<T, float>::value>::kFloats;
+  const size_t smem = sizeof(float) * FwdSmem<T, K>::kFloats;
   cudaError_t err = cudaFuncSetAttribute(pwdw_fwd_kernel<T, K, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          (int)smem);
   if (err != cudaSuccess) return err;

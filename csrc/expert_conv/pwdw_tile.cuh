@@ -115,13 +115,15 @@ __device__ __forceinline__ int pw_row(int r, int cb, int nch) {
   return c < nch ? c + h * nch : -1;
 }
 
+// An image pixel offset that marks "outside the image" (offsets are unsigned and < H * W <= 2^31 - 1).
+constexpr unsigned kOutside = 0xffffffffu;
+
 // Pixels j0 + lane + 32 u (u < U) of layout G (row j / RS, position j % RS) for this thread's lane:
 // their offsets in the image (iy * W + ix), or kOutside outside the image or past the layout
 // (j >= HALO). Computed once, so that the per-channel loops that stage or patch the halo do no index
 // arithmetic (unsigned: one IMAD.WIDE.U32 per address).
 template <typename G, int U>
 struct HaloLane {
-  static constexpr unsigned kOutside = 0xffffffffu;
   unsigned off[U];
 
   __device__ __forceinline__ bool in(int u) const { return off[u] != kOutside; }
@@ -286,7 +288,7 @@ struct Pw<T, K, CG, WIN, true> {
         for (int i = 0; i < 4; ++i) acc[t][h][i] = 0.f;
   }
   // column tile t of this warp (in [0, NTH) within the part), or -1
-  __device__ __forceinline__ int tile_of(int t, int) const { return t < tv ? nw + t * G::NW : -1; }
+  __device__ __forceinline__ int tile_of(int t) const { return t < tv ? nw + t * G::NW : -1; }
   __device__ __forceinline__ void step(const T* sx, const T* sw, int) {
     const int lane = threadIdx.x % 32, m = lane / 8, r = lane % 8;
     uint32_t a[4];  // matrices: rows 0-7 / 8-15 (m % 2) x channels 0-7 / 8-15 (m / 2)
@@ -311,7 +313,7 @@ struct Pw<T, K, CG, WIN, true> {
     const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
 #pragma unroll
     for (int t = 0; t < G::TPW; ++t) {
-      const int nt = tile_of(t, part);
+      const int nt = tile_of(t);
       if (nt >= 0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
