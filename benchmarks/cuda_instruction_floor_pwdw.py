@@ -6,15 +6,17 @@ is compiled for sm_90 with line information and disassembled with Triton's nvdis
 the script finds four loops and weights each body by its trip count per block (Geo in
 `pwdw_tile.cuh`: CG pw rows per block, an 8 x 32 output tile, 256 threads):
 
-* step:  the innermost loop holding the 1x1's MMAs and x's loads, one trip per K step of 16 input channels
-         and part of the halo (stage x and the weights, MMAs): 256 threads x NPART ceil(C_in / 16) trips;
+* step:  the innermost loop holding the 1x1's MMAs and x's loads, one K step of 16 input channels and
+         part of the halo per trip (stage x and the weights, MMAs; nvcc may unroll it, so a trip's
+         count is divided by its steps, two barriers each): 256 threads x NPART ceil(C_in / 16) steps;
 * part:  the loop around it (accumulator set-up and store), minus the step loop: 256 threads x NPART
-         (Geo::NPART: 2 at k = 3, 3 at k = 5, 7);
+         (Geo::NPART of the window layout: 3 at k = 3, 4 at k = 7);
 * patch: the zero-padding pass over the 1x1 result (the loop holding the line that writes
-         `y[32 * u]` in `pw_halo`): a warp per pw row, 256 threads x CG / 8 trips;
+         `y[32 * u]` in `pw_halo`): a warp per pw row, 256 threads x CG / 8 trips, in the blocks whose
+         halo crosses the image's edge (`edge_fraction` of them at 128 x 128);
 * dw:    the depthwise loop (innermost loops that store to global memory; on tensor cores for 16-bit
-         inputs since version 3.2): a warp per output channel,
-         32 lanes x (output channels of the block) trips.
+         inputs since version 3.2; the one storing 32-bit pairs when there are two): a warp per output
+         channel, 32 lanes x (output channels of the block) trips.
 
 Dividing by the block's outputs (output channels x 256 pixels) gives lane-instructions per output;
 the memory floor allows (bytes per output / copy bandwidth) x issue rate of them, so
@@ -127,6 +129,13 @@ def roles(ins, labels, patch_lines: List[str]) -> Dict[str, int]:
     def ops(lp):
         return {_op(t) for _, t, _ in _body(ins, lp)}
 
+    def per_step(lp):
+        """Instructions per K step: nvcc may unroll the step loop (each step has two barriers)."""
+        bars = sum(_op(t) == "BAR" for _, t, _ in _body(ins, lp))
+        if bars == 0 or bars % 2:
+            raise ValueError(f"a step loop with {bars} barriers")
+        return n(lp) / (bars // 2)
+
     # loads x from global memory and multiplies; the depthwise loop (which may multiply too, on tensor
     # cores) is the one that stores to global memory. The cp.async step (LDGSTS) is the one the
     # benchmark shapes take (aligned rows); the element-wise fallback step (LDG) is reported beside it.
@@ -138,13 +147,21 @@ def roles(ins, labels, patch_lines: List[str]) -> Dict[str, int]:
     step = step[0]
     part = min((lp for lp in lps if lp != step and lp[0] <= step[0] and step[1] <= lp[1]), key=n)
     patch = [lp for lp in lps if lp not in (part,) and any(w in patch_lines for _, _, w in _body(ins, lp))]
-    dw = [lp for lp in inner if "STG" in ops(lp)]
+    # innermost among the loops that store (it may hold a small loop without stores: OutWalk's wrap)
+    stores = [lp for lp in lps if "STG" in ops(lp)]
+    dw = [lp for lp in stores if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in stores)]
     if not patch or not dw:
         raise ValueError("patch or depthwise loop not found")
-    out = {"step": n(step), "part": n(part) - n(step), "patch": max(n(lp) for lp in patch),
-           "dw": max(n(lp) for lp in dw)}
+    # the epilogue that stores output pairs as 32-bit words (W even: the benchmark shapes), and the one
+    # that stores single 16-bit elements
+    pairs = [lp for lp in dw if any(_op(t) == "STG" and ".U16" not in t for _, t, _ in _body(ins, lp))]
+    singles = [lp for lp in dw if lp not in pairs]
+    out = {"step": per_step(step), "part": n(part) - n(step), "patch": max(n(lp) for lp in patch),
+           "dw": max(n(lp) for lp in (pairs or dw))}
     if steps["LDGSTS"] and len(steps["LDG"]) == 1:
-        out["step_elementwise"] = n(steps["LDG"][0])   # the fallback's step, for unaligned rows
+        out["step_elementwise"] = per_step(steps["LDG"][0])   # the fallback's step, for unaligned rows
+    if pairs and singles:
+        out["dw_single"] = max(n(lp) for lp in singles)  # the fallback's epilogue, for odd W
     return out
 
 
@@ -152,6 +169,15 @@ def parts(k: int) -> int:
     """Geo::NPART of the 16-bit forward's window layout: 8 + k - 1 rows of 48 pixels, 3 16-pixel tiles
     each, in parts of at most 12 tiles."""
     return -(-3 * (8 + k - 1) // 12)
+
+
+def edge_fraction(k: int, H: int = 128, W: int = 128) -> float:
+    """Share of the 8 x 32 output tiles of an H x W image whose halo (k // 2 pixels) leaves the image:
+    the blocks that run the zero-padding pass (pw_halo skips it for the others)."""
+    P = k // 2
+    tiles = [(y, x) for y in range(0, H, 8) for x in range(0, W, 32)]
+    edge = [t for t in tiles if not (t[0] >= P and t[0] + 8 + P <= H and t[1] >= P and t[1] + 32 + P <= W)]
+    return len(edge) / len(tiles)
 
 
 def per_output(r: Dict[str, int], case: Case, elem_bytes: int) -> Dict:
@@ -164,7 +190,7 @@ def per_output(r: Dict[str, int], case: Case, elem_bytes: int) -> Dict:
     nparts = parts(case.k)
     steps = nparts * -(-case.cin // 16)
     lane = {"step": r["step"] * 256 * steps * blocks, "part": r["part"] * 256 * nparts * blocks,
-            "patch": r["patch"] * 256 * (cg // 8) * blocks, "dw": r["dw"] * 32 * nout}
+            "patch": r["patch"] * 256 * (cg // 8) * blocks * edge_fraction(case.k), "dw": r["dw"] * 32 * nout}
     per = {k: v / (nout * 256) for k, v in lane.items()}
     fallback = r.get("step_elementwise")
     total = sum(per.values())
@@ -172,8 +198,10 @@ def per_output(r: Dict[str, int], case: Case, elem_bytes: int) -> Dict:
     budget = bytes_per_out / COPY_BW * ISSUE_RATE
     row = {"case": case.name, **{k: round(v, 1) for k, v in per.items()}, "total": round(total, 1),
            "budget_at_roofline": round(budget, 1), "ceiling": round(min(budget / total, 1.0), 2)}
-    if fallback is not None:   # the same with the element-wise staging (rows not 16-byte aligned)
-        row["total_elementwise"] = round(total + (fallback - r["step"]) * 256 * steps * blocks / (nout * 256), 1)
+    if fallback is not None:   # the same with the element-wise staging and single stores (odd W)
+        single = r.get("dw_single", r["dw"])
+        row["total_elementwise"] = round(total + ((fallback - r["step"]) * 256 * steps * blocks
+                                                  + (single - r["dw"]) * 32 * nout) / (nout * 256), 1)
     return row
 
 
@@ -196,7 +224,7 @@ def main(argv: List[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = report(cached(args.sass, compile_listing), args.dtype)
     columns = ["case", "step", "part", "patch", "dw", "total", "budget at roofline", "ceiling",
-               "total, element-wise staging"]
+               "total, element-wise staging, single stores"]
     table("lane-instructions per output element (one channel at one pixel), by loop; budget = what the memory "
           "floor allows at perfect issue", columns, rows, args.json, lambda r: [
               *(r[c] for c in ("case", "step", "part", "patch", "dw", "total", "budget_at_roofline")),

@@ -98,6 +98,19 @@ def test_half_aligned_rows(backend, dtype):
     _check(backend, ALIGNED_CASES[1], dtype, gated=False, backward=False)
 
 
+# Tiles whose halo lies inside the image (the CUDA kernels skip its zero padding there) beside edge
+# tiles, with a pw bias (which the padding must remove outside the image): 20 x 72 has interior
+# 8 x 32 tiles at k = 3 and 7; W % 8 == 0, so 16-bit inputs take the cp.async path.
+INTERIOR_CASES = [(1, 16, 24, 20, 72, 7, True, True), (2, 8, 16, 19, 72, 3, True, False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", INTERIOR_CASES)
+def test_interior_tiles(backend, dtype, case):
+    _check(backend, case, dtype, gated=False, backward=False)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gated", [False, True])
 def test_float64(backend, gated):

@@ -67,10 +67,12 @@ def test_report_counts_instructions_per_pixel_and_channel():
 import cuda_instruction_floor_pwdw as pwdw  # noqa: E402
 
 
-def _listing():
+def _listing(unroll: int = 1, pairs: bool = False):
     """An nvdisasm -g listing shaped like pwdw_fwd_kernel<bf16, 3, 0>: a part loop around an MMA step
-    loop, a patch loop (its line is the patch line), a depthwise loop storing to global memory, and a
-    divergence fallback whose jump back must not count as a loop."""
+    loop (unrolled `unroll` times: two barriers per step), a patch loop (its line is the patch line), a
+    depthwise loop storing to global memory, and a divergence fallback whose jump back must not count as
+    a loop. With `pairs`, a second depthwise loop stores 32-bit pairs and holds a small loop without
+    stores (OutWalk's wrap)."""
     out, a = [], 0
 
     def ins(text, line=10):
@@ -85,24 +87,41 @@ def _listing():
             ins(body(i), line)
         ins(f"@!P0 BRA `({label})", line)
 
+    def step(i):
+        if i % 20 in (1, 15):
+            return "BAR.SYNC.DEFER_BLOCKING 0x0"
+        return "@!P2 HMMA.16816.F32.BF16 R12, R4, R70, R12" if i % 20 == 3 else "LDG.E.U16 R8, desc[UR4][R2.64]"
+
     ins("MOV R1, c[0x0][0x28]")
     out.append(".L_x_1:")
     for _ in range(5):
         ins("CS2R R12, SRZ")                                           # part: 5 + 1 (branch) outside the step
-    loop(".L_x_2", 20, lambda i: "@!P2 HMMA.16816.F32.BF16 R12, R4, R70, R12" if i == 3 else "LDG.E.U16 R8, desc[UR4][R2.64]")
+    loop(".L_x_2", 20 * unroll, step)
     ins("@!P1 BRA `(.L_x_1)")
     loop(".L_x_3", 9, lambda i: "FADD R3, R3, R4", line=300)            # patch
     loop(".L_x_4", 30, lambda i: {7: "STG.E.U16 desc[UR4][R6.64], R5", 2: "@P1 HMMA.16816.F32.BF16 R8, R4, R2, R8",
                                   4: "LDG.E.U16 R9, desc[UR4][R2.64]"}.get(i, "FFMA R4, R4, R5, R6"))  # a TC depthwise
+    if pairs:
+        out.append(".L_x_5:")
+        for i in range(20):
+            ins({7: "STG.E.STRONG.GPU desc[UR4][R6.64+0x10], R5", 2: "HMMA.16816.F32.BF16 R8, R4, R2, R8"}
+                .get(i, "FADD R4, R4, R5"))
+        loop(".L_x_6", 5, lambda i: "IADD3 R3, R3, R4")                 # the wrap: a loop without stores
+        ins("@!P0 BRA `(.L_x_5)")                                       # 20 + 5 + 1 = 26
     ins("EXIT")
     ins("BRA.DIV UR4, `(.L_x_2)")                                        # fallback: not a loop
     name = "_ZN4moce11expert_conv4_GLOBAL__N_15pwdw_fwd_kernelI13__nv_bfloat16Li3ELi0EEEvNS0_10PwdwParamsEiii"
     return f"\n//--------------------- .text.{name} ----\n" + "\n".join(out) + "\n"
 
 
+def _roles(**kw):
+    ins, labels = pwdw.parse(_listing(**kw).split(".text.", 1)[1])
+    return pwdw.roles(ins, labels, ["pwdw_tile.cuh:300"])
+
+
 def test_pwdw_reader_finds_step_part_patch_and_dw_loops():
+    assert _roles() == {"step": 20, "part": 6, "patch": 9, "dw": 30}
     ins, labels = pwdw.parse(_listing().split(".text.", 1)[1])
-    assert pwdw.roles(ins, labels, ["pwdw_tile.cuh:300"]) == {"step": 20, "part": 6, "patch": 9, "dw": 30}
     try:
         pwdw.roles(ins, labels, ["pwdw_tile.cuh:301"])                   # no patch loop at that line
     except ValueError:
@@ -111,12 +130,25 @@ def test_pwdw_reader_finds_step_part_patch_and_dw_loops():
         raise AssertionError("a missing patch loop must be an error")
 
 
+def test_pwdw_reader_counts_per_step_and_prefers_the_pair_epilogue():
+    # a step loop unrolled twice holds two steps: 40 instructions, 20 per step; the part loop's own
+    # instructions are unchanged
+    assert _roles(unroll=2) == {"step": 20, "part": 6, "patch": 9, "dw": 30}
+    # the epilogue storing 32-bit pairs is the one the benchmark shapes take; the single-element one
+    # (odd W) is reported beside it
+    assert _roles(pairs=True) == {"step": 20, "part": 6, "patch": 9, "dw": 26, "dw_single": 30}
+
+
 def test_pwdw_per_output_weights_loops_by_trip_counts():
     r = {"step": 20, "part": 6, "patch": 9, "dw": 30}
     case = pwdw.Case("c", cin=40, cout=100, k=3, mode=0)                # 2 channel blocks of 64, 3 parts x 3 K steps
     assert (pwdw.parts(3), pwdw.parts(7)) == (3, 4)                     # windows of 10 and 14 rows x 3 tiles
     row = pwdw.per_output(r, case, 2)
-    lanes = 20 * 256 * 9 * 2 + 6 * 256 * 3 * 2 + 9 * 256 * 8 * 2 + 30 * 32 * 100
+    # the patch runs in the tiles at the image's edge: at 128 x 128 and k = 3, all but 14 of 16 tile rows
+    # x 2 of 4 tile columns
+    assert pwdw.edge_fraction(3) == 1 - (14 * 2) / (16 * 4)
+    assert pwdw.edge_fraction(3, H=8, W=32) == 1.0
+    lanes = 20 * 256 * 9 * 2 + 6 * 256 * 3 * 2 + 9 * 256 * 8 * 2 * pwdw.edge_fraction(3) + 30 * 32 * 100
     assert abs(row["total"] - round(lanes / (100 * 256), 1)) < 0.11
     budget = 2 * (40 + 100) / 100 / pwdw.COPY_BW * pwdw.ISSUE_RATE
     assert row["ceiling"] == round(min(budget / (lanes / (100 * 256)), 1.0), 2)

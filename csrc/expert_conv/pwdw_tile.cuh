@@ -33,16 +33,18 @@ struct Geo {
   static_assert(P <= 8, "the window holds halos of up to 8 columns");
   static constexpr int NT = (HALO + 15) / 16;      // 16-pixel tiles of the halo
   static constexpr int NPART = (NT + 11) / 12;     // parts of the halo computed one after the other (the
-                                                   // accumulators of a part stay in registers): 2 at k = 3, 3 at k = 5, 7
-  static constexpr int NTH = (NT + NPART - 1) / NPART;  // 16-pixel tiles per part
+                                                   // accumulators of a part stay in registers)
+  static constexpr int CG = CG_;                   // pw output rows per block
+  static constexpr int MT = CG / 16;               // 16-row MMA tiles
+  static constexpr int NW = kWarps / MT;           // warps sharing an MMA row tile
+  static constexpr int TPW = ((NT + NPART - 1) / NPART + NW - 1) / NW;  // MMA column tiles per warp and part
+  static constexpr int NTH = TPW * NW;             // 16-pixel tiles per part (the last part's tiles past the halo
+                                                   // are computed on zeros and not stored)
   static constexpr int NH = NTH * 16;              // pixels per part
   static constexpr int LD = NT * 16 + 8;           // row stride of the 1x1 result in smem (elements; the tail
                                                    // is zeroed)
   static constexpr int LDX = NH + 8;               // row stride of the staged inputs (conflict-free B loads)
-  static constexpr int CG = CG_;                   // pw output rows per block
-  static constexpr int MT = CG / 16;               // 16-row MMA tiles
-  static constexpr int NW = kWarps / MT;           // warps sharing an MMA row tile
-  static constexpr int TPW = (NTH + NW - 1) / NW;  // MMA column tiles per warp and part
+  static_assert((NPART - 1) * NTH < NT, "every part holds tiles of the halo");
   static constexpr int LDW = kKC + 8;              // row stride of the staged weights
   // float path: thread = 8 rows x PPT pixels of a part (pixel lanes PL apart)
   static constexpr int CGRP = CG / 8, PL = kThreads / CGRP, PPT = (NH + PL - 1) / PL;
@@ -82,6 +84,25 @@ struct OutAddr {
   __device__ __forceinline__ int64_t operator()(int c) const {
     const unsigned uc = (unsigned)c, us = (unsigned)split;  // both >= 0: unsigned division is cheaper
     return base + (int64_t)(uc / us) * split_stride + (int64_t)(uc % us) * HW;
+  }
+};
+
+// The offsets oa(c) of channels c0, c0 + step, c0 + 2 step, ... (c0 >= 0, 0 < step), one division in
+// all: off = oa(c), r = c % split.
+struct OutWalk {
+  int64_t off, wrap;  // wrap: what crossing into the next split adds (split stride - split * HW)
+  int r, split, step;
+  int64_t dstep;      // step * HW
+  __device__ __forceinline__ OutWalk(const OutAddr& oa, int c0, int step_)
+      : off(oa(c0)), wrap(oa.split_stride - oa.split * oa.HW), r((int)((unsigned)c0 % (unsigned)oa.split)),
+        split(oa.split), step(step_), dstep(step_ * oa.HW) {}
+  __device__ __forceinline__ void next() {
+    r += step;
+    off += dstep;
+    while (r >= split) {
+      r -= split;
+      off += wrap;
+    }
   }
 };
 
@@ -157,12 +178,17 @@ struct Stager {
   static constexpr int kCPR = G::NH / 8;                              // 8-pixel chunks per channel and part
   static constexpr int kCU = WIN ? (kKC * kCPR + kThreads - 1) / kThreads : 1;  // chunk slots per thread
   static_assert(!WIN || (G::RS % 8 == 0 && G::NH % 8 == 0 && sizeof(T) == 2), "chunks of 8 16-bit pixels");
+  static constexpr int kNever = 1 << 30;  // a channel limit that no count of remaining channels reaches
   HaloLane<G, kU> px;
-  const T* cptr[kCU];  // cp.async: the thread's chunk per slot at input channel kk (k0 = 0), or null outside
-  int cdst[kCU], ckk[kCU];  // ... its place in sx and its channel kk within the step (kKC for no chunk)
+  // cp.async, per slot: the thread's chunk at input channel kk of the step (k0 = 0), or wbase outside the
+  // image; its place in sx; kk (kKC for no chunk); and kk, or kNever outside the image (the chunk is
+  // copied while kk < cin - k0, else zero-filled from the k0 = 0 address, which is valid)
+  const T* cptr[kCU];
+  int cdst[kCU], ckk[kCU], clim[kCU];
   const T* wp;         // this thread's weights: row of block row wr, from input channel wk; null outside the expert
   int wr, wk;
-  const T* wrow16;     // cp.async weights: row of block row threadIdx.x / 2 from channel 8 (threadIdx.x % 2); or null
+  const T* wrow16;     // cp.async weights: row of block row threadIdx.x / 2 from channel 8 (threadIdx.x % 2), or wbase
+  int wlim;            // ... its first channel (threadIdx.x % 2 * 8), or kNever outside the expert
   const T* wbase;      // the weights' base (a valid, aligned address for zero-fill copies)
   bool fast_x, fast_w;
 
@@ -174,7 +200,8 @@ struct Stager {
     wp = row >= 0 ? w + w_off + (int64_t)row * cin + wk : nullptr;
     fast_w = WIN && cin % 8 == 0 && w_off % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
     const int row16 = threadIdx.x < 2 * G::CG ? pw_row<G::CG, NB>(threadIdx.x / 2, cb, nch) : -1;
-    wrow16 = row16 >= 0 ? w + w_off + (int64_t)row16 * cin + threadIdx.x % 2 * 8 : nullptr;
+    wrow16 = row16 >= 0 ? w + w_off + (int64_t)row16 * cin + threadIdx.x % 2 * 8 : w;
+    wlim = row16 >= 0 ? threadIdx.x % 2 * 8 : kNever;
   }
   // x may go by cp.async (window layout, rows of 8-pixel chunks aligned in global memory)
   __device__ __forceinline__ void init_x(const T* src, int64_t src_off, int W) {
@@ -194,7 +221,8 @@ struct Stager {
         const int q = (threadIdx.x + kThreads * s) % kCPR;
         const int j = part * G::NH + 8 * q, iy = ty0 - G::P + j / G::RS, ix = tx0 - G::P - G::C0 + j % G::RS;
         const bool in = ckk[s] < kKC && j < G::HALO && iy >= 0 && iy < H && ix >= 0 && ix + 8 <= W;
-        cptr[s] = in ? src + src_off + (int64_t)ckk[s] * HW + (int64_t)iy * W + ix : nullptr;
+        cptr[s] = in ? src + src_off + (int64_t)ckk[s] * HW + (int64_t)iy * W + ix : wbase;
+        clim[s] = in ? ckk[s] : kNever;
       }
     } else {
       px.init(part * G::NH, ty0, tx0, H, W);
@@ -207,16 +235,17 @@ struct Stager {
                                         T* sx, T* sw) const {
     if constexpr (FAST) {
       const int64_t step = (int64_t)k0 * HW;
+      const int rem = cin - k0;  // channels left
 #pragma unroll
       for (int s = 0; s < kCU; ++s) {
         if (ckk[s] < kKC) {
-          const bool in = cptr[s] != nullptr && k0 + ckk[s] < cin;
-          async_copy::copy16(sx + cdst[s], in ? cptr[s] + step : wbase, in);
+          const bool in = clim[s] < rem;
+          async_copy::copy16(sx + cdst[s], cptr[s] + (in ? step : 0), in);
         }
       }
       if (threadIdx.x < 2 * G::CG) {
-        const bool in = wrow16 != nullptr && k0 + threadIdx.x % 2 * 8 < cin;
-        async_copy::copy16(sw + threadIdx.x / 2 * G::LDW + threadIdx.x % 2 * 8, in ? wrow16 + k0 : wbase, in);
+        const bool in = wlim < rem;
+        async_copy::copy16(sw + threadIdx.x / 2 * G::LDW + threadIdx.x % 2 * 8, wrow16 + (in ? k0 : 0), in);
       }
       async_copy::commit();  // the caller waits
     } else {
@@ -263,7 +292,7 @@ struct Pw<T, K, CG, WIN, true> {
   // 16 rows x 16 input channels) by one ldmatrix, B (16 channels x 16 pixels) by one ldmatrix.trans.
   float acc[G::TPW][2][4];
   float bias[2];   // pw bias of this lane's rows g and g + 8
-  int mt, nw, tv;  // this warp's row tile, first column tile, and count of column tiles in the part
+  int mt, nw, lim;  // this warp's row tile and first column tile; the part's column tiles in the halo
 
   template <int NB>
   __device__ __forceinline__ void set_bias(const T* pb, int64_t pb_off, int cb, int nch) {
@@ -278,50 +307,48 @@ struct Pw<T, K, CG, WIN, true> {
     const int warp = threadIdx.x / 32;
     mt = warp % G::MT;
     nw = warp / G::MT;
-    const int lim = G::NT - part * G::NTH < G::NTH ? G::NT - part * G::NTH : G::NTH;  // column tiles of the part
-    tv = lim > nw ? (lim - nw + G::NW - 1) / G::NW : 0;
+    lim = G::NT - part * G::NTH < G::NTH ? G::NT - part * G::NTH : G::NTH;
+    // the accumulators start at the pw bias (rows g, g + 8: d[0..1], d[2..3]), so the store adds nothing
 #pragma unroll
     for (int t = 0; t < G::TPW; ++t)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[t][h][i] = 0.f;
+        for (int i = 0; i < 4; ++i) acc[t][h][i] = bias[i / 2];
   }
-  // column tile t of this warp (in [0, NTH) within the part), or -1
-  __device__ __forceinline__ int tile_of(int t) const { return t < tv ? nw + t * G::NW : -1; }
   __device__ __forceinline__ void step(const T* sx, const T* sw, int) {
     const int lane = threadIdx.x % 32, m = lane / 8, r = lane % 8;
     uint32_t a[4];  // matrices: rows 0-7 / 8-15 (m % 2) x channels 0-7 / 8-15 (m / 2)
     warp_mma::ldsm_x4<false>(a, sw + (mt * 16 + (m % 2) * 8 + r) * G::LDW + (m / 2) * 8);
     // channels (m % 2) * 8 + r, pixels (m / 2) * 8 of this warp's first tile; tile t is NW tiles further
     const T* brow = sx + ((m % 2) * 8 + r) * G::LDX + (m / 2) * 8 + nw * 16;
+    // every tile, also those past the halo in the last part (staged as zeros; not stored): no predicate
 #pragma unroll
     for (int t = 0; t < G::TPW; ++t) {
-      if (t < tv) {
-        uint32_t b[4];  // b[0..1]: pixels 0-7 of the tile, b[2..3]: pixels 8-15
-        warp_mma::ldsm_x4<true>(b, brow + t * G::NW * 16);
-        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-        warp_mma::mma_16816<T>(acc[t][0], a, b0);
-        warp_mma::mma_16816<T>(acc[t][1], a, b1);
-      }
+      uint32_t b[4];  // b[0..1]: pixels 0-7 of the tile, b[2..3]: pixels 8-15
+      warp_mma::ldsm_x4<true>(b, brow + t * G::NW * 16);
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      warp_mma::mma_16816<T>(acc[t][0], a, b0);
+      warp_mma::mma_16816<T>(acc[t][1], a, b1);
     }
   }
-  // Writes this thread's share of the part's result plus the pw bias to sy (CG x LD of Y, rounded
-  // once to Y): rows g and g + 8 of the row tile, pixel pairs 2t, 2t + 1 of each n8 tile.
+  // Writes this thread's share of the part's result (bias included) to sy (CG x LD of Y, rounded once
+  // to Y): rows g and g + 8 of the row tile, pixel pairs 2t, 2t + 1 of each n8 tile, for the column
+  // tiles nw + t NW inside the halo (those past it would run into the next row).
   template <typename Y>
   __device__ __forceinline__ void store(Y* sy, int part) {
     const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    Y* y0 = sy + (mt * 16 + g) * G::LD + part * G::NH + nw * 16 + 2 * tq;  // tile t at + t NW 16
 #pragma unroll
     for (int t = 0; t < G::TPW; ++t) {
-      const int nt = tile_of(t);
-      if (nt >= 0) {
+      if (nw + t * G::NW < lim) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          Y* y = sy + (mt * 16 + g) * G::LD + part * G::NH + nt * 16 + h * 8 + 2 * tq;
+          Y* y = y0 + t * G::NW * 16 + h * 8;
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             Y* yi = y + 8 * i * G::LD;
-            const float v0 = acc[t][h][2 * i] + bias[i], v1 = acc[t][h][2 * i + 1] + bias[i];
+            const float v0 = acc[t][h][2 * i], v1 = acc[t][h][2 * i + 1];
             warp_mma::check_aligned(yi, 2 * sizeof(Y), "1x1 result pair");
             if constexpr (std::is_same<Y, float>::value)
               *reinterpret_cast<float2*>(yi) = make_float2(v0, v1);
@@ -416,45 +443,74 @@ __device__ __forceinline__ void dw_column(const float* __restrict__ y, const flo
 }
 
 // Depthwise k x k of one channel on tensor cores (16-bit T, window layout G): each row shift dy is a
-// banded Toeplitz product. Per 8-column slice x0 = 8 nt of the tile, A (16 x 16) holds the 1x1 result
-// (kept in T), rows oy + dy (oy < 8; rows 8-15 repeat them and their results are dropped) and row
-// positions x0 + 4 .. x0 + 19; B (16 x 8) holds w[dy][j - x - DOFF] for A column j and output column x
-// (zero outside [0, k)), DOFF = C0 - 4. Output column x0 + x reads positions x0 + x + C0 .. + k - 1,
-// which are A columns x + DOFF .. x + DOFF + k - 1, inside [0, 16) (static_assert); the last position
-// read, x0 + 19 <= 43, stays inside the 48-position row. out[nt][e] = output (row g, column
-// 8 nt + 2 t + e) of the lane.
-template <typename T, typename G>
-__device__ __forceinline__ void dw_tile_tc(const T* __restrict__ y, const T* __restrict__ wk, float (&out)[4][2]) {
-  constexpr int K = 2 * G::P + 1, AOFF = 4, DOFF = G::C0 - AOFF;
-  static_assert(G::WIN && DOFF >= 0 && 7 + DOFF + K - 1 <= 15 && 24 + AOFF + 15 < G::RS, "A covers every tap");
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  float acc[4][4];
+// banded Toeplitz product. B (16 x 8) holds w[dy][j - x - DOFF] for A column j and output column x
+// (zero outside [0, k)), DOFF = C0 - 4; it does not depend on where the 8 output columns lie, so one
+// MMA serves two 8-column slices: for x0 = 8 h (h = 0, 1), A rows 0-7 hold the 1x1 result (kept in T)
+// at rows oy + dy (oy < 8) and row positions x0 + 4 .. x0 + 19, A rows 8-15 the same rows at positions
+// x0 + 20 .. x0 + 35 (the slice 16 columns further). Output column x0 + x reads positions
+// x0 + x + C0 .. + k - 1, which are A columns x + DOFF .. x + DOFF + k - 1, inside [0, 16)
+// (static_assert); the last position read, 8 + 16 + 4 + 15 = 43, stays inside the 48-position row.
+template <typename G>
+struct DwTc {
+  static constexpr int K = 2 * G::P + 1, AOFF = 4, DOFF = G::C0 - AOFF;
+  static_assert(G::WIN && DOFF >= 0 && 7 + DOFF + K - 1 <= 15 && 8 + 16 + AOFF + 15 < G::RS, "A covers every tap");
+  // this lane's B elements are taps d0, d0 + 1 (b[0]) and d0 + 8, d0 + 9 (b[1]), d0 = 2 t - g - DOFF:
+  // their indices clamped into [0, k), and masks that zero the taps outside [0, k) (the same for
+  // every channel, so the per-channel operands need no predicate)
+  int idx[4];
+  uint32_t mask[2];
+
+  __device__ __forceinline__ DwTc() {
+    const int lane = threadIdx.x % 32, d0 = 2 * (lane % 4) - lane / 4 - DOFF;
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
+    for (int j = 0; j < 4; ++j) {
+      const int d = d0 + (j / 2) * 8 + j % 2;
+      idx[j] = d < 0 ? 0 : (d >= K ? K - 1 : d);
+    }
+    auto in = [&](int d) { return d >= 0 && d < K; };
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
-  const int d0 = 2 * t - g - DOFF;  // tap index of this lane's B elements: d0, d0 + 1, d0 + 8, d0 + 9
+    for (int i = 0; i < 2; ++i)
+      mask[i] = (in(d0 + 8 * i) ? 0xffffu : 0u) | (in(d0 + 8 * i + 1) ? 0xffff0000u : 0u);
+  }
+
+  // One channel: y its 1x1 result (layout G, in T), wk its k * k weights (T, row-major).
+  // out[nt][e] = output (row g, column 8 nt + 2 t + e) of the lane, before the dw bias.
+  template <typename T>
+  __device__ __forceinline__ void operator()(const T* __restrict__ y, const T* __restrict__ wk,
+                                             float (&out)[4][2]) const {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(wk);
+    float acc[2][4];
 #pragma unroll
-  for (int dy = 0; dy < K; ++dy) {
-    const T* w = wk + dy * K;
-    auto tap = [&](int d) { return d >= 0 && d < K ? to_f(w[d]) : 0.f; };
-    const uint32_t b[2] = {warp_mma::pack2<T>(tap(d0), tap(d0 + 1)), warp_mma::pack2<T>(tap(d0 + 8), tap(d0 + 9))};
-    const T* row = y + (g + dy) * G::RS + AOFF + 2 * t;
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      warp_mma::check_aligned(row + 8 * nt, 4, "depthwise A pair");
-      const uint32_t a0 = *reinterpret_cast<const uint32_t*>(row + 8 * nt);
-      const uint32_t a2 = *reinterpret_cast<const uint32_t*>(row + 8 * nt + 8);
-      const uint32_t a[4] = {a0, a0, a2, a2};
-      warp_mma::mma_16816<T>(acc[nt], a, b);
+      for (int i = 0; i < 4; ++i) acc[h][i] = 0.f;
+#pragma unroll
+    for (int dy = 0; dy < K; ++dy) {
+      const uint16_t* wr = w + dy * K;
+      uint32_t b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) b[i] = ((uint32_t)wr[idx[2 * i]] | (uint32_t)wr[idx[2 * i + 1]] << 16) & mask[i];
+      const T* row = y + (g + dy) * G::RS + AOFF + 2 * t;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const T* r = row + 8 * h;
+        warp_mma::check_aligned(r, 4, "depthwise A pair");
+        auto ld = [&](int off) { return *reinterpret_cast<const uint32_t*>(r + off); };
+        // (rows, k): (0-7, 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15)
+        const uint32_t a[4] = {ld(0), ld(16), ld(8), ld(24)};
+        warp_mma::mma_16816<T>(acc[h], a, b);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      out[h][0] = acc[h][0];
+      out[h][1] = acc[h][1];
+      out[h + 2][0] = acc[h][2];
+      out[h + 2][1] = acc[h][3];
     }
   }
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
-    out[nt][0] = acc[nt][0];
-    out[nt][1] = acc[nt][1];
-  }
-}
+};
 
 // The block's 1x1 result plus the pw bias over the tile and halo into sy (CG x LD of Y: fp32, or T
 // for the 16-bit forward, rounded once): NPART parts of the halo's pixels, input channels streamed
@@ -513,6 +569,11 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
   else
     parts(std::false_type{});
   __syncthreads();
+  // A halo inside the image needs no padding (uniform over the block). Every position that a depthwise
+  // tap reads with a nonzero weight is then a 1x1 result; the others that it reads (the window's
+  // columns past the halo) hold finite ones (x is zero-filled outside the image), and nothing reads
+  // the tail past the halo.
+  if (ty0 >= G::P && ty0 + kTH + G::P <= p.H && tx0 >= G::P && tx0 + kTW + G::P <= p.W) return;
   // zero padding: a warp per row, a lane per column of the row (inside-the-image bits precomputed;
   // zero past the halo too)
   constexpr int U = (G::LD + 31) / 32;
