@@ -120,7 +120,7 @@ __device__ __forceinline__ void dw_epilogue_tc(const PwdwParams& p, const int64_
       T* out = opaque(opaque(static_cast<T*>(p.out) + ow.off) + lpix);
       auto val = [&](int nt, int e) {
         const float av = a[nt][e] + dba;
-        return MODE == 0 ? av : gelu_f(av) * (b[nt][e] + dbb);
+        return MODE == 0 ? av : gelu16_f(av) * (b[nt][e] + dbb);  // rounded to 16 bits below
       };
       if constexpr (PAIRS) {
 #pragma unroll
