@@ -87,15 +87,19 @@ def test_forward_backward_fp32(backend, gated, case):
 
 # W and C_in multiples of 8: the CUDA 16-bit forward stages x and the weights by 16-byte cp.async here
 # (the cases above take its element-wise path); two column tiles, the second past the image's edge,
-# and a last K step with half its channels.
-ALIGNED_CASES = [(2, 24, 32, 9, 40, 3, True, True), (1, 16, 12, 10, 24, 7, True, False)]
+# and a last K step with half its channels. Its K loop runs steps in pairs plus an odd count's last
+# step: 2 steps (one pair), 1 (the last step alone), 3 (a pair and a half-empty last step), 4 (two
+# pairs).
+ALIGNED_CASES = [(2, 24, 32, 9, 40, 3, True, True), (1, 16, 12, 10, 24, 7, True, False),
+                 (1, 40, 16, 9, 40, 3, True, True), (1, 64, 16, 8, 24, 5, False, True)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_aligned_rows(backend, dtype):
     _check(backend, ALIGNED_CASES[0], dtype, gated=True, backward=False)
-    _check(backend, ALIGNED_CASES[1], dtype, gated=False, backward=False)
+    for case in ALIGNED_CASES[1:]:
+        _check(backend, case, dtype, gated=False, backward=False)
 
 
 # Tiles whose halo lies inside the image (the CUDA kernels skip its zero padding there) beside edge

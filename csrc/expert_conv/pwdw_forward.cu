@@ -150,7 +150,7 @@ __device__ __forceinline__ void dw_epilogue_tc(const PwdwParams& p, const int64_
 }
 
 template <typename T, int K, int MODE>
-__global__ void __launch_bounds__(kThreads) pwdw_fwd_kernel(PwdwParams p, int n_tw, int n_tiles, int n_cblk) {
+__global__ void __launch_bounds__(kThreads, 2) pwdw_fwd_kernel(PwdwParams p, int n_tw, int n_tiles, int n_cblk) {
   constexpr int CG = kFwdGroup<T, K>, NB = MODE > 0 ? 2 : 1;
   using Y = YOf<T>;
   constexpr bool WIN = kWin<T>;

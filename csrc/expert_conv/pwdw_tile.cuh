@@ -314,7 +314,12 @@ struct Pw<T, K, CG, WIN, true> {
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[t][h][i] = bias[i / 2];
+        for (int i = 0; i < 4; ++i) {
+          acc[t][h][i] = bias[i / 2];
+#ifdef __CUDA_ARCH__
+          asm volatile("" : "+f"(acc[t][h][i]));  // set here, once, not re-set on each path into the K loop
+#endif
+        }
   }
   __device__ __forceinline__ void step(const T* sx, const T* sw, int) {
     const int lane = threadIdx.x % 32, m = lane / 8, r = lane % 8;
@@ -537,22 +542,30 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
       pw.init(part);
       st.init_part(part, src, src_off, HW, ty0, tx0, p.H, p.W);
       if constexpr (FAST) {
-        const int nsteps = (cin + kKC - 1) / kKC;
+        const int nsteps = (cin + kKC - 1) / kKC;  // >= 1
         __syncthreads();  // the previous part's last step is consumed
         st.template stage<true>(src, src_off, HW, cin, 0, sx, sw);
-        for (int s = 0; s < nsteps; ++s) {
-          const int b = s & 1;
+        // step s reads buffer s % 2 (B, known at compile time in the loop unrolled by two)
+        auto one = [&](int s, auto buf) {
+          constexpr int B = decltype(buf)::value;
           if (s + 1 < nsteps) {
-            st.template stage<true>(src, src_off, HW, cin, (s + 1) * kKC, sx + (b ^ 1) * kBufElems,
-                                    sw + (b ^ 1) * kBufElems);
+            st.template stage<true>(src, src_off, HW, cin, (s + 1) * kKC, sx + (B ^ 1) * kBufElems,
+                                    sw + (B ^ 1) * kBufElems);
             async_copy::wait_group<1>();  // step s's copies have landed
           } else {
             async_copy::wait_group<0>();
           }
           __syncthreads();
-          pw.step(sx + b * kBufElems, sw + b * kBufElems, part);
-          __syncthreads();  // buffer b is consumed before step s + 2 refills it
+          pw.step(sx + B * kBufElems, sw + B * kBufElems, part);
+          __syncthreads();  // buffer B is consumed before step s + 2 refills it
+        };
+        int s = 0;
+#pragma unroll 1
+        for (; s + 1 < nsteps; s += 2) {
+          one(s, std::integral_constant<int, 0>{});
+          one(s + 1, std::integral_constant<int, 1>{});
         }
+        if (s < nsteps) one(s, std::integral_constant<int, 0>{});  // an odd count's last step
       } else {
         for (int k0 = 0; k0 < cin; k0 += kKC) {
           __syncthreads();  // the previous step's operands are consumed
