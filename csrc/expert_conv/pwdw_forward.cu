@@ -1,5 +1,5 @@
 // Fused pointwise -> depthwise forward (plain, GELU-gated, gated-backward epilogue), grouped over
-// experts (kernels.h: PwdwParams, meta columns). Version 3.4; design, counts and history in
+// experts (kernels.h: PwdwParams, meta columns). Version 3.6; design, counts and history in
 // benchmarks/notes/expert_conv.md.
 //
 // One block per (row n, 8 x 32 output tile, group of CG = 64 pw output channels; 32 for fp32 at
@@ -9,11 +9,13 @@
 //  * 16-bit: the halo lives in a 48-column window of aligned 8-pixel chunks, so x (and the weights)
 //    are staged by 16-byte cp.async when aligned (element-wise otherwise); the 1x1 runs on mma.sync
 //    (ldmatrix / ldmatrix.trans operands) and its result stays in T; the depthwise runs on tensor
-//    cores as a banded Toeplitz product per row shift (dw_tile_tc).
+//    cores as a banded Toeplitz product per row shift, one MMA for two 8-column slices (DwTc), and
+//    its epilogue stores output pairs as 32-bit words when W is even.
 //  * fp32: exact FMAs for the 1x1 (register-blocked) and the depthwise (a lane per column, the
 //    tile's 8 rows in registers), as the reference's fp32 convs.
-// The halo is zeroed outside the image (the depthwise conv pads the 1x1 *output*). Registers <= 128
-// and <= ~110 KB of shared memory: two blocks per SM.
+// The halo is zeroed outside the image (the depthwise conv pads the 1x1 *output*; blocks whose halo
+// lies inside skip it). Registers <= 128 (__launch_bounds__) and <= ~110 KB of shared memory: two
+// blocks per SM.
 #include "expert_conv/pwdw_tile.cuh"
 
 namespace moce {
@@ -174,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 2) pwdw_fwd_kernel(PwdwParams p, int
   stage_dw<T, K, CG, NB, D>(p, m, cb, nch, sdw);
   pw_halo<T, K, CG, NB, Y, WIN>(p, m, srow, cb, nch, ty0, tx0, sy, sx, sw);
 
-  // depthwise: one warp per output channel; 16-bit: tensor cores (dw_tile_tc), float: exact FMAs
+  // depthwise: one warp per output channel; 16-bit: tensor cores (DwTc), float: exact FMAs
   // (dw_column, a lane per column, 8 rows)
   if constexpr (WIN)
     dw_epilogue_tc<T, K, MODE>(p, m, cb, n, ty0, tx0, sy, sdw);
