@@ -33,7 +33,7 @@ struct BwdSmem {
 template <typename T, int K>
 __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int n_tw, int n_tiles, int n_cblk) {
   constexpr int CG = kBwdGroup, KK = K * K;
-  using G = Geo<K, CG>;
+  using G = GeoOf<T, K, CG>;
   using S = Smem<T, K, CG>;
   using B = BwdSmem<T, K>;
   extern __shared__ __align__(128) float smem[];

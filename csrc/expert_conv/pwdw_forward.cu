@@ -33,7 +33,7 @@ constexpr int kFwdGroup = (K == 3 || kWin<T>) ? 64 : 32;
 template <typename T>
 using YOf = std::conditional_t<kWin<T>, T, float>;  // element of the 1x1 result in smem
 template <typename T, int K>
-using FwdGeo = Geo<K, kFwdGroup<T, K>, kWin<T>>;
+using FwdGeo = GeoOf<T, K, kFwdGroup<T, K>, kWin<T>>;
 template <typename T, int K>
 using FwdSmem = Smem<T, K, kFwdGroup<T, K>, YOf<T>, kWin<T>>;
 

@@ -25,7 +25,9 @@ constexpr int kKC = 16;           // input channels per K step (one MMA k-tile)
 //   linear (WIN = false): RS = HWD, C0 = 0: the halo's pixels, nothing else (fp32 forward, backward);
 //   window (WIN = true):  RS = 48, C0 = 8 - P: image columns tx0 - 8 .. tx0 + 39, six aligned 8-pixel
 //                          chunks per row, so that x can be staged by 16-byte cp.async (16-bit forward).
-template <int K, int CG_, bool WIN_ = false>
+// MMA: the 1x1 runs on mma.sync (16-bit inputs), whose K step loads every warp's TPW column tiles
+// without a predicate, so a part holds a multiple of NW tiles; the fp32 FMA path needs no rounding.
+template <int K, int CG_, bool WIN_, bool MMA_>
 struct Geo {
   static constexpr bool WIN = WIN_;
   static constexpr int P = K / 2, HWD = kTW + K - 1, HH = kTH + K - 1;
@@ -38,11 +40,12 @@ struct Geo {
   static constexpr int MT = CG / 16;               // 16-row MMA tiles
   static constexpr int NW = kWarps / MT;           // warps sharing an MMA row tile
   static constexpr int TPW = ((NT + NPART - 1) / NPART + NW - 1) / NW;  // MMA column tiles per warp and part
-  static constexpr int NTH = TPW * NW;             // 16-pixel tiles per part (the last part's tiles past the halo
-                                                   // are computed on zeros and not stored)
+  static constexpr int NTH = MMA_ ? TPW * NW : (NT + NPART - 1) / NPART;  // 16-pixel tiles per part (with MMA,
+                                                   // the last part's tiles past the halo are computed on
+                                                   // zeros and not stored)
   static constexpr int NH = NTH * 16;              // pixels per part
   static constexpr int LD = NT * 16 + 8;           // row stride of the 1x1 result in smem (elements; the tail
-                                                   // is zeroed)
+                                                   // past the halo is never read)
   static constexpr int LDX = NH + 8;               // row stride of the staged inputs (conflict-free B loads)
   static_assert((NPART - 1) * NTH < NT, "every part holds tiles of the halo");
   static constexpr int LDW = kKC + 8;              // row stride of the staged weights
@@ -110,9 +113,13 @@ struct OutWalk {
 // 16-bit forward), the staged inputs and weights (aliased as T; two buffers in the window layout,
 // where cp.async fills one while the MMAs read the other), the depthwise weights (CG x K*K of D: T in
 // the window layout, which the tensor-core depthwise packs into operands anyway, else float).
+// The layout of a block for input type T (the 1x1 on mma.sync unless T is float).
+template <typename T, int K, int CG, bool WIN = false>
+using GeoOf = Geo<K, CG, WIN, !std::is_same<T, float>::value>;
+
 template <typename T, int K, int CG, typename Y = float, bool WIN = false>
 struct Smem {
-  using G = Geo<K, CG, WIN>;
+  using G = GeoOf<T, K, CG, WIN>;
   static constexpr int kY = (G::CG * G::LD * (int)sizeof(Y) + 15) / 16 * 4;
   static constexpr int kXBytes = kKC * G::LDX * (int)sizeof(T);
   static constexpr int kWBytes = G::CG * G::LDW * (int)sizeof(T);
@@ -170,7 +177,7 @@ struct HaloLane {
 //    per part, zero fill for chunks outside the image; two threads per weight row. The caller waits.
 template <typename T, int K, int CG, int NB, bool WIN = false>
 struct Stager {
-  using G = Geo<K, CG, WIN>;
+  using G = GeoOf<T, K, CG, WIN>;
   using R = typename RawBits<T>::type;  // copied as raw bits: a zeroed register and a predicated load
   static constexpr int kU = (G::NH + 31) / 32;           // pixel slots per lane and part
   static constexpr int kEW = G::CG * kKC / kThreads;     // weight entries per thread and step
@@ -287,7 +294,7 @@ struct Pw;
 
 template <typename T, int K, int CG, bool WIN>
 struct Pw<T, K, CG, WIN, true> {
-  using G = Geo<K, CG, WIN>;
+  using G = Geo<K, CG, WIN, true>;
   // mma.sync m16n8k16 (warp_mma.cuh): per 16-pixel column tile two n8 accumulators; A (the weights,
   // 16 rows x 16 input channels) by one ldmatrix, B (16 channels x 16 pixels) by one ldmatrix.trans.
   float acc[G::TPW][2][4];
@@ -368,7 +375,7 @@ struct Pw<T, K, CG, WIN, true> {
 
 template <int K, int CG, bool WIN>
 struct Pw<float, K, CG, WIN, false> {
-  using G = Geo<K, CG, WIN>;
+  using G = Geo<K, CG, WIN, false>;
   float acc[8][G::PPT];
   float bias[8];  // pw bias of rows grp*8 .. grp*8+7
   int grp, lane;  // rows grp*8 .. grp*8+7; pixels lane + i*PL
@@ -524,7 +531,7 @@ struct DwTc {
 template <typename T, int K, int CG, int NB, typename Y, bool WIN, typename Params>
 __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64_t srow, int cb, int nch, int ty0,
                                         int tx0, Y* sy, T* sx, T* sw) {
-  using G = Geo<K, CG, WIN>;
+  using G = GeoOf<T, K, CG, WIN>;
   const int cin = (int)m[0];
   const int64_t HW = (int64_t)p.H * p.W;
   const int64_t src_off = m[6] + srow * m[7];
