@@ -38,7 +38,10 @@ struct Geo {
                                                    // accumulators of a part stay in registers)
   static constexpr int CG = CG_;                   // pw output rows per block
   static constexpr int MT = CG / 16;               // 16-row MMA tiles
-  static constexpr int NW = kWarps / MT;           // warps sharing an MMA row tile
+  // MMA row tiles per warp: 2 in the 16-bit forward at k = 5, 7 (each staged x tile is then read by
+  // half as many warps, for the same tiles per part), else 1
+  static constexpr int RT = (MMA_ && WIN_ && K >= 5 && MT % 2 == 0) ? 2 : 1;
+  static constexpr int NW = kWarps / (MT / RT);    // warps sharing a row tile (group)
   static constexpr int TPW = ((NT + NPART - 1) / NPART + NW - 1) / NW;  // MMA column tiles per warp and part
   static constexpr int NTH = MMA_ ? TPW * NW : (NT + NPART - 1) / NPART;  // 16-pixel tiles per part (with MMA,
                                                    // the last part's tiles past the halo are computed on
@@ -188,14 +191,16 @@ struct Stager {
   static constexpr int kNever = 1 << 30;  // a channel limit that no count of remaining channels reaches
   HaloLane<G, kU> px;
   // cp.async, per slot: the thread's chunk at input channel kk of the step (k0 = 0), or wbase outside the
-  // image; its place in sx; kk (kKC for no chunk); and kk, or kNever outside the image (the chunk is
-  // copied while kk < cin - k0, else zero-filled from the k0 = 0 address, which is valid)
+  // image or when kk >= cin; its place in sx; kk (kKC for no chunk); and kk, or kNever when the pointer
+  // is wbase (the chunk is copied while kk < cin - k0, else zero-filled from the k0 = 0 address, which
+  // is then valid: kk < cin)
   const T* cptr[kCU];
   int cdst[kCU], ckk[kCU], clim[kCU];
   const T* wp;         // this thread's weights: row of block row wr, from input channel wk; null outside the expert
   int wr, wk;
-  const T* wrow16;     // cp.async weights: row of block row threadIdx.x / 2 from channel 8 (threadIdx.x % 2), or wbase
-  int wlim;            // ... its first channel (threadIdx.x % 2 * 8), or kNever outside the expert
+  const T* wrow16;     // cp.async weights: row of block row threadIdx.x / 2 from channel 8 (threadIdx.x % 2), or
+                       // wbase outside the expert or past the row (C_in = 8)
+  int wlim;            // ... its first channel (threadIdx.x % 2 * 8), or kNever where wrow16 is wbase
   const T* wbase;      // the weights' base (a valid, aligned address for zero-fill copies)
   bool fast_x, fast_w;
 
@@ -207,8 +212,9 @@ struct Stager {
     wp = row >= 0 ? w + w_off + (int64_t)row * cin + wk : nullptr;
     fast_w = WIN && cin % 8 == 0 && w_off % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
     const int row16 = threadIdx.x < 2 * G::CG ? pw_row<G::CG, NB>(threadIdx.x / 2, cb, nch) : -1;
-    wrow16 = row16 >= 0 ? w + w_off + (int64_t)row16 * cin + threadIdx.x % 2 * 8 : w;
-    wlim = row16 >= 0 ? threadIdx.x % 2 * 8 : kNever;
+    const bool in16 = row16 >= 0 && threadIdx.x % 2 * 8 < cin;
+    wrow16 = in16 ? w + w_off + (int64_t)row16 * cin + threadIdx.x % 2 * 8 : w;
+    wlim = in16 ? threadIdx.x % 2 * 8 : kNever;
   }
   // x may go by cp.async (window layout, rows of 8-pixel chunks aligned in global memory)
   __device__ __forceinline__ void init_x(const T* src, int64_t src_off, int W) {
@@ -220,14 +226,14 @@ struct Stager {
       cdst[s] = ckk[s] * G::LDX + 8 * (i % kCPR);
     }
   }
-  __device__ __forceinline__ void init_part(int part, const T* src, int64_t src_off, int64_t HW, int ty0, int tx0,
-                                            int H, int W) {
+  __device__ __forceinline__ void init_part(int part, const T* src, int64_t src_off, int64_t HW, int cin, int ty0,
+                                            int tx0, int H, int W) {
     if (fast()) {
 #pragma unroll
       for (int s = 0; s < kCU; ++s) {
         const int q = (threadIdx.x + kThreads * s) % kCPR;
         const int j = part * G::NH + 8 * q, iy = ty0 - G::P + j / G::RS, ix = tx0 - G::P - G::C0 + j % G::RS;
-        const bool in = ckk[s] < kKC && j < G::HALO && iy >= 0 && iy < H && ix >= 0 && ix + 8 <= W;
+        const bool in = ckk[s] < kKC && ckk[s] < cin && j < G::HALO && iy >= 0 && iy < H && ix >= 0 && ix + 8 <= W;
         cptr[s] = in ? src + src_off + (int64_t)ckk[s] * HW + (int64_t)iy * W + ix : wbase;
         clim[s] = in ? ckk[s] : kNever;
       }
@@ -295,43 +301,50 @@ struct Pw;
 template <typename T, int K, int CG, bool WIN>
 struct Pw<T, K, CG, WIN, true> {
   using G = Geo<K, CG, WIN, true>;
-  // mma.sync m16n8k16 (warp_mma.cuh): per 16-pixel column tile two n8 accumulators; A (the weights,
-  // 16 rows x 16 input channels) by one ldmatrix, B (16 channels x 16 pixels) by one ldmatrix.trans.
-  float acc[G::TPW][2][4];
-  float bias[2];   // pw bias of this lane's rows g and g + 8
-  int mt, nw, lim;  // this warp's row tile and first column tile; the part's column tiles in the halo
+  // mma.sync m16n8k16 (warp_mma.cuh): per row tile and 16-pixel column tile two n8 accumulators; A
+  // (the weights, 16 rows x 16 input channels) by one ldmatrix per row tile, B (16 channels x 16
+  // pixels) by one ldmatrix.trans per column tile, shared by the warp's RT row tiles.
+  float acc[G::RT][G::TPW][2][4];
+  float bias[G::RT][2];  // pw bias of this lane's rows g and g + 8 of each row tile
+  int mt, nw, lim;  // this warp's first row tile and first column tile; the part's column tiles in the halo
 
+  __device__ __forceinline__ static int first_row_tile() { return (threadIdx.x / 32) % (G::MT / G::RT) * G::RT; }
   template <int NB>
   __device__ __forceinline__ void set_bias(const T* pb, int64_t pb_off, int cb, int nch) {
-    const int r0 = (threadIdx.x / 32) % G::MT * 16 + threadIdx.x % 32 / 4;
+    const int r0 = first_row_tile() * 16 + threadIdx.x % 32 / 4;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int row = pw_row<G::CG, NB>(r0 + 8 * i, cb, nch);
-      bias[i] = (pb != nullptr && row >= 0) ? to_f(pb[pb_off + row]) : 0.f;
-    }
+    for (int rt = 0; rt < G::RT; ++rt)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = pw_row<G::CG, NB>(r0 + 16 * rt + 8 * i, cb, nch);
+        bias[rt][i] = (pb != nullptr && row >= 0) ? to_f(pb[pb_off + row]) : 0.f;
+      }
   }
   __device__ __forceinline__ void init(int part) {
-    const int warp = threadIdx.x / 32;
-    mt = warp % G::MT;
-    nw = warp / G::MT;
+    mt = first_row_tile();
+    nw = threadIdx.x / 32 / (G::MT / G::RT);
     lim = G::NT - part * G::NTH < G::NTH ? G::NT - part * G::NTH : G::NTH;
     // the accumulators start at the pw bias (rows g, g + 8: d[0..1], d[2..3]), so the store adds nothing
 #pragma unroll
-    for (int t = 0; t < G::TPW; ++t)
+    for (int rt = 0; rt < G::RT; ++rt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int t = 0; t < G::TPW; ++t)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          acc[t][h][i] = bias[i / 2];
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            acc[rt][t][h][i] = bias[rt][i / 2];
 #ifdef __CUDA_ARCH__
-          asm volatile("" : "+f"(acc[t][h][i]));  // set here, once, not re-set on each path into the K loop
+            asm volatile("" : "+f"(acc[rt][t][h][i]));  // set here, once, not re-set on each path into the K loop
 #endif
-        }
+          }
   }
   __device__ __forceinline__ void step(const T* sx, const T* sw, int) {
     const int lane = threadIdx.x % 32, m = lane / 8, r = lane % 8;
-    uint32_t a[4];  // matrices: rows 0-7 / 8-15 (m % 2) x channels 0-7 / 8-15 (m / 2)
-    warp_mma::ldsm_x4<false>(a, sw + (mt * 16 + (m % 2) * 8 + r) * G::LDW + (m / 2) * 8);
+    uint32_t a[G::RT][4];  // per row tile, matrices: rows 0-7 / 8-15 (m % 2) x channels 0-7 / 8-15 (m / 2)
+#pragma unroll
+    for (int rt = 0; rt < G::RT; ++rt)
+      warp_mma::ldsm_x4<false>(a[rt], sw + ((mt + rt) * 16 + (m % 2) * 8 + r) * G::LDW + (m / 2) * 8);
     // channels (m % 2) * 8 + r, pixels (m / 2) * 8 of this warp's first tile; tile t is NW tiles further
     const T* brow = sx + ((m % 2) * 8 + r) * G::LDX + (m / 2) * 8 + nw * 16;
     // every tile, also those past the halo in the last part (staged as zeros; not stored): no predicate
@@ -340,12 +353,15 @@ struct Pw<T, K, CG, WIN, true> {
       uint32_t b[4];  // b[0..1]: pixels 0-7 of the tile, b[2..3]: pixels 8-15
       warp_mma::ldsm_x4<true>(b, brow + t * G::NW * 16);
       const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-      warp_mma::mma_16816<T>(acc[t][0], a, b0);
-      warp_mma::mma_16816<T>(acc[t][1], a, b1);
+#pragma unroll
+      for (int rt = 0; rt < G::RT; ++rt) {
+        warp_mma::mma_16816<T>(acc[rt][t][0], a[rt], b0);
+        warp_mma::mma_16816<T>(acc[rt][t][1], a[rt], b1);
+      }
     }
   }
   // Writes this thread's share of the part's result (bias included) to sy (CG x LD of Y, rounded once
-  // to Y): rows g and g + 8 of the row tile, pixel pairs 2t, 2t + 1 of each n8 tile, for the column
+  // to Y): rows g and g + 8 of each row tile, pixel pairs 2t, 2t + 1 of each n8 tile, for the column
   // tiles nw + t NW inside the halo (those past it would run into the next row).
   template <typename Y>
   __device__ __forceinline__ void store(Y* sy, int part) {
@@ -355,17 +371,20 @@ struct Pw<T, K, CG, WIN, true> {
     for (int t = 0; t < G::TPW; ++t) {
       if (nw + t * G::NW < lim) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          Y* y = y0 + t * G::NW * 16 + h * 8;
+        for (int rt = 0; rt < G::RT; ++rt) {
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            Y* yi = y + 8 * i * G::LD;
-            const float v0 = acc[t][h][2 * i], v1 = acc[t][h][2 * i + 1];
-            warp_mma::check_aligned(yi, 2 * sizeof(Y), "1x1 result pair");
-            if constexpr (std::is_same<Y, float>::value)
-              *reinterpret_cast<float2*>(yi) = make_float2(v0, v1);
-            else
-              *reinterpret_cast<uint32_t*>(yi) = warp_mma::pack2<Y>(v0, v1);
+          for (int h = 0; h < 2; ++h) {
+            Y* y = y0 + 16 * rt * G::LD + t * G::NW * 16 + h * 8;
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              Y* yi = y + 8 * i * G::LD;
+              const float v0 = acc[rt][t][h][2 * i], v1 = acc[rt][t][h][2 * i + 1];
+              warp_mma::check_aligned(yi, 2 * sizeof(Y), "1x1 result pair");
+              if constexpr (std::is_same<Y, float>::value)
+                *reinterpret_cast<float2*>(yi) = make_float2(v0, v1);
+              else
+                *reinterpret_cast<uint32_t*>(yi) = warp_mma::pack2<Y>(v0, v1);
+            }
           }
         }
       }
@@ -547,7 +566,7 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
     constexpr int kBufElems = Smem<T, K, CG, Y, WIN>::kStage1 * 4 / (int)sizeof(T);
     for (int part = 0; part < G::NPART; ++part) {
       pw.init(part);
-      st.init_part(part, src, src_off, HW, ty0, tx0, p.H, p.W);
+      st.init_part(part, src, src_off, HW, cin, ty0, tx0, p.H, p.W);
       if constexpr (FAST) {
         const int nsteps = (cin + kKC - 1) / kKC;  // >= 1
         __syncthreads();  // the previous part's last step is consumed
