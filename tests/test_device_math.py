@@ -1,7 +1,7 @@
 """The expert_conv kernels' device math (csrc/expert_conv/device_common.cuh), compiled for the CPU
 emulation, against float64: the exact (erf) GELU and the cheaper one of the 16-bit epilogues.
 
-The emulation computes ex2_approx and rcp_approx exactly; on a GPU they are the special-function
+The emulation computes sfu<kEx2> and sfu<kRcp> exactly; on a GPU they are the special-function
 unit's approximations (about 2 ulp), which move gelu16_f by less than 2e-7 more (a float32 model with
 relative errors of 2.4e-7 in the reciprocal and 2e-6 in the exponential stays below 4e-7): inside
 the same 1e-6 bound."""

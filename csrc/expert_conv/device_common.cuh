@@ -44,24 +44,21 @@ __device__ __forceinline__ int expert_of(const int64_t* offsets, int64_t n, int 
 }
 
 __device__ __forceinline__ float gelu_f(float a) { return 0.5f * a * (1.f + erff(a * 0.70710678118654752f)); }
-// 2^x and 1 / x by the special-function unit (ex2.approx.ftz, rcp.approx.ftz: about 2 ulp, subnormal
-// results flushed to zero) without the range fix-ups of __expf and __fdividef; exact in the emulation.
-__device__ __forceinline__ float ex2_approx(float x) {
+// 2^x (kEx2) or 1 / x (kRcp) by the special-function unit (ex2.approx.ftz, rcp.approx.ftz: about 2 ulp,
+// subnormal results flushed to zero) without the range fix-ups of __expf and __fdividef; exact in the
+// emulation.
+enum class Sfu { kEx2, kRcp };
+template <Sfu F>
+__device__ __forceinline__ float sfu(float x) {
 #ifdef __CUDA_ARCH__
   float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  if constexpr (F == Sfu::kEx2)
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  else
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 #else
-  return exp2f(x);
-#endif
-}
-__device__ __forceinline__ float rcp_approx(float x) {
-#ifdef __CUDA_ARCH__
-  float y;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else
-  return 1.f / x;
+  return F == Sfu::kEx2 ? exp2f(x) : 1.f / x;
 #endif
 }
 
@@ -72,12 +69,12 @@ __device__ __forceinline__ float rcp_approx(float x) {
 // exp(-z^2) = 2^(-u^2).
 __device__ __forceinline__ float gelu16_f(float a) {
   const float u = fabsf(a) * 0.84932180028801904f;                 // sqrt(log2(e) / 2)
-  const float t = rcp_approx(fmaf(0.3275911f * 0.83255461115769776f, u, 1.f));  // p / sqrt(log2(e))
+  const float t = sfu<Sfu::kRcp>(fmaf(0.3275911f * 0.83255461115769776f, u, 1.f));  // p / sqrt(log2(e))
   float q = fmaf(1.061405429f, t, -1.453152027f);
   q = fmaf(q, t, 1.421413741f);
   q = fmaf(q, t, -0.284496736f);
   q = fmaf(q, t, 0.254829592f);
-  const float e = fmaf(-q * t, ex2_approx(-u * u), 1.f);          // erf(|a| / sqrt(2))
+  const float e = fmaf(-q * t, sfu<Sfu::kEx2>(-u * u), 1.f);  // erf(|a| / sqrt(2))
   return 0.5f * a * (1.f + copysignf(e, a));
 }
 __device__ __forceinline__ float gelu_grad_f(float a) {

@@ -37,119 +37,119 @@ using FwdGeo = GeoOf<T, K, kFwdGroup<T, K>, kWin<T>>;
 template <typename T, int K>
 using FwdSmem = Smem<T, K, kFwdGroup<T, K>, YOf<T>, kWin<T>>;
 
-// The pw -> dw epilogue's output of one channel and pixel: plain (MODE 0), gelu(a) * b (MODE 1), or
-// the gated backward's two gradients (MODE 2: g = grad of the gated output at o0 + pix, into gofull).
-template <typename T, int MODE>
-__device__ __forceinline__ void put(const PwdwParams& p, T* out, int64_t o0, int64_t gf0, int64_t nchHW,
-                                    unsigned pix, float av, float bv) {
-  if (MODE == 0) {
-    __stcg(out + pix, from_f<T>(av));  // st.global: out is opaque to the compiler
-  } else if (MODE == 1) {
-    __stcg(out + pix, from_f<T>(gelu_f(av) * bv));
-  } else {
-    const float g = to_f(static_cast<const T*>(p.g)[o0 + pix]);
-    T* gf = static_cast<T*>(p.gofull) + gf0 + pix;
-    gf[0] = from_f<T>(g * bv * gelu_grad_f(av));
-    gf[nchHW] = from_f<T>(g * gelu_f(av));
-  }
-}
-
-// fp32 depthwise and epilogue: a warp per output channel (dw_column: a lane per column, 8 rows).
+// The depthwise conv and epilogue of a block, a warp per output channel: block row q is output channel
+// cb * OUT_PER_BLOCK + q (its b row q + CG / 2 in the gated modes). Holds what both forms need: the
+// channels of each half (nch), the dw bias, the output offsets.
 template <typename T, int K, int MODE>
-__device__ __forceinline__ void dw_epilogue_fma(const PwdwParams& p, const int64_t* m, int cb, int64_t n, int ty0,
-                                                int tx0, const float* sy, const float* sdw) {
-  constexpr int CG = kFwdGroup<T, K>, NB = MODE > 0 ? 2 : 1, OUT_PER_BLOCK = CG / NB;
+struct Epilogue {
+  static constexpr int CG = kFwdGroup<T, K>, NB = MODE > 0 ? 2 : 1, OUT_PER_BLOCK = CG / NB;
   using G = FwdGeo<T, K>;
-  const int nch = (int)m[1] / NB, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t HW = (int64_t)p.H * p.W;
-  const T* db = static_cast<const T*>(p.db);
-  const OutAddr oa(m, n, HW);
-  unsigned opix[kTH];  // this lane's output pixels (image offsets, or kOutside), the same for every channel
-#pragma unroll
-  for (int i = 0; i < kTH; ++i) {
-    const int py = ty0 + i, px = tx0 + lane;
-    opix[i] = (py < p.H && px < p.W) ? (unsigned)(py * p.W + px) : kOutside;
-  }
-  for (int q = warp; q < OUT_PER_BLOCK; q += kWarps) {
-    const int oc = cb * OUT_PER_BLOCK + q;  // output channel; its a row is block row q, b row q + CG/2
-    if (oc >= nch) break;
-    float a[kTH], b[kTH] = {};
-    dw_column<G>(sy + q * G::LD, sdw + q * K * K, lane, a);
-    if (NB == 2) dw_column<G>(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, lane, b);
-    const float dba = db != nullptr ? to_f(db[m[5] + oc]) : 0.f;
-    const float dbb = (NB == 2 && db != nullptr) ? to_f(db[m[5] + oc + nch]) : 0.f;
-    const int64_t o0 = oa(oc);
-    T* out = opaque(static_cast<T*>(p.out) + o0);
-#pragma unroll
-    for (int i = 0; i < kTH; ++i)
-      if (opix[i] != kOutside)
-        put<T, MODE>(p, out, o0, (n * (int64_t)m[1] + oc) * HW, (int64_t)nch * HW, opix[i], a[i] + dba, b[i] + dbb);
-  }
-}
+  const PwdwParams& p;
+  const int nch, warp, lane;
+  const int64_t n, cout, HW, db_off;
+  const T* db;
+  const OutAddr oa;
 
-// 16-bit depthwise (tensor cores) and epilogue: a warp per output channel. Lane (g, t) holds row g,
-// columns 8 nt + 2 t + e (nt < 4, e < 2) of the tile: output i = 2 nt + e lies at immediate offset
-// 8 nt + e from the lane's first pixel. When every output offset is even (W even, an even output base
-// and split stride, a 4-byte aligned pointer), the pairs (e = 0, 1) are stored as one 32-bit word.
-template <typename T, int K, int MODE>
-__device__ __forceinline__ void dw_epilogue_tc(const PwdwParams& p, const int64_t* m, int cb, int64_t n, int ty0,
-                                               int tx0, const T* sy, const T* sdw) {
-  constexpr int CG = kFwdGroup<T, K>, NB = MODE > 0 ? 2 : 1, OUT_PER_BLOCK = CG / NB;
-  using G = FwdGeo<T, K>;
-  const int nch = (int)m[1] / NB, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t HW = (int64_t)p.H * p.W;
-  const T* db = static_cast<const T*>(p.db);
-  const int ly = ty0 + lane / 4, lx = tx0 + 2 * (lane % 4);
-  unsigned mask = 0;  // bit i: output i lies inside the image
+  __device__ __forceinline__ Epilogue(const PwdwParams& p_, const int64_t* m, int64_t n_)
+      : p(p_), nch((int)m[1] / NB), warp(threadIdx.x / 32), lane(threadIdx.x % 32), n(n_), cout(m[1]),
+        HW((int64_t)p_.H * p_.W), db_off(m[5]), db(static_cast<const T*>(p_.db)), oa(m, n_, HW) {}
+
+  // dw bias of output channel oc (h = 0) or of its b half (h = 1)
+  __device__ __forceinline__ float bias(int oc, int h) const {
+    return db != nullptr ? to_f(db[db_off + oc + h * nch]) : 0.f;
+  }
+  // One output of channel oc at pixel pix: plain (MODE 0, av), gelu(a) * b (MODE 1), or the gated
+  // backward's two gradients (MODE 2: g = grad of the gated output at o0 + pix, into gofull).
+  // out: the channel's output (modes 0, 1), opaque.
+  __device__ __forceinline__ void put(T* out, int64_t o0, int oc, unsigned pix, float av, float bv) const {
+    if (MODE == 0) {
+      __stcg(out + pix, from_f<T>(av));  // st.global: out is opaque to the compiler
+    } else if (MODE == 1) {
+      __stcg(out + pix, from_f<T>(gelu_f(av) * bv));
+    } else {
+      const float g = to_f(static_cast<const T*>(p.g)[o0 + pix]);
+      T* gf = static_cast<T*>(p.gofull) + (n * cout + oc) * HW + pix;
+      gf[0] = from_f<T>(g * bv * gelu_grad_f(av));
+      gf[(int64_t)nch * HW] = from_f<T>(g * gelu_f(av));
+    }
+  }
+
+  // fp32: exact FMAs (dw_column: a lane per column, 8 rows).
+  __device__ __forceinline__ void fma(int cb, int ty0, int tx0, const float* sy, const float* sdw) const {
+    unsigned opix[kTH];  // this lane's output pixels (image offsets, or kOutside), the same for every channel
 #pragma unroll
-  for (int i = 0; i < 8; ++i) mask |= (ly < p.H && lx + 8 * (i / 2) + i % 2 < p.W ? 1u : 0u) << i;
-  const unsigned lpix = mask != 0 ? (unsigned)(ly * p.W + lx) : 0u;
-  const OutAddr oa(m, n, HW);
-  const int64_t db_off = m[5];
-  const DwTc<G> dw;
-  // every output channel's pairs: 32-bit stores (the branch is uniform over the block)
-  auto channels = [&](auto pairs_tag) {
-    constexpr bool PAIRS = decltype(pairs_tag)::value;
-    int oc = cb * OUT_PER_BLOCK + warp;  // output channel; its a row is block row q, b row q + CG/2
-    OutWalk ow(oa, oc, kWarps);
-    for (int q = warp; q < OUT_PER_BLOCK && oc < nch; q += kWarps, oc += kWarps, ow.next()) {
-      float a[4][2], b[4][2] = {};
-      dw(sy + q * G::LD, sdw + q * K * K, a);
-      if (NB == 2) dw(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, b);
-      const float dba = db != nullptr ? to_f(db[db_off + oc]) : 0.f;
-      const float dbb = (NB == 2 && db != nullptr) ? to_f(db[db_off + oc + nch]) : 0.f;
-      // the lane's first pixel, as an opaque pointer: its 8 outputs are at immediate offsets
-      T* out = opaque(opaque(static_cast<T*>(p.out) + ow.off) + lpix);
-      auto val = [&](int nt, int e) {
-        const float av = a[nt][e] + dba;
-        return MODE == 0 ? av : gelu16_f(av) * (b[nt][e] + dbb);  // rounded to 16 bits below
-      };
-      if constexpr (PAIRS) {
+    for (int i = 0; i < kTH; ++i) {
+      const int py = ty0 + i, px = tx0 + lane;
+      opix[i] = (py < p.H && px < p.W) ? (unsigned)(py * p.W + px) : kOutside;
+    }
+    for (int q = warp; q < OUT_PER_BLOCK; q += kWarps) {
+      const int oc = cb * OUT_PER_BLOCK + q;
+      if (oc >= nch) break;
+      float a[kTH], b[kTH] = {};
+      dw_column<G>(sy + q * G::LD, sdw + q * K * K, lane, a);
+      if (NB == 2) dw_column<G>(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, lane, b);
+      const float dba = bias(oc, 0), dbb = NB == 2 ? bias(oc, 1) : 0.f;
+      const int64_t o0 = oa(oc);
+      T* out = opaque(static_cast<T*>(p.out) + o0);
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          if (!(mask >> 2 * nt & 1u)) continue;  // W even: both of the pair or neither
-          warp_mma::check_aligned(out + 8 * nt, 4, "output pair");
-          __stcg(reinterpret_cast<unsigned*>(out + 8 * nt), warp_mma::pack2<T>(val(nt, 0), val(nt, 1)));
-        }
-      } else {
+      for (int i = 0; i < kTH; ++i)
+        if (opix[i] != kOutside) put(out, o0, oc, opix[i], a[i] + dba, b[i] + dbb);
+    }
+  }
+
+  // 16-bit: tensor cores (DwTc). Lane (g, t) holds row g, columns 8 nt + 2 t + j (nt < 4, j < 2) of
+  // the tile: output i = 2 nt + j lies at immediate offset 8 nt + j from the lane's first pixel. When
+  // every output offset is even (W even, an even output base and split stride, a 4-byte aligned
+  // pointer), the pairs (j = 0, 1) are stored as one 32-bit word.
+  __device__ __forceinline__ void tc(int cb, int ty0, int tx0, const T* sy, const T* sdw) const {
+    const int ly = ty0 + lane / 4, lx = tx0 + 2 * (lane % 4);
+    unsigned mask = 0;  // bit i: output i lies inside the image
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          if (!(mask >> i & 1u)) continue;
-          if (MODE < 2)
-            __stcg(out + 8 * (i / 2) + i % 2, from_f<T>(val(i / 2, i % 2)));
-          else
-            put<T, MODE>(p, nullptr, ow.off, (n * (int64_t)m[1] + oc) * HW, (int64_t)nch * HW,
-                         lpix + 8 * (i / 2) + i % 2, a[i / 2][i % 2] + dba, b[i / 2][i % 2] + dbb);
+    for (int i = 0; i < 8; ++i) mask |= (ly < p.H && lx + 8 * (i / 2) + i % 2 < p.W ? 1u : 0u) << i;
+    const unsigned lpix = mask != 0 ? (unsigned)(ly * p.W + lx) : 0u;
+    const DwTc<G> dw;
+    // every output channel's pairs: 32-bit stores (the branch is uniform over the block)
+    auto channels = [&](auto pairs_tag) {
+      constexpr bool PAIRS = decltype(pairs_tag)::value;
+      int oc = cb * OUT_PER_BLOCK + warp;
+      OutWalk ow(oa, oc, kWarps);
+      for (int q = warp; q < OUT_PER_BLOCK && oc < nch; q += kWarps, oc += kWarps, ow.next()) {
+        float a[4][2], b[4][2] = {};
+        dw(sy + q * G::LD, sdw + q * K * K, a);
+        if (NB == 2) dw(sy + (CG / 2 + q) * G::LD, sdw + (CG / 2 + q) * K * K, b);
+        const float dba = bias(oc, 0), dbb = NB == 2 ? bias(oc, 1) : 0.f;
+        // the lane's first pixel, as an opaque pointer: its 8 outputs are at immediate offsets
+        T* out = opaque(opaque(static_cast<T*>(p.out) + ow.off) + lpix);
+        auto val = [&](int nt, int j) {
+          const float av = a[nt][j] + dba;
+          return MODE == 0 ? av : gelu16_f(av) * (b[nt][j] + dbb);  // rounded to 16 bits below
+        };
+        if constexpr (PAIRS) {
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) {
+            if (!(mask >> 2 * nt & 1u)) continue;  // W even: both of the pair or neither
+            warp_mma::check_aligned(out + 8 * nt, 4, "output pair");
+            __stcg(reinterpret_cast<unsigned*>(out + 8 * nt), warp_mma::pack2<T>(val(nt, 0), val(nt, 1)));
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            if (!(mask >> i & 1u)) continue;
+            if (MODE < 2)
+              __stcg(out + 8 * (i / 2) + i % 2, from_f<T>(val(i / 2, i % 2)));
+            else
+              put(nullptr, ow.off, oc, lpix + 8 * (i / 2) + i % 2, a[i / 2][i % 2] + dba, b[i / 2][i % 2] + dbb);
+          }
         }
       }
-    }
-  };
-  if (MODE < 2 && p.W % 2 == 0 && oa.base % 2 == 0 && oa.split_stride % 2 == 0 &&
-      reinterpret_cast<uintptr_t>(p.out) % 4 == 0)
-    channels(std::true_type{});
-  else
-    channels(std::false_type{});
-}
+    };
+    if (MODE < 2 && p.W % 2 == 0 && oa.base % 2 == 0 && oa.split_stride % 2 == 0 &&
+        reinterpret_cast<uintptr_t>(p.out) % 4 == 0)
+      channels(std::true_type{});
+    else
+      channels(std::false_type{});
+  }
+};
 
 template <typename T, int K, int MODE>
 __global__ void __launch_bounds__(kThreads, 2) pwdw_fwd_kernel(PwdwParams p, int n_tw, int n_tiles, int n_cblk) {
@@ -178,10 +178,11 @@ __global__ void __launch_bounds__(kThreads, 2) pwdw_fwd_kernel(PwdwParams p, int
 
   // depthwise: one warp per output channel; 16-bit: tensor cores (DwTc), float: exact FMAs
   // (dw_column, a lane per column, 8 rows)
+  const Epilogue<T, K, MODE> epi(p, m, n);
   if constexpr (WIN)
-    dw_epilogue_tc<T, K, MODE>(p, m, cb, n, ty0, tx0, sy, sdw);
+    epi.tc(cb, ty0, tx0, sy, sdw);
   else
-    dw_epilogue_fma<T, K, MODE>(p, m, cb, n, ty0, tx0, sy, sdw);
+    epi.fma(cb, ty0, tx0, sy, sdw);
 }
 
 template <typename T, int K, int MODE>
