@@ -12,6 +12,9 @@ Cases (MoCE-IR, dim 48; level 1: C = 96 at px/2; bf16 and fp32):
   * ``test_pwdw``: the trunk's pw->dw convs (MDTA qkv C->3C dw3, cross-attention q C->C dw3 and kv C->2C
     dw7, GDFN C->4C dw3 gated to 2C) and the experts' (q: r->r dw3, kv: r->2r dw7, r in C/8..C), at
     px in {256, 512}, batch 1 and 8, forward; backward (``test_pwdw_backward``) at batch 8.
+    ``test_pwdw_widths``: qkv and kv at batch 8, 128 rows of W = 128, 124, 122, 123 pixels (the CUDA
+    16-bit forward stages x by 16-, 8-, 4-byte cp.async or element-wise: the lower levels of images
+    padded to a multiple of 8 take the narrower ways).
     Backends: reference (= the eager pair of cuDNN convolutions), triton, cuda, compile (torch.compile
     of the reference). Targets: >= 2x eager and >= 70% of the memory roofline (bf16).
   * ``test_experts``: the whole expert stage (moe_experts) at each decoder level (C, H) = (192, px/4),
@@ -61,10 +64,10 @@ if not GPU:
     CONVS = [CONVS[0], CONVS[3]]
 
 
-def _conv_inputs(conv, B: int, H: int, dtype: torch.dtype, grad: bool = False):
+def _conv_inputs(conv, B: int, H: int, dtype: torch.dtype, grad: bool = False, W: Optional[int] = None):
     _, ci, co, k, gated, hpb, hdb = conv
     g = functools.partial(torch.randn, device=DEVICE, dtype=dtype)
-    args = [g(B, ci, H, H), g(co, ci, 1, 1) * ci ** -0.5, g(co, 1, k, k) / k, g(co) if hpb else None,
+    args = [g(B, ci, H, H if W is None else W), g(co, ci, 1, 1) * ci ** -0.5, g(co, 1, k, k) / k, g(co) if hpb else None,
             g(co) if hdb else None]
     if grad:
         args = [None if a is None else a.requires_grad_(True) for a in args]
@@ -129,6 +132,27 @@ def test_pwdw(benchmark, conv, size, dtype, backend):
     _record(benchmark, lambda: fn(*args), roof.pwdw_bytes(B, ci, co, H * H, k, dtype, gated),
             roof.pwdw_flops(B, ci, co, H * H, k), dtype, anchor, backend=backend, case=name,
             eager_bytes=roof.pwdw_eager_bytes(B, ci, co, H * H, dtype, gated))
+
+
+WIDTHS = [128, 124, 122, 123] if GPU else [8, 6]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", CONV_DTYPES, ids=str)
+@pytest.mark.parametrize("W", WIDTHS)
+@pytest.mark.parametrize("conv", [CONVS[0], CONVS[2]] if GPU else CONVS[:1], ids=lambda c: c[0])
+def test_pwdw_widths(benchmark, conv, W, dtype, backend):
+    B, H = (8, 128) if GPU else (1, 8)
+    if backend == "compile" and W != WIDTHS[0]:
+        pytest.skip("compile at the first width only")
+    name, ci, co, k, gated = conv[:5]
+    args = _conv_inputs(conv, B, H, dtype, W=W)
+    fn = _conv_fn(backend, gated)
+    anchor_fn = _conv_fn("reference", gated)
+    anchor = _anchor(("pwdw_w", name, W, dtype), lambda: anchor_fn(*args))
+    _record(benchmark, lambda: fn(*args), roof.pwdw_bytes(B, ci, co, H * W, k, dtype, gated),
+            roof.pwdw_flops(B, ci, co, H * W, k), dtype, anchor, backend=backend, case=f"{name}_w{W}",
+            eager_bytes=roof.pwdw_eager_bytes(B, ci, co, H * W, dtype, gated))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

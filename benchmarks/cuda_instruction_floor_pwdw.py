@@ -137,13 +137,23 @@ def roles(ins, labels, patch_lines: List[str]) -> Dict[str, int]:
         return n(lp) / (bars // 2)
 
     # loads x from global memory and multiplies; the depthwise loop (which may multiply too, on tensor
-    # cores) is the one that stores to global memory. The cp.async step (LDGSTS) is the one the
-    # benchmark shapes take (aligned rows); the element-wise fallback step (LDG) is reported beside it.
-    steps = {kind: [lp for lp in inner if {"HMMA", kind} <= ops(lp) and "STG" not in ops(lp)]
-             for kind in ("LDGSTS", "LDG")}
-    step = steps["LDGSTS"] or steps["LDG"]
-    if len(step) != 1:
-        raise ValueError(f"expected one MMA step loop of each kind, found {len(step)}")
+    # cores) is the one that stores to global memory. The 16-byte cp.async step (LDGSTS .128 only) is
+    # the one the benchmark shapes take (W % 8 == 0); those with x by 8-byte (LDGSTS .64: W % 4 == 0) or
+    # 4-byte copies (W even) and the element-wise fallback (LDG) are reported beside it.
+    def kind(lp) -> Optional[str]:
+        body = [t for _, t, _ in _body(ins, lp)]
+        if "HMMA" not in ops(lp) or "STG" in ops(lp):
+            return None
+        widths = {(re.search(r"\.(64|128)\b", t.split()[0] if not t.startswith("@") else t.split()[1]) or
+                   [None, "32"])[1] for t in body if _op(t) == "LDGSTS"}
+        if widths:
+            return {"128": "chunks", "64": "quads"}.get(min(widths, key=int), "pairs")
+        return "elementwise" if "LDG" in ops(lp) else None
+
+    steps = {k: [lp for lp in inner if kind(lp) == k] for k in ("chunks", "quads", "pairs", "elementwise")}
+    step = steps["chunks"] or steps["elementwise"]
+    if len(step) != 1 or any(len(v) > 1 for v in steps.values()):
+        raise ValueError(f"expected one MMA step loop of each kind, found {({k: len(v) for k, v in steps.items()})}")
     step = step[0]
     part = min((lp for lp in lps if lp != step and lp[0] <= step[0] and step[1] <= lp[1]), key=n)
     patch = [lp for lp in lps if lp not in (part,) and any(w in patch_lines for _, _, w in _body(ins, lp))]
@@ -158,8 +168,10 @@ def roles(ins, labels, patch_lines: List[str]) -> Dict[str, int]:
     singles = [lp for lp in dw if lp not in pairs]
     out = {"step": per_step(step), "part": n(part) - n(step), "patch": max(n(lp) for lp in patch),
            "dw": max(n(lp) for lp in (pairs or dw))}
-    if steps["LDGSTS"] and len(steps["LDG"]) == 1:
-        out["step_elementwise"] = per_step(steps["LDG"][0])   # the fallback's step, for unaligned rows
+    if steps["chunks"]:
+        for k in ("quads", "pairs", "elementwise"):   # the fallbacks' steps, for rows not 16-byte aligned
+            if steps[k]:
+                out[f"step_{k}"] = per_step(steps[k][0])
     if pairs and singles:
         out["dw_single"] = max(n(lp) for lp in singles)  # the fallback's epilogue, for odd W
     return out
@@ -192,16 +204,21 @@ def per_output(r: Dict[str, int], case: Case, elem_bytes: int) -> Dict:
     lane = {"step": r["step"] * 256 * steps * blocks, "part": r["part"] * 256 * nparts * blocks,
             "patch": r["patch"] * 256 * (cg // 8) * blocks * edge_fraction(case.k), "dw": r["dw"] * 32 * nout}
     per = {k: v / (nout * 256) for k, v in lane.items()}
-    fallback = r.get("step_elementwise")
     total = sum(per.values())
     bytes_per_out = elem_bytes * (case.cin + nout) / nout
     budget = bytes_per_out / COPY_BW * ISSUE_RATE
     row = {"case": case.name, **{k: round(v, 1) for k, v in per.items()}, "total": round(total, 1),
            "budget_at_roofline": round(budget, 1), "ceiling": round(min(budget / total, 1.0), 2)}
-    if fallback is not None:   # the same with the element-wise staging and single stores (odd W)
-        single = r.get("dw_single", r["dw"])
-        row["total_elementwise"] = round(total + ((fallback - r["step"]) * 256 * steps * blocks
-                                                  + (single - r["dw"]) * 32 * nout) / (nout * 256), 1)
+    def other(step: float, dw: float) -> float:   # the total with another step and depthwise loop
+        return round(total + ((step - r["step"]) * 256 * steps * blocks + (dw - r["dw"]) * 32 * nout)
+                     / (nout * 256), 1)
+
+    if "step_quads" in r:        # W % 8 == 4: x by 8-byte copies, output pairs
+        row["total_quads"] = other(r["step_quads"], r["dw"])
+    if "step_pairs" in r:        # W % 4 == 2: x by 4-byte copies, output pairs
+        row["total_pairs"] = other(r["step_pairs"], r["dw"])
+    if "step_elementwise" in r:  # odd W: element-wise staging, single stores
+        row["total_elementwise"] = other(r["step_elementwise"], r.get("dw_single", r["dw"]))
     return row
 
 
@@ -224,11 +241,12 @@ def main(argv: List[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = report(cached(args.sass, compile_listing), args.dtype)
     columns = ["case", "step", "part", "patch", "dw", "total", "budget at roofline", "ceiling",
-               "total, element-wise staging, single stores"]
+               "total, W % 8 = 4 (8-byte copies)", "total, W % 4 = 2 (4-byte copies)",
+               "total, W odd (element-wise staging, single stores)"]
     table("lane-instructions per output element (one channel at one pixel), by loop; budget = what the memory "
           "floor allows at perfect issue", columns, rows, args.json, lambda r: [
               *(r[c] for c in ("case", "step", "part", "patch", "dw", "total", "budget_at_roofline")),
-              f"{r['ceiling']:.2f}", r.get("total_elementwise", "")])
+              f"{r['ceiling']:.2f}", *(r.get(k, "") for k in ("total_quads", "total_pairs", "total_elementwise"))])
     return 0
 
 

@@ -102,6 +102,22 @@ def test_half_aligned_rows(backend, dtype):
         _check(backend, case, dtype, gated=False, backward=False)
 
 
+# W even but not a multiple of 8 (the levels below the first of an image padded to a multiple of 8),
+# C_in a multiple of 8: the CUDA 16-bit forward stages x by 8-byte (W % 8 == 4) or 4-byte (W % 4 == 2)
+# cp.async of 4- or 2-pixel chunks; 1, 2 and 3 K steps, C_in = 8 (rows past C_in zero-filled), two
+# column tiles, every k.
+NARROW_CASES = [(2, 24, 32, 9, 36, 3, True, True), (1, 16, 16, 10, 42, 7, True, False),
+                (1, 40, 16, 9, 20, 5, False, True), (1, 8, 12, 8, 26, 3, True, True)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_narrow_rows(backend, dtype):
+    _check(backend, NARROW_CASES[0], dtype, gated=True, backward=False)
+    for case in NARROW_CASES[1:]:
+        _check(backend, case, dtype, gated=False, backward=False)
+
+
 # Tiles whose halo lies inside the image (the CUDA kernels skip its zero padding there) beside edge
 # tiles, with a pw bias (which the padding must remove outside the image): 20 x 72 has interior
 # 8 x 32 tiles at k = 3 and 7; W % 8 == 0, so 16-bit inputs take the cp.async path.

@@ -67,12 +67,14 @@ def test_report_counts_instructions_per_pixel_and_channel():
 import cuda_instruction_floor_pwdw as pwdw  # noqa: E402
 
 
-def _listing(unroll: int = 1, pairs: bool = False):
+def _listing(unroll: int = 1, pairs: bool = False, copies=("LDG.E.U16 R8, desc[UR4][R2.64]",)):
     """An nvdisasm -g listing shaped like pwdw_fwd_kernel<bf16, 3, 0>: a part loop around an MMA step
     loop (unrolled `unroll` times: two barriers per step), a patch loop (its line is the patch line), a
     depthwise loop storing to global memory, and a divergence fallback whose jump back must not count as
     a loop. With `pairs`, a second depthwise loop stores 32-bit pairs and holds a small loop without
-    stores (OutWalk's wrap)."""
+    stores (OutWalk's wrap). `copies`: x's load in the step loop; with more than one, a part loop and
+    step loop for each (the staging ways of Stager), each step 2 instructions longer than the one
+    before, and, as there, a 16-byte weight copy beside the narrower cp.async of x."""
     out, a = [], 0
 
     def ins(text, line=10):
@@ -87,17 +89,19 @@ def _listing(unroll: int = 1, pairs: bool = False):
             ins(body(i), line)
         ins(f"@!P0 BRA `({label})", line)
 
-    def step(i):
-        if i % 20 in (1, 15):
-            return "BAR.SYNC.DEFER_BLOCKING 0x0"
-        return "@!P2 HMMA.16816.F32.BF16 R12, R4, R70, R12" if i % 20 == 3 else "LDG.E.U16 R8, desc[UR4][R2.64]"
+    def step(copy, n):  # one step: n instructions
+        weights = "@!P3 LDGSTS.E.BYPASS.128 [R9+0x100], desc[UR4][R2.64], !P1" if "LDGSTS" in copy else copy
+        return lambda i: ("BAR.SYNC.DEFER_BLOCKING 0x0" if i % n in (1, 15) else
+                          "@!P2 HMMA.16816.F32.BF16 R12, R4, R70, R12" if i % n == 3 else
+                          weights if i % n == 5 else copy)
 
     ins("MOV R1, c[0x0][0x28]")
-    out.append(".L_x_1:")
-    for _ in range(5):
-        ins("CS2R R12, SRZ")                                           # part: 5 + 1 (branch) outside the step
-    loop(".L_x_2", 20 * unroll, step)
-    ins("@!P1 BRA `(.L_x_1)")
+    for j, copy in enumerate(copies):
+        out.append(f".L_x_1{j}:")
+        for _ in range(5):
+            ins("CS2R R12, SRZ")                                       # part: 5 + 1 (branch) outside the step
+        loop(f".L_x_2{j}", (20 + 2 * j) * unroll, step(copy, 20 + 2 * j))
+        ins(f"@!P1 BRA `(.L_x_1{j})")
     loop(".L_x_3", 9, lambda i: "FADD R3, R3, R4", line=300)            # patch
     loop(".L_x_4", 30, lambda i: {7: "STG.E.U16 desc[UR4][R6.64], R5", 2: "@P1 HMMA.16816.F32.BF16 R8, R4, R2, R8",
                                   4: "LDG.E.U16 R9, desc[UR4][R2.64]"}.get(i, "FFMA R4, R4, R5, R6"))  # a TC depthwise
@@ -137,6 +141,29 @@ def test_pwdw_reader_counts_per_step_and_prefers_the_pair_epilogue():
     # the epilogue storing 32-bit pairs is the one the benchmark shapes take; the single-element one
     # (odd W) is reported beside it
     assert _roles(pairs=True) == {"step": 20, "part": 6, "patch": 9, "dw": 26, "dw_single": 30}
+
+
+def test_pwdw_reader_tells_the_staging_ways_apart():
+    # x by 16-byte cp.async (the benchmark shapes), by 8- or 4-byte cp.async beside the weights' 16-byte
+    # copies (W % 8 == 4, W % 4 == 2), element-wise (odd W): the first is the step, the others are
+    # reported beside it, each by its own loop
+    copies = ["LDGSTS.E.BYPASS.128 [R9+0x200], desc[UR4][R4.64], P0", "@P4 LDGSTS.E.64 [R9], desc[UR4][R4.64], P0",
+              "LDGSTS.E [R9+0x80], desc[UR4][R4.64], P2", "LDG.E.U16 R8, desc[UR4][R2.64]"]
+    r = _roles(copies=copies)
+    assert r == {"step": 20, "part": 6, "patch": 9, "dw": 30, "step_quads": 22, "step_pairs": 24,
+                 "step_elementwise": 26}
+    assert set(_roles(copies=copies[:1] + copies[2:3])) == {"step", "part", "patch", "dw", "step_pairs"}
+    try:
+        _roles(copies=copies[1:2] + copies[1:2])                        # two loops of one kind
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("two step loops of one kind must be an error")
+    row = pwdw.per_output(r, pwdw.Case("c", cin=40, cout=100, k=3, mode=0), 2)
+    # the fallbacks' totals differ from the step's by (their step - the step) x trips per output
+    extra = 256 * 9 * 2 / (100 * 256)
+    for k, d in (("total_quads", 2), ("total_pairs", 4), ("total_elementwise", 6)):
+        assert abs(row[k] - row["total"] - d * extra) < 0.11, k
 
 
 def test_pwdw_per_output_weights_loops_by_trip_counts():

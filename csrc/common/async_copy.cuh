@@ -1,6 +1,6 @@
-// 16-byte asynchronous global -> shared copies (cp.async, sm_80+) with zero fill, committed and waited
-// for in groups, and their twins for the CPU emulation (MOCE_CUDA_EMULATION: a synchronous copy, which
-// also fails on misaligned addresses).
+// 16-, 8- and 4-byte asynchronous global -> shared copies (cp.async, sm_80+) with zero fill, committed and
+// waited for in groups, and their twins for the CPU emulation (MOCE_CUDA_EMULATION: a synchronous copy,
+// which also fails on misaligned addresses).
 #pragma once
 
 #include <cstdint>
@@ -14,24 +14,48 @@
 namespace moce {
 namespace async_copy {
 
-// Copies 16 bytes from global src to shared dst (both 16-byte aligned), or writes 16 zero bytes when
-// !valid (src is then not read, but must still be a valid global address).
-__device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
 #ifdef MOCE_CUDA_EMULATION
-  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
-    ::emu::fail("cp.async: a 16-byte copy needs 16-byte aligned addresses");
-  if (!::emu::in_shared(dst, 16) || ::emu::in_shared(src, 1))
+// The emulation's copy of N bytes: the checks cp.async's contract implies, then a synchronous copy.
+template <int N>
+inline void emulated_copy(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % N != 0 || reinterpret_cast<uintptr_t>(src) % N != 0)
+    ::emu::fail("cp.async: a " + std::to_string(N) + "-byte copy needs " + std::to_string(N) + "-byte aligned addresses");
+  if (!::emu::in_shared(dst, N) || ::emu::in_shared(src, 1))
     ::emu::fail("cp.async: copies from global memory into shared memory");
   if (valid)
-    std::memcpy(dst, src, 16);
+    std::memcpy(dst, src, N);
   else
-    std::memset(dst, 0, 16);
+    std::memset(dst, 0, N);
+}
+#endif
+
+// Copies 16 bytes from global src to shared dst (both 16-byte aligned), or writes 16 zero bytes when
+// !valid (src is then not read, but must still be a valid global address). Bypasses L1 (.cg).
+__device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
+#ifdef MOCE_CUDA_EMULATION
+  emulated_copy<16>(dst, src, valid);
 #else
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0)
                : "memory");
 #endif
 }
+
+// The same for 8 and 4 bytes (both addresses aligned to the size); through L1 (.ca: .cg takes 16-byte
+// copies only).
+template <int N>
+__device__ __forceinline__ void copy_ca(void* dst, const void* src, bool valid) {
+  static_assert(N == 4 || N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
+#ifdef MOCE_CUDA_EMULATION
+  emulated_copy<N>(dst, src, valid);
+#else
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(N), "r"(valid ? N : 0)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void copy8(void* dst, const void* src, bool valid) { copy_ca<8>(dst, src, valid); }
+__device__ __forceinline__ void copy4(void* dst, const void* src, bool valid) { copy_ca<4>(dst, src, valid); }
 
 // Closes the group of copies issued since the last commit.
 __device__ __forceinline__ void commit() {

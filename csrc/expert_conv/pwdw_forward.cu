@@ -7,7 +7,8 @@
 // parts of at most 12 16-pixel tiles, each accumulated in registers while the input channels stream
 // through shared memory 16 at a time, then stored with the pw bias; x is read once per channel group.
 //  * 16-bit: the halo lives in a 48-column window of aligned 8-pixel chunks, so x (and the weights)
-//    are staged by double-buffered 16-byte cp.async when aligned (element-wise otherwise); the 1x1
+//    are staged by double-buffered cp.async (16-byte chunks when W % 8 == 0, 8- or 4-byte when W % 4 == 0
+//    or W is even; element-wise otherwise, and for weights whose rows are not 16-byte aligned); the 1x1
 //    runs on mma.sync (ldmatrix / ldmatrix.trans operands; two row tiles per warp at k = 5, 7; the
 //    accumulators start at the pw bias) and its result stays in T; the depthwise runs on tensor
 //    cores as a banded Toeplitz product per row shift, one MMA for two 8-column slices (DwTc), and

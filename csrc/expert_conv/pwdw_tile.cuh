@@ -149,21 +149,25 @@ __device__ __forceinline__ int pw_row(int r, int cb, int nch) {
 // An image pixel offset that marks "outside the image" (offsets are unsigned and < H * W <= 2^31 - 1).
 constexpr unsigned kOutside = 0xffffffffu;
 
-// Pixels j0 + lane + 32 u (u < U) of layout G (row j / RS, position j % RS) for this thread's lane:
+// Pixels j0 + CW (lane + 32 u) (u < U) of layout G (row j / RS, position j % RS) for this thread's lane:
 // their offsets in the image (iy * W + ix), or kOutside outside the image or past the layout
 // (j >= HALO). Computed once, so that the per-channel loops that stage or patch the halo do no index
-// arithmetic (unsigned: one IMAD.WIDE.U32 per address).
+// arithmetic (unsigned: one IMAD.WIDE.U32 per address). CW > 1: the first pixels of CW-pixel chunks,
+// each wholly inside or outside when W, j0 and the layout's image column of position 0 are multiples
+// of CW (and CW divides RS).
 template <typename G, int U>
 struct HaloLane {
   unsigned off[U];
 
   __device__ __forceinline__ bool in(int u) const { return off[u] != kOutside; }
 
+  template <int CW = 1>
   __device__ __forceinline__ void init(int j0, int ty0, int tx0, int H, int W) {
+    static_assert(G::RS % CW == 0, "a chunk lies in one row of the layout");
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int j = j0 + lane + 32 * u;
+      const int j = j0 + CW * (lane + 32 * u);
       const int iy = ty0 - G::P + j / G::RS, ix = tx0 - G::P - G::C0 + j % G::RS;
       off[u] = (j < G::HALO && iy >= 0 && iy < H && ix >= 0 && ix < W) ? (unsigned)(iy * W + ix) : kOutside;
     }
@@ -172,12 +176,16 @@ struct HaloLane {
 
 // Staging of one K step: input channels [k0, k0 + kKC) over the pixels of one part into sx (kKC x LDX;
 // zero outside the image / beyond cin) and the block's weights of those channels into sw (CG x LDW).
-// Two ways, chosen per block (uniformly, fast()):
-//  * element-wise (any layout, any alignment): a warp per channel row and a lane per pixel, the pixel
+// Four ways, chosen per block (uniformly, copy_bytes()):
+//  * 0, element-wise (any layout, any alignment): a warp per channel row and a lane per pixel, the pixel
 //    offsets precomputed per part; each thread owns the same EW consecutive entries of one weight row;
-//  * 16-byte cp.async (window layout, when W % 8 == 0 with 16-byte aligned x planes and C_in % 8 == 0
+//  * 16, 16-byte cp.async (window layout, when W % 8 == 0 with 16-byte aligned x planes and C_in % 8 == 0
 //    with aligned weight rows): a thread per 8-pixel chunk of a row, the chunks' addresses precomputed
-//    per part, zero fill for chunks outside the image; two threads per weight row. The caller waits.
+//    per part, zero fill for chunks outside the image; two threads per weight row;
+//  * 8 or 4, the same weights, x by 8- or 4-byte cp.async of 4- or 2-pixel chunks when W % 4 == 0 or W
+//    is even (the levels below the first of an image padded to a multiple of 8): a warp per channel row
+//    and a lane per chunk (the chunks' offsets precomputed per part, the rows' planes per block).
+// The cp.async ways commit a group per step; the caller waits.
 template <typename T, int K, int CG, int NB, bool WIN = false>
 struct Stager {
   using G = GeoOf<T, K, CG, WIN>;
@@ -202,7 +210,10 @@ struct Stager {
                        // wbase outside the expert or past the row (C_in = 8)
   int wlim;            // ... its first channel (threadIdx.x % 2 * 8), or kNever where wrow16 is wbase
   const T* wbase;      // the weights' base (a valid, aligned address for zero-fill copies)
-  bool fast_x, fast_w;
+  int x_bytes;         // x's copy width: 16, 8, 4 (8-, 4-, 2-pixel chunks), 0 (element-wise)
+  bool fast_w;
+  const T* xrow[kKC / kWarps];  // 8- and 4-byte copies: this warp's channel rows kk = warp + 8 i at k0 = 0, or
+                                // the row's channel 0 where kk >= cin
 
   __device__ __forceinline__ void init_weights(const T* w, int64_t w_off, int cin, int cb, int nch) {
     wbase = w;
@@ -216,9 +227,18 @@ struct Stager {
     wrow16 = in16 ? w + w_off + (int64_t)row16 * cin + threadIdx.x % 2 * 8 : w;
     wlim = in16 ? threadIdx.x % 2 * 8 : kNever;
   }
-  // x may go by cp.async (window layout, rows of 8-pixel chunks aligned in global memory)
-  __device__ __forceinline__ void init_x(const T* src, int64_t src_off, int W) {
-    fast_x = WIN && W % 8 == 0 && src_off % 8 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  // x may go by cp.async (window layout) in the widest chunks of 8, 4 or 2 pixels that are aligned in
+  // global memory
+  __device__ __forceinline__ void init_x(const T* src, int64_t src_off, int64_t HW, int cin, int W) {
+    auto aligned = [&](int n) {  // chunks of n pixels start at n * sizeof(T)-byte aligned addresses
+      return W % n == 0 && src_off % n == 0 && reinterpret_cast<uintptr_t>(src) % (n * sizeof(T)) == 0;
+    };
+    x_bytes = !WIN ? 0 : aligned(8) ? 16 : aligned(4) ? 8 : aligned(2) ? 4 : 0;
+#pragma unroll
+    for (int i = 0; i < kKC / kWarps; ++i) {
+      const int kk = threadIdx.x / 32 + kWarps * i;
+      xrow[i] = opaque(src + src_off + (kk < cin ? (int64_t)kk * HW : 0));
+    }
 #pragma unroll
     for (int s = 0; s < kCU; ++s) {
       const int i = threadIdx.x + kThreads * s;  // chunk i % kCPR of channel i / kCPR
@@ -226,9 +246,10 @@ struct Stager {
       cdst[s] = ckk[s] * G::LDX + 8 * (i % kCPR);
     }
   }
+  template <int MODE>
   __device__ __forceinline__ void init_part(int part, const T* src, int64_t src_off, int64_t HW, int cin, int ty0,
                                             int tx0, int H, int W) {
-    if (fast()) {
+    if constexpr (MODE == 16) {
 #pragma unroll
       for (int s = 0; s < kCU; ++s) {
         const int q = (threadIdx.x + kThreads * s) % kCPR;
@@ -237,24 +258,31 @@ struct Stager {
         cptr[s] = in ? src + src_off + (int64_t)ckk[s] * HW + (int64_t)iy * W + ix : wbase;
         clim[s] = in ? ckk[s] : kNever;
       }
+    } else if constexpr (MODE > 0) {
+      px.template init<MODE / (int)sizeof(T)>(part * G::NH, ty0, tx0, H, W);
     } else {
       px.init(part * G::NH, ty0, tx0, H, W);
     }
   }
-  // both x and the weights by cp.async (window layout, all aligned), the same for the whole block
-  __device__ __forceinline__ bool fast() const { return WIN && fast_x && fast_w; }
-  template <bool FAST>
+  // the staging of the block (uniform): 16, 8 or 4 (x's cp.async width, the weights by 16-byte
+  // cp.async), or 0 (both element-wise)
+  __device__ __forceinline__ int copy_bytes() const { return WIN && fast_w ? x_bytes : 0; }
+  template <int MODE>
   __device__ __forceinline__ void stage(const T* __restrict__ src, int64_t src_off, int64_t HW, int cin, int k0,
                                         T* sx, T* sw) const {
-    if constexpr (FAST) {
-      const int64_t step = (int64_t)k0 * HW;
+    if constexpr (MODE > 0) {
       const int rem = cin - k0;  // channels left
+      if constexpr (MODE == 16) {
+        const int64_t step = (int64_t)k0 * HW;
 #pragma unroll
-      for (int s = 0; s < kCU; ++s) {
-        if (ckk[s] < kKC) {
-          const bool in = clim[s] < rem;
-          async_copy::copy16(sx + cdst[s], cptr[s] + (in ? step : 0), in);
+        for (int s = 0; s < kCU; ++s) {
+          if (ckk[s] < kKC) {
+            const bool in = clim[s] < rem;
+            async_copy::copy16(sx + cdst[s], cptr[s] + (in ? step : 0), in);
+          }
         }
+      } else {
+        stage_x_narrow<MODE / (int)sizeof(T)>(HW, k0, rem, sx);
       }
       if (threadIdx.x < 2 * G::CG) {
         const bool in = wlim < rem;
@@ -264,6 +292,33 @@ struct Stager {
     } else {
       stage_x(src, src_off, HW, cin, k0, sx);
       stage_w(cin, k0, sw);
+    }
+  }
+  // 8- or 4-byte cp.async of CW-pixel chunks (CW = 4, 2): a warp per channel row, a lane per chunk;
+  // chunks outside the image or past the halo, and channels >= cin (rem: channels left), are
+  // zero-filled from a valid source (the chunk's row at the step's channel, or the row's channel 0)
+  template <int CW>
+  __device__ __forceinline__ void stage_x_narrow(int64_t HW, int k0, int rem, T* sx) const {
+    constexpr int kChunks = G::NH / CW, kNU = (kChunks + 31) / 32;
+    static_assert(G::NH % CW == 0 && kNU <= kU && kKC % kWarps == 0, "chunks of the part's pixels, offsets in px");
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t step = (int64_t)k0 * HW;
+#pragma unroll
+    for (int i = 0; i < kKC / kWarps; ++i) {
+      const int kk = warp + kWarps * i;
+      const bool kin = kk < rem;
+      const T* chan = opaque(xrow[i] + (kin ? step : 0));
+      T* row = sx + kk * G::LDX + CW * lane;
+#pragma unroll
+      for (int u = 0; u < kNU; ++u) {
+        if (kChunks % 32 == 0 || lane + 32 * u < kChunks) {
+          const bool in = kin && px.in(u);
+          if constexpr (CW == 4)
+            async_copy::copy8(row + 32 * CW * u, chan + (in ? px.off[u] : 0u), in);
+          else
+            async_copy::copy4(row + 32 * CW * u, chan + (in ? px.off[u] : 0u), in);
+        }
+      }
     }
   }
   __device__ __forceinline__ void stage_x(const T* __restrict__ src, int64_t src_off, int64_t HW, int cin, int k0,
@@ -556,26 +611,26 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
   const int64_t src_off = m[6] + srow * m[7];
   Stager<T, K, CG, NB, WIN> st;
   st.init_weights(static_cast<const T*>(p.w), m[2], cin, cb, nch);
-  st.init_x(static_cast<const T*>(p.src), src_off, p.W);
+  st.init_x(static_cast<const T*>(p.src), src_off, HW, cin, p.W);
   Pw<T, K, CG, WIN> pw;
   pw.template set_bias<NB>(static_cast<const T*>(p.pb), m[4], cb, nch);
   const T* src = static_cast<const T*>(p.src);
-  auto parts = [&](auto fast) {
-    constexpr bool FAST = decltype(fast)::value;
+  auto parts = [&](auto mode) {
+    constexpr int MODE = decltype(mode)::value;  // Stager::copy_bytes()
     // cp.async: step s + 1 is copied into the other buffer while the MMAs of step s run
     constexpr int kBufElems = Smem<T, K, CG, Y, WIN>::kStage1 * 4 / (int)sizeof(T);
     for (int part = 0; part < G::NPART; ++part) {
       pw.init(part);
-      st.init_part(part, src, src_off, HW, cin, ty0, tx0, p.H, p.W);
-      if constexpr (FAST) {
+      st.template init_part<MODE>(part, src, src_off, HW, cin, ty0, tx0, p.H, p.W);
+      if constexpr (MODE > 0) {
         const int nsteps = (cin + kKC - 1) / kKC;  // >= 1
         __syncthreads();  // the previous part's last step is consumed
-        st.template stage<true>(src, src_off, HW, cin, 0, sx, sw);
+        st.template stage<MODE>(src, src_off, HW, cin, 0, sx, sw);
         // step s reads buffer s % 2 (B, known at compile time in the loop unrolled by two)
         auto one = [&](int s, auto buf) {
           constexpr int B = decltype(buf)::value;
           if (s + 1 < nsteps) {
-            st.template stage<true>(src, src_off, HW, cin, (s + 1) * kKC, sx + (B ^ 1) * kBufElems,
+            st.template stage<MODE>(src, src_off, HW, cin, (s + 1) * kKC, sx + (B ^ 1) * kBufElems,
                                     sw + (B ^ 1) * kBufElems);
             async_copy::wait_group<1>();  // step s's copies have landed
           } else {
@@ -595,7 +650,7 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
       } else {
         for (int k0 = 0; k0 < cin; k0 += kKC) {
           __syncthreads();  // the previous step's operands are consumed
-          st.template stage<false>(src, src_off, HW, cin, k0, sx, sw);
+          st.template stage<0>(src, src_off, HW, cin, k0, sx, sw);
           __syncthreads();
           pw.step(sx, sw, part);
         }
@@ -603,10 +658,16 @@ __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64
       pw.store(sy, part);
     }
   };
-  if (st.fast())
-    parts(std::true_type{});
-  else
-    parts(std::false_type{});
+  if constexpr (!WIN) {
+    parts(std::integral_constant<int, 0>{});
+  } else {
+    switch (st.copy_bytes()) {
+      case 16: parts(std::integral_constant<int, 16>{}); break;
+      case 8: parts(std::integral_constant<int, 8>{}); break;
+      case 4: parts(std::integral_constant<int, 4>{}); break;
+      default: parts(std::integral_constant<int, 0>{});
+    }
+  }
   __syncthreads();
   // A halo inside the image needs no padding (uniform over the block). Every position that a depthwise
   // tap reads with a nonzero weight is then a 1x1 result; the others that it reads (the window's
