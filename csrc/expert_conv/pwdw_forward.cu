@@ -1,5 +1,5 @@
 // Fused pointwise -> depthwise forward (plain, GELU-gated, gated-backward epilogue), grouped over
-// experts (kernels.h: PwdwParams, meta columns). Version 3.6; design, counts and history in
+// experts (kernels.h: PwdwParams, meta columns). Version 3.7; design, counts and history in
 // benchmarks/notes/expert_conv.md.
 //
 // One block per (row n, 8 x 32 output tile, group of CG = 64 pw output channels; 32 for fp32 at
