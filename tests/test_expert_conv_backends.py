@@ -94,12 +94,16 @@ ALIGNED_CASES = [(2, 24, 32, 9, 40, 3, True, True), (1, 16, 12, 10, 24, 7, True,
                  (1, 40, 16, 9, 40, 3, True, True), (1, 64, 16, 8, 24, 5, False, True)]
 
 
+def _check_forwards(backend: str, cases, dtype) -> None:
+    """The forward of each case: the first gated, the others plain."""
+    for i, case in enumerate(cases):
+        _check(backend, case, dtype, gated=i == 0, backward=False)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_aligned_rows(backend, dtype):
-    _check(backend, ALIGNED_CASES[0], dtype, gated=True, backward=False)
-    for case in ALIGNED_CASES[1:]:
-        _check(backend, case, dtype, gated=False, backward=False)
+    _check_forwards(backend, ALIGNED_CASES, dtype)
 
 
 # W even but not a multiple of 8 (the levels below the first of an image padded to a multiple of 8),
@@ -113,9 +117,7 @@ NARROW_CASES = [(2, 24, 32, 9, 36, 3, True, True), (1, 16, 16, 10, 42, 7, True, 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_narrow_rows(backend, dtype):
-    _check(backend, NARROW_CASES[0], dtype, gated=True, backward=False)
-    for case in NARROW_CASES[1:]:
-        _check(backend, case, dtype, gated=False, backward=False)
+    _check_forwards(backend, NARROW_CASES, dtype)
 
 
 # Tiles whose halo lies inside the image (the CUDA kernels skip its zero padding there) beside edge
