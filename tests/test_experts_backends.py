@@ -106,6 +106,20 @@ def test_bf16_forward_aligned_rows(backend):
     _check(backend, torch.bfloat16, routing(TOP2), C=8, ranks=(2, 4, 6, 8), HW=(5, 16), backward=False)
 
 
+# C and ranks past 32: the CUDA epilogue's output channels and ranks in several 32-wide chunks (the
+# cases above fit in one); with the emulation's shared-memory limit lowered (MOCE_EMU_SMEM_OPTIN) below
+# what h of every rank needs, its split form. (Triton's epilogue tiles the same way: 60 s in the
+# interpreter, so not here.)
+@pytest.mark.parametrize("backend", [b for b in FAST if b == "cuda"])
+@pytest.mark.parametrize("smem_optin", [None, 16384])
+def test_wide_channels_and_ranks(backend, smem_optin, monkeypatch):
+    if smem_optin is not None:
+        if DEV == "cuda":
+            pytest.skip("lowers the CUDA emulation's shared-memory limit")
+        monkeypatch.setenv("MOCE_EMU_SMEM_OPTIN", str(smem_optin))
+    _check(backend, torch.float32, routing(TOP2), C=40, ranks=(3, 8, 20, 36), HW=(3, 5))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

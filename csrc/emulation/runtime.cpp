@@ -59,6 +59,11 @@ cudaError_t CUDARTAPI cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr att
     *value = 233472;
     return cudaSuccess;
   }
+  if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) {  // sm_90's, or MOCE_EMU_SMEM_OPTIN (bytes): a smaller
+    const char* s = std::getenv("MOCE_EMU_SMEM_OPTIN");   // GPU, for the launchers' fallbacks
+    *value = s != nullptr ? std::atoi(s) : static_cast<int>(emu::kMaxDynSmem);
+    return cudaSuccess;
+  }
   return cudaErrorInvalidValue;
 }
 

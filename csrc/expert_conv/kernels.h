@@ -108,7 +108,7 @@ struct FinalParams {
   const int64_t* meta;
   const int64_t* perm;
   int64_t kslots;
-  int N, C, HW, E;
+  int N, C, HW, E, max_r;  // max_r: the largest rank in meta (sizes the shared memory of h)
   bool x_gather;
 };
 cudaError_t launch_final_fwd(DType dt, const FinalParams& p, cudaStream_t stream);

@@ -217,7 +217,8 @@ void xc_wgrad(const at::Tensor& g, const at::Tensor& x, at::Tensor& o, at::Tenso
 
 void xc_final_fwd(const at::Tensor& xs, const at::Tensor& shared, const at::Tensor& attn,
                   const at::Tensor& w, at::Tensor& out, const at::Tensor& offsets, const at::Tensor& meta,
-                  const at::Tensor& perm, int64_t kslots, int64_t N, int64_t C, int64_t HW, bool x_gather) {
+                  const at::Tensor& perm, int64_t kslots, int64_t N, int64_t C, int64_t HW, bool x_gather,
+                  int64_t max_r) {
   const DeviceGuard guard(xs.device());
   const DType dt = dtype_of(xs, "xs");
   for (const at::Tensor* t : {&shared, &attn, &w}) check_t(*t, "expert tensor", xs);
@@ -238,6 +239,8 @@ void xc_final_fwd(const at::Tensor& xs, const at::Tensor& shared, const at::Tens
   p.C = to_int(C, "C");
   p.HW = to_int(HW, "HW");
   p.x_gather = x_gather;
+  p.max_r = to_int(max_r, "max_r");
+  TORCH_CHECK(max_r >= 0, "expert_conv (cuda): max_r must be >= 0");
   check_cuda(expert_conv::launch_final_fwd(dt, p, current_stream(xs.device())), "expert epilogue");
 }
 
@@ -306,7 +309,7 @@ void register_expert_conv(torch::Library& m) {
   m.def("xc_wgrad(Tensor g, Tensor x, Tensor(a!) o, Tensor(b!) bo, bool has_bias, Tensor offsets, Tensor meta, "
         "Tensor? perm, int kslots, int HW, int max_cout, int max_cin, int n_split) -> ()");
   m.def("xc_final_fwd(Tensor xs, Tensor shared, Tensor attn, Tensor w, Tensor(a!) out, Tensor offsets, "
-        "Tensor meta, Tensor perm, int kslots, int N, int C, int HW, bool x_gather) -> ()");
+        "Tensor meta, Tensor perm, int kslots, int N, int C, int HW, bool x_gather, int max_r) -> ()");
   m.def("xc_final_bwd(Tensor g, Tensor shared, Tensor attn, Tensor w, Tensor(a!) gt, Tensor(b!) gu, "
         "Tensor(c!) h, Tensor offsets, Tensor meta, Tensor perm, int kslots, int N, int C, int HW, int max_r) -> ()");
   m.def("xc_gather_sum(Tensor src, Tensor inv, Tensor(a!) out, int kslots) -> ()");

@@ -20,8 +20,8 @@ _ops = torch.ops.moce_C
 
 
 def launch_final_fwd(xs, shared, attn, w, out, offsets, meta, perm, kslots: int, N: int, C: int, HW: int,
-                     x_gather: bool) -> None:
-    _ops.xc_final_fwd(xs, shared, attn, w, out, offsets, meta, perm, kslots, N, C, HW, x_gather)
+                     x_gather: bool, max_r: int) -> None:
+    _ops.xc_final_fwd(xs, shared, attn, w, out, offsets, meta, perm, kslots, N, C, HW, x_gather, max_r)
 
 
 def launch_final_bwd(g, shared, attn, w, gt, gu, h, offsets, meta, perm, kslots: int, N: int, C: int, HW: int,

@@ -221,7 +221,7 @@ class _Stage:
         ra = _active(self.lay, self.depths, step)
         self.K.final_fwd(src, self.shared, self.attn_view(act), self.wp, out, self.offsets,
                          self._meta(_final_meta(self.lay, ra)), self.perm, self.k, self.N, self.lay.C, self.lay.HW,
-                         step == 0)
+                         step == 0, max(ra) if ra else 0)
 
     def forward(self, keep_inputs: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Output rows (N, C, H, W) and, with keep_inputs, the input rows of steps 1..d-1."""

@@ -169,7 +169,7 @@ def _ieee(*ts: torch.Tensor) -> bool:
 
 
 def launch_final_fwd(xs, shared, attn, w, out, offsets, meta, perm, kslots: int, N: int, C: int, HW: int,
-                     x_gather: bool) -> None:
+                     x_gather: bool, max_r: int) -> None:  # max_r: the CUDA launcher's (sizes its shared memory)
     BC, BR, BK, BP = 32, 32, 32, 64
     n_pt = triton.cdiv(HW, BP)
     _final_fwd_kernel[(N * n_pt, triton.cdiv(C, BC))](
