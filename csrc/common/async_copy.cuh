@@ -19,7 +19,8 @@ namespace async_copy {
 template <int N>
 inline void emulated_copy(void* dst, const void* src, bool valid) {
   if (reinterpret_cast<uintptr_t>(dst) % N != 0 || reinterpret_cast<uintptr_t>(src) % N != 0)
-    ::emu::fail("cp.async: a " + std::to_string(N) + "-byte copy needs " + std::to_string(N) + "-byte aligned addresses");
+    ::emu::fail("cp.async: a " + std::to_string(N) + "-byte copy needs " + std::to_string(N) +
+                "-byte aligned addresses");
   if (!::emu::in_shared(dst, N) || ::emu::in_shared(src, 1))
     ::emu::fail("cp.async: copies from global memory into shared memory");
   if (valid)

@@ -60,8 +60,8 @@ __device__ __forceinline__ void tile_fma(float (&acc)[8], const float* sW, const
 
 // acc[i] += sum_k W[(c0 + ty*8 + i)*so + k*si] * X(k, tx) for rows < cout, k < cin. X(k, pp) by loadx.
 template <typename TW, typename LoadX>
-__device__ __forceinline__ void tile_mm(float (&acc)[8], const TW* __restrict__ W, int64_t w_off, int64_t so, int64_t si, int c0,
-                        int cout, int cin, LoadX loadx, float* sW, float* sX) {
+__device__ __forceinline__ void tile_mm(float (&acc)[8], const TW* __restrict__ W, int64_t w_off, int64_t so,
+                                        int64_t si, int c0, int cout, int cin, LoadX loadx, float* sW, float* sX) {
   for (int k0 = 0; k0 < cin; k0 += kMmK) {
     stage_w(sW, W, w_off, so, si, c0, cout, k0, cin);
     for (int i = threadIdx.x; i < kMmK * kMmP; i += kThreads) {
@@ -76,8 +76,8 @@ __device__ __forceinline__ void tile_mm(float (&acc)[8], const TW* __restrict__ 
 
 // The same with X(k, pp) = X[k * kMmP + pp] already in shared memory (finite up to cin rounded up to kMmK).
 template <typename TW>
-__device__ __forceinline__ void tile_mm_smem(float (&acc)[8], const TW* __restrict__ W, int64_t w_off, int64_t so, int64_t si, int c0,
-                             int cout, int cin, const float* X, float* sW) {
+__device__ __forceinline__ void tile_mm_smem(float (&acc)[8], const TW* __restrict__ W, int64_t w_off, int64_t so,
+                                             int64_t si, int c0, int cout, int cin, const float* X, float* sW) {
   for (int k0 = 0; k0 < cin; k0 += kMmK) {
     stage_w(sW, W, w_off, so, si, c0, cout, k0, cin);
     __syncthreads();
@@ -168,8 +168,9 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(WgradParams p, int npc)
 // ------------------------------------------------------------------ expert epilogue
 // t = W_o attn + b_o and u = W_1 shared for ranks r0 .. r0+31 (rows ty*8+i of this thread, pixel tx).
 template <typename T>
-__device__ __forceinline__ void expert_tu(float (&t)[8], float (&u)[8], const T* w, const int64_t* m, int r, int r0, int C,
-                          const T* attn, const T* sh, int64_t HW, int64_t p0, float* sW, float* sX) {
+__device__ __forceinline__ void expert_tu(float (&t)[8], float (&u)[8], const T* w, const int64_t* m, int r, int r0,
+                                          int C, const T* attn, const T* sh, int64_t HW, int64_t p0, float* sW,
+                                          float* sX) {
 #pragma unroll
   for (int i = 0; i < 8; ++i) t[i] = u[i] = 0.f;
   auto load_a = [&](int k, int pp) -> float {
@@ -192,8 +193,8 @@ __device__ __forceinline__ void expert_tu(float (&t)[8], float (&u)[8], const T*
 
 // h = t * silu(u) for ranks r0 .. r0 + 31 into the 32 rows of kMmP pixels at hrows (zero past r).
 template <typename T>
-__device__ __forceinline__ void expert_h(float* hrows, const T* w, const int64_t* m, int r, int r0, int C, const T* attn, const T* sh,
-                         int64_t HW, int64_t p0, float* sW, float* sX) {
+__device__ __forceinline__ void expert_h(float* hrows, const T* w, const int64_t* m, int r, int r0, int C,
+                                         const T* attn, const T* sh, int64_t HW, int64_t p0, float* sW, float* sX) {
   float t[8], u[8];
   expert_tu(t, u, w, m, r, r0, C, attn, sh, HW, p0, sW, sX);
   const int tx = threadIdx.x % kMmP, ty = threadIdx.x / kMmP;
