@@ -42,7 +42,7 @@ __device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
 #endif
 }
 
-// The same for 8 and 4 bytes (both addresses aligned to the size); through L1 (.ca: .cg takes 16-byte
+// The same for N = 4, 8 or 16 bytes (both addresses aligned to N), through L1 (.ca: .cg takes 16-byte
 // copies only).
 template <int N>
 __device__ __forceinline__ void copy_ca(void* dst, const void* src, bool valid) {
@@ -55,8 +55,6 @@ __device__ __forceinline__ void copy_ca(void* dst, const void* src, bool valid) 
                : "memory");
 #endif
 }
-__device__ __forceinline__ void copy8(void* dst, const void* src, bool valid) { copy_ca<8>(dst, src, valid); }
-__device__ __forceinline__ void copy4(void* dst, const void* src, bool valid) { copy_ca<4>(dst, src, valid); }
 
 // Closes the group of copies issued since the last commit.
 __device__ __forceinline__ void commit() {

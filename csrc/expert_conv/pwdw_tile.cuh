@@ -313,10 +313,7 @@ struct Stager {
       for (int u = 0; u < kNU; ++u) {
         if (kChunks % 32 == 0 || lane + 32 * u < kChunks) {
           const bool in = kin && px.in(u);
-          if constexpr (CW == 4)
-            async_copy::copy8(row + 32 * CW * u, chan + (in ? px.off[u] : 0u), in);
-          else
-            async_copy::copy4(row + 32 * CW * u, chan + (in ? px.off[u] : 0u), in);
+          async_copy::copy_ca<CW * (int)sizeof(T)>(row + 32 * CW * u, chan + (in ? px.off[u] : 0u), in);
         }
       }
     }
