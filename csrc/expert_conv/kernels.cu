@@ -6,6 +6,7 @@
 
 #include <type_traits>
 
+#include "common/device_attr.h"
 #include "expert_conv/device_common.cuh"
 
 namespace moce {
@@ -365,10 +366,7 @@ cudaError_t launch_final_fwd(DType dt, const FinalParams& p, cudaStream_t stream
   if (gx > 0x7fffffffLL || gy > 65535 || p.max_r < 0) return cudaErrorInvalidConfiguration;
   // h of every rank in shared memory when it fits the device's per-block opt-in limit
   const size_t smem = sizeof(float) * (kMmWFloats + kMmXFloats + (size_t)cdiv(p.max_r, kMmC) * kMmC * kMmP);
-  int dev = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err != cudaSuccess) return err;
+  const int optin = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, 48 * 1024);  // 48 KB: no opt-in
   return with_type(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     if (smem <= (size_t)optin) {

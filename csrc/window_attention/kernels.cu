@@ -21,6 +21,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/device_attr.h"
+
 // Analysis builds (benchmarks/cuda_instruction_floor.py) fix the cache choice at compile time so
 // that each channel loop holds one path; production builds choose per launch.
 #ifdef MOCE_WFA_FORCE_YCACHE
@@ -509,15 +511,6 @@ int64_t n_groups(const Shape& s) {
   const int64_t nw = ((s.H + s.p - 1) / s.p) * ((s.W + s.p - 1) / s.p);
   const int64_t G = 32 / s.p;
   return (nw + G - 1) / G;
-}
-
-// A device attribute of the current device, or `fallback` when the query fails.
-int device_attr(cudaDeviceAttr attr, int fallback) {
-  int dev = 0, value = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, dev) != cudaSuccess || value <= 0)
-    value = fallback;
-  cudaGetLastError();  // clear a failed query
-  return value;
 }
 
 int sm_count() {
