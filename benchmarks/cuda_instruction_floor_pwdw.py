@@ -109,9 +109,14 @@ def loops(ins, labels) -> List[Tuple[int, int]]:
     return sorted(set(out))
 
 
+def _opcode(text: str) -> str:
+    """The opcode of an instruction with its modifiers, without its predicate."""
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+
+
 def _op(text: str) -> str:
     """The opcode of an instruction, without its predicate and modifiers."""
-    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+    return _opcode(text).split(".")[0]
 
 
 def _body(ins, lp) -> List[Tuple[int, str, Optional[str]]]:
@@ -141,13 +146,13 @@ def roles(ins, labels, patch_lines: List[str]) -> Dict[str, int]:
     # the one the benchmark shapes take (W % 8 == 0); those with x by 8-byte (LDGSTS .64: W % 4 == 0) or
     # 4-byte copies (W even) and the element-wise fallback (LDG) are reported beside it.
     def kind(lp) -> Optional[str]:
-        body = [t for _, t, _ in _body(ins, lp)]
         if "HMMA" not in ops(lp) or "STG" in ops(lp):
             return None
-        widths = {(re.search(r"\.(64|128)\b", t.split()[0] if not t.startswith("@") else t.split()[1]) or
-                   [None, "32"])[1] for t in body if _op(t) == "LDGSTS"}
+        # each copy's size in bits: a .128 or .64 modifier, else 32
+        widths = {next((int(w) for w in ("128", "64") if w in _opcode(t).split(".")), 32)
+                  for _, t, _ in _body(ins, lp) if _op(t) == "LDGSTS"}
         if widths:
-            return {"128": "chunks", "64": "quads"}.get(min(widths, key=int), "pairs")
+            return {128: "chunks", 64: "quads", 32: "pairs"}[min(widths)]
         return "elementwise" if "LDG" in ops(lp) else None
 
     steps = {k: [lp for lp in inner if kind(lp) == k] for k in ("chunks", "quads", "pairs", "elementwise")}

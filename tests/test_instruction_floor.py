@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import cuda_instruction_floor as floor  # noqa: E402
 
@@ -153,12 +155,8 @@ def test_pwdw_reader_tells_the_staging_ways_apart():
     assert r == {"step": 20, "part": 6, "patch": 9, "dw": 30, "step_quads": 22, "step_pairs": 24,
                  "step_elementwise": 26}
     assert set(_roles(copies=copies[:1] + copies[2:3])) == {"step", "part", "patch", "dw", "step_pairs"}
-    try:
+    with pytest.raises(ValueError, match="one MMA step loop of each kind"):
         _roles(copies=copies[1:2] + copies[1:2])                        # two loops of one kind
-    except ValueError:
-        pass
-    else:
-        raise AssertionError("two step loops of one kind must be an error")
     row = pwdw.per_output(r, pwdw.Case("c", cin=40, cout=100, k=3, mode=0), 2)
     # the fallbacks' totals differ from the step's by (their step - the step) x trips per output
     extra = 256 * 9 * 2 / (100 * 256)
