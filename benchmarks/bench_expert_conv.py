@@ -67,8 +67,8 @@ if not GPU:
 def _conv_inputs(conv, B: int, H: int, dtype: torch.dtype, grad: bool = False, W: Optional[int] = None):
     _, ci, co, k, gated, hpb, hdb = conv
     g = functools.partial(torch.randn, device=DEVICE, dtype=dtype)
-    args = [g(B, ci, H, H if W is None else W), g(co, ci, 1, 1) * ci ** -0.5, g(co, 1, k, k) / k, g(co) if hpb else None,
-            g(co) if hdb else None]
+    args = [g(B, ci, H, H if W is None else W), g(co, ci, 1, 1) * ci ** -0.5, g(co, 1, k, k) / k,
+            g(co) if hpb else None, g(co) if hdb else None]
     if grad:
         args = [None if a is None else a.requires_grad_(True) for a in args]
     return args
