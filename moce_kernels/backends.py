@@ -8,13 +8,16 @@ Backends:
                  emulation (:mod:`moce_kernels.emulation`), CPU tensors, for tests
   ``auto``       per call, the fastest backend available for the tensors' device
 
-The choice comes, in this order, from the innermost ``with moce_kernels.backend(name):``,
-then ``moce_kernels.set_backend(name)``, then the environment variable ``MOCE_BACKEND``,
-then ``auto``. An unknown name, or a backend that cannot run here, is an error that says why.
+The choice comes, in this order, from the innermost ``with moce_kernels.backend(name):`` of the
+calling thread (context-local: a block in one thread, or one asyncio task, never changes what
+another runs), then the process-wide ``moce_kernels.set_backend(name)`` (``set_backend(None)``
+clears it), then the environment variable ``MOCE_BACKEND``, then ``auto``. An unknown name, or a
+backend that cannot run here, is an error that says why.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import os
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -39,13 +42,17 @@ class BackendUnavailableError(RuntimeError):
 
 
 class _State:
-    default: Optional[str] = None  # set_backend()
-    stack: List[str] = []  # backend() context managers
+    default: Optional[str] = None  # set_backend(): process-wide
 
 
-def _check_name(name: str) -> str:
+# backend() context managers: the innermost choice of this thread / task (a new thread starts empty)
+_SCOPED: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar("moce_backend", default=None)
+
+
+def _check_name(name: str, source: str = "") -> str:
     if not isinstance(name, str) or name not in _CHOICES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_CHOICES)}")
+        where = f" (from {source})" if source else ""
+        raise ValueError(f"unknown backend {name!r}{where}; choose one of {', '.join(_CHOICES)}")
     return name
 
 
@@ -98,34 +105,38 @@ def _require(name: str) -> None:
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {why}")
 
 
-def set_backend(name: str) -> None:
-    """Set the process-wide default backend (``auto`` restores automatic choice)."""
-    _check_name(name)
-    if name != "auto":
-        _require(name)
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide default backend, seen by every thread outside a :func:`backend` block
+    (``auto``: automatic choice; ``None``: clear it, so ``MOCE_BACKEND`` or ``auto`` applies again)."""
+    if name is not None:
+        _check_name(name)
+        if name != "auto":
+            _require(name)
     _State.default = name
 
 
 def get_backend() -> str:
-    """The backend name in force (may be ``auto``)."""
-    if _State.stack:
-        return _State.stack[-1]
+    """The backend name in force for the calling thread (may be ``auto``)."""
+    scoped = _SCOPED.get()
+    if scoped is not None:
+        return scoped
     if _State.default is not None:
         return _State.default
-    return _check_name(os.environ.get("MOCE_BACKEND", "auto") or "auto")
+    return _check_name(os.environ.get("MOCE_BACKEND", "auto") or "auto", "the environment variable MOCE_BACKEND")
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """Context manager: run ops inside the block with backend ``name``."""
+    """Context manager: ops called inside the block, by this thread (or asyncio task), run with
+    backend ``name``; other threads are unaffected. Blocks nest."""
     _check_name(name)
     if name != "auto":
         _require(name)
-    _State.stack.append(name)
+    token = _SCOPED.set(name)
     try:
         yield
     finally:
-        _State.stack.pop()
+        _SCOPED.reset(token)
 
 
 def register(op: str, backend_name: str) -> Callable[[Callable], Callable]:

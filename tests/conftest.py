@@ -1,7 +1,9 @@
 """Test setup: without a GPU, Triton runs in its CPU interpreter (set before triton is imported) and
 the CUDA C++ kernels in the CPU emulation (moce_kernels/emulation.py), so every backend is tested."""
 import os
+import random
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -48,11 +50,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Fresh random inputs every run, each test seeded on its own: the seed is drawn per test (or taken from
+# MOCE_TEST_SEED) and printed, so a failing test's report shows the line that reproduces it.
+_FIXED_SEED = os.environ.get("MOCE_TEST_SEED")
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_backend():
-    """Fresh random inputs every run (seeded from the clock by pytest's order); backend reset after."""
+def _seed_and_backend(request):
+    """Seed torch, random and numpy for this test and log the seed; reset the backend choice after."""
+    seed = int(_FIXED_SEED) if _FIXED_SEED else random.SystemRandom().randrange(2 ** 31)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    print(f"seed {seed}: reproduce with MOCE_TEST_SEED={seed} pytest '{request.node.nodeid}'")
     yield
-    moce_kernels.set_backend("auto")
+    moce_kernels.set_backend(None)
 
 
 @pytest.fixture(scope="session")
@@ -68,5 +80,6 @@ _FAIL_LOG = os.environ.get("MOCE_FAIL_LOG")
 def pytest_runtest_logreport(report):
     """With MOCE_FAIL_LOG=path, append each failure as it happens (survives a killed run)."""
     if _FAIL_LOG and report.failed:
+        seed = "".join(text for name, text in report.sections if "stdout" in name and "seed " in text)
         with open(_FAIL_LOG, "a") as f:
-            f.write(f"==== {report.nodeid} [{report.when}]\n{str(report.longrepr)[-3000:]}\n")
+            f.write(f"==== {report.nodeid} [{report.when}]\n{seed[:300]}{str(report.longrepr)[-3000:]}\n")

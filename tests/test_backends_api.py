@@ -1,4 +1,7 @@
 """Backend selection API: set_backend, the context manager, MOCE_BACKEND, clear errors."""
+import contextlib
+import threading
+
 import pytest
 import torch
 
@@ -42,8 +45,60 @@ def test_environment_variable(monkeypatch):
     monkeypatch.setenv("MOCE_BACKEND", "reference")
     assert moce_kernels.get_backend() == "reference"
     monkeypatch.setenv("MOCE_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+    with pytest.raises(ValueError, match="unknown backend 'bogus' \\(from the environment variable MOCE_BACKEND\\)"):
         moce_kernels.get_backend()
+
+
+def test_set_backend_none_restores_the_environment_choice(monkeypatch):
+    monkeypatch.setenv("MOCE_BACKEND", "reference")
+    moce_kernels.set_backend("auto")
+    assert moce_kernels.get_backend() == "auto"
+    moce_kernels.set_backend(None)
+    assert moce_kernels.get_backend() == "reference"
+    monkeypatch.delenv("MOCE_BACKEND")
+    assert moce_kernels.get_backend() == "auto"
+
+
+def test_backend_blocks_are_per_thread(monkeypatch):
+    """Two threads inside different ``backend()`` blocks at the same time each run their own choice,
+    and a third thread outside any block runs the process-wide one (ops interleaved by barriers)."""
+    ran = []
+
+    def recording(name):
+        impl = backends.implementation("moe_dispatch", name)
+
+        def run(*args):
+            ran.append((threading.current_thread().name, name))
+            return impl(*args)
+        return run
+
+    for name in ("reference", "triton"):
+        run = recording(name)  # loads the backend, so its table entry exists
+        monkeypatch.setitem(backends._IMPLS["moe_dispatch"], name, run)
+    moce_kernels.set_backend("reference")
+    rounds, barrier, errors = 20, threading.Barrier(3), []
+    idx = torch.randint(0, 4, (6, 1))
+
+    def work(choice):
+        try:
+            ctx = moce_kernels.backend(choice) if choice else contextlib.nullcontext()
+            with ctx:
+                for _ in range(rounds):
+                    barrier.wait(timeout=30)
+                    moce_kernels.ops.moe_dispatch(idx, 4)
+        except Exception as e:  # surfaced below with the thread's name
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(c,), name=n)
+               for n, c in (("in_triton", "triton"), ("in_reference", "reference"), ("outside", None))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    want = {"in_triton": "triton", "in_reference": "reference", "outside": "reference"}
+    wrong = [(t, b) for t, b in ran if b != want[t]]
+    assert len(ran) == 3 * rounds and not wrong, f"{len(wrong)} of {len(ran)} ops ran on another thread's backend"
 
 
 def test_auto_on_cpu_resolves_to_reference():
