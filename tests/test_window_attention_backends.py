@@ -89,6 +89,20 @@ def test_low_precision(backend, dtype, p):
     _check(backend, (2, 3, 13, 11), p, dtype)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+def test_window_64(backend):
+    """The window of a fifth expert (``num_experts=5``): reference and Triton; the image is smaller
+    than the window in one dimension and spans two windows in the other."""
+    _check(backend, (2, 3, 70, 21), 64, torch.float32)
+
+
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="needs the CUDA backend (GPU or CPU emulation)")
+def test_cuda_window_64_is_a_clear_error():
+    q, k, v, w, b = _inputs((1, 2, 8, 8), torch.float32)
+    with moce_kernels.backend("cuda"), pytest.raises(ValueError, match="backend 'triton' or 'reference'"):
+        window_fft_attention(q, k, v, 64, w, b)
+
+
 @pytest.mark.skipif("cuda" not in BACKENDS, reason="needs the CUDA backend (GPU or CPU emulation)")
 @pytest.mark.parametrize("p,C", [(4, 6), (4, 200), (8, 5), (8, 72)])
 def test_cuda_row_cache_both_sides(p, C):

@@ -45,7 +45,7 @@ import triton.language as tl
 from ..backends import register, triton_interpreted
 from ..testing import new_output
 
-WINDOW_SIZES = (4, 8, 16, 32)
+WINDOW_SIZES = (4, 8, 16, 32, 64)
 # Dot precision (all accumulate in fp32). fp32 inputs: "tf32x3" (three tf32 products per dot, about
 # fp32 accuracy, on tensor cores); "ieee" (exact FMA dots, MOCE_WFA_FP32_PRECISION=ieee) compiles to
 # kernels that spill kilobytes per thread on sm_90 (benchmarks/static_report.py --dtype float32).
@@ -132,9 +132,11 @@ def precision(dtype: torch.dtype, C: int) -> str:
 # ("tf32") dots; about half that for "tf32x3" / "ieee", whose split operands need twice the
 # registers, except p = 32, where CB * BR = 32 rows would drop the right products from wgmma
 # (M >= 64) to unrolled mma.sync chains that spill (sm_90 static report).
-CHANNEL_BLOCK = {4: 2, 8: 8, 16: 8, 32: 2}
-CHANNEL_BLOCK_WIDE = {4: 1, 8: 4, 16: 4, 32: 2}
-NUM_WARPS = {4: 4, 8: 4, 16: 4, 32: 8}
+# p = 64 (the fifth expert of a ``num_experts=5`` model; no released preset has one) takes one
+# channel per block: a 64 x 64 tile already holds 4096 elements per operand.
+CHANNEL_BLOCK = {4: 2, 8: 8, 16: 8, 32: 2, 64: 1}
+CHANNEL_BLOCK_WIDE = {4: 1, 8: 4, 16: 4, 32: 2, 64: 1}
+NUM_WARPS = {4: 4, 8: 4, 16: 4, 32: 8, 64: 8}
 
 
 def _wide(prec: str) -> bool:
