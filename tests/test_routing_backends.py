@@ -19,6 +19,8 @@ from moce_kernels.model.moe import AdapterLayer
 from moce_kernels.reference import routing as ref
 from moce_kernels.testing import assert_within_rule, poison_outputs
 
+from test_experts_backends import make_weights
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = moce_kernels.available_backends()
 FAST = [b for b in BACKENDS if b != "reference"]
@@ -505,3 +507,68 @@ def test_gpu_cuda_limits():
     with pytest.raises(RuntimeError, match="num_experts"):
         with moce_kernels.backend("cuda"):
             ops.moe_dispatch(torch.zeros(2, 1, dtype=torch.int64, device=DEVICE), E)
+
+
+# ----------------------------------------------------------------------------- invalid values
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 2])
+def test_route_nan_image_gets_valid_experts(backend, k):
+    """An image containing NaN makes its logits and scores NaN: every backend still returns experts in
+    [0, E), the reference's (NaN ranks first, ties to the lower index: experts 0..k-1), NaN gates, and the
+    other images' routing unchanged."""
+    inp = _router_inputs(3, 4, 5, 3, 4, 2, torch.float32)
+    inp["x"][1, 2, 1, 1] = float("nan")
+    g, idx, _, _ = _route(inp, k, False, True, backend)
+    g_ref, idx_ref, _, _ = ref.route(*(inp[n] for n in ("x", "freq_emb", "gate_weight", "freq_weight", "complexity",
+                                                        "noise")), k, 0.25, False, True)
+    assert ((idx >= 0) & (idx < 4)).all(), idx
+    assert torch.equal(idx, idx_ref), (idx, idx_ref)
+    assert idx[1].tolist() == list(range(k)) and torch.isnan(g[1]).all()
+    counts, offsets, perm = ops.moe_dispatch(idx, 4)
+    assert offsets[-1].item() == idx.numel()  # every slot lies in some expert's segment
+
+
+def test_reference_top_k_order():
+    nan = float("nan")
+    v = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, nan, 2.0, nan], [nan] * 4, [3.0, 1.0, 2.0, 0.0]])
+    assert ref.top_k(v, 2)[1].tolist() == [[0, 1], [1, 3], [0, 1], [0, 2]]
+
+
+def test_scale_arguments_must_be_positive():
+    inp = _router_inputs(2, 3, 4, 4, 4, 2, torch.float32)
+    args = [inp[n] for n in ("x", "freq_emb", "gate_weight", "freq_weight", "complexity", "noise")]
+    for bad in (0.0, -0.25, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="noise_std must be a finite number > 0"):
+            ops.moe_route(*args, 1, bad, True, True)
+    q = torch.randn(1, 2, 4, 4, device=DEVICE)
+    w, b = torch.ones(2, device=DEVICE), torch.zeros(2, device=DEVICE)
+    for bad in (0.0, -1e-5, float("nan")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            ops.window_fft_attention(q, q, q, 4, w, b, bad)
+
+
+def test_debug_checks_catch_invalid_routing_tables(monkeypatch):
+    """Cheap checks (shape, dtype, device) always; value checks that read the device under
+    MOCE_DEBUG_CHECKS=1, and without it the invalid tables are not read on the host."""
+    eo, gates, perm = _combine_inputs(2, 2, 4, (2, 2, 2), torch.float32)
+    with pytest.raises(TypeError, match="perm has dtype"):
+        ops.moe_combine(eo, gates, perm.to(torch.int32))
+    bad_perm = perm.clone()
+    bad_perm[0] = bad_perm[1]
+    bad_idx = torch.tensor([[0], [4]], dtype=torch.int64, device=DEVICE)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    offsets = torch.tensor([0, 1, 1, 1, 2], dtype=torch.int64, device=DEVICE)
+    ws = make_weights(4, (1, 1, 1, 1), torch.float32)
+    with torch.no_grad():
+        ops.moe_combine(eo, gates, bad_perm)  # no debug checks: runs (row 0 read twice), no host read
+    monkeypatch.setenv("MOCE_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match="perm is not a permutation"):
+        ops.moe_combine(eo, gates, bad_perm)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 4\)"):
+        ops.moe_dispatch(bad_idx, 4)
+    with pytest.raises(ValueError, match="offsets must rise from 0 to 2"):
+        ops.moe_experts(x, x, torch.arange(2, device=DEVICE), offsets.flip(0), 1, ws, [4] * 4, [1] * 4)
+    with pytest.raises(ValueError, match="perm is not a permutation"):
+        ops.moe_experts(x, x, torch.zeros(2, dtype=torch.int64, device=DEVICE), offsets, 1, ws, [4] * 4, [1] * 4)
+    ops.moe_experts(x, x, torch.arange(2, device=DEVICE), offsets, 1, ws, [4] * 4, [1] * 4)  # valid: runs
+

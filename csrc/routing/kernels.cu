@@ -123,19 +123,25 @@ __device__ Scratch carve(double* base, int64_t B, int64_t C, int64_t E) {
   return s;
 }
 
-// Index of the (j+1)-th largest of v[0..E) (ties: lower index first).
+// Does a rank above b in the routing order? NaN ranks above every number (reference.routing.top_k);
+// equal values keep the lower index first, so callers scan in index order and take only "ranks above".
+__device__ __forceinline__ bool ranks_above(double a, double b) { return (a != a && b == b) || a > b; }
+
+// Index of the best entry of v[0..E) not yet in `taken` (a bit per entry), which it joins.
+__device__ int take_best(const double* v, int E, unsigned long long& taken) {
+  int best = -1;
+  for (int e = 0; e < E; ++e)
+    if (!((taken >> e) & 1ull) && (best < 0 || ranks_above(v[e], v[best]))) best = e;
+  if (best < 0) best = 0;
+  taken |= 1ull << best;
+  return best;
+}
+
+// Index of the (j+1)-th largest of v[0..E) in the routing order.
 __device__ int kth_largest(const double* v, int E, int j) {
   unsigned long long taken = 0ull;
   int best = 0;
-  for (int t = 0; t <= j; ++t) {
-    best = -1;
-    for (int e = 0; e < E; ++e) {
-      if ((taken >> e) & 1ull) continue;
-      if (best < 0 || v[e] > v[best]) best = e;
-    }
-    if (best < 0) best = 0;
-    taken |= 1ull << best;
-  }
+  for (int t = 0; t <= j; ++t) best = take_best(v, E, taken);
   return best;
 }
 
@@ -228,11 +234,7 @@ __global__ void __launch_bounds__(kThreads) route_head_kernel(RouteParams p, flo
     softmax_row(noisy, prob, E);
     unsigned long long taken = 0ull;
     for (int j = 0; j < k; ++j) {
-      int best = -1;
-      for (int e = 0; e < E; ++e)
-        if (!((taken >> e) & 1ull) && (best < 0 || prob[e] > prob[best])) best = e;
-      if (best < 0) best = 0;
-      taken |= 1ull << best;
+      const int best = take_best(prob, E, taken);
       gates[b * k + j] = static_cast<float>(prob[best]);
       indices[b * k + j] = best;
     }
@@ -279,11 +281,7 @@ __global__ void __launch_bounds__(kThreads) route_head_backward_kernel(
     softmax_row(noisy, prob, E);
     unsigned long long taken = 0ull;
     for (int j = 0; j < k; ++j) {
-      int best = -1;
-      for (int e = 0; e < E; ++e)
-        if (!((taken >> e) & 1ull) && (best < 0 || prob[e] > prob[best])) best = e;
-      if (best < 0) best = 0;
-      taken |= 1ull << best;
+      const int best = take_best(prob, E, taken);
       dp[best] += static_cast<double>(grad_gates[b * k + j]);
     }
     double dot = 0.0;

@@ -13,7 +13,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from ._common import call_impl, check_same, check_tensor
+from ._common import (call_impl, check_index_tensor, check_permutation, check_positive, check_same, check_segments,
+                      check_tensor, debug_checks)
 
 WEIGHTS_PER_EXPERT = 13
 EXPERT_WEIGHT_NAMES = ("proj0", "proj1", "proj2", "q", "q_dw", "q_dw_bias", "kv", "kv_dw", "kv_dw_bias",
@@ -114,6 +115,7 @@ def route(x: torch.Tensor, freq_emb: torch.Tensor, gate_weight: torch.Tensor, fr
                          f"and {tuple(noise.shape)}")
     if not 1 <= k <= E:
         raise ValueError(f"k must be in [1, {E}], got {k}")
+    check_positive("noise_std", noise_std)
     check_same(("x", "freq_emb", "gate_weight", "freq_weight", "complexity", "noise"),
                (x, freq_emb, gate_weight, freq_weight, complexity, noise), "device")
     return _route(x.contiguous(), freq_emb.contiguous(), gate_weight.contiguous(), freq_weight.contiguous(),
@@ -142,14 +144,29 @@ def dispatch(indices: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, tor
     Returns:
         counts (E,), offsets (E+1,), perm (B*k,) — all int64; perm lists slot ids ``b*k+j`` sorted by
         expert, ties in slot order.
+    Indices outside [0, E) are an error under ``MOCE_DEBUG_CHECKS=1`` (a check that reads the device);
+    otherwise their slots belong to no expert's segment.
     """
     check_tensor("indices", indices, 2, (torch.int64,))
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if debug_checks() and indices.numel() and not bool(((indices >= 0) & (indices < num_experts)).all()):
+        raise ValueError(f"indices must lie in [0, {num_experts}), got {indices.tolist()}")
     return _dispatch(indices.contiguous(), int(num_experts))
 
 
 # ---------------------------------------------------------------- expert stage
+def check_routing(perm: torch.Tensor, offsets: torch.Tensor, rows: int, num_experts: int,
+                  device: torch.device) -> None:
+    """``perm`` (rows,) and ``offsets`` (E+1,) as :func:`dispatch` makes them: shapes, dtype and device
+    always; under ``MOCE_DEBUG_CHECKS=1`` also their values (a permutation; segments from 0 to rows)."""
+    check_index_tensor("perm", perm, (rows,), device)
+    check_index_tensor("offsets", offsets, (num_experts + 1,), device)
+    if debug_checks():
+        check_permutation("perm", perm)
+        check_segments("offsets", offsets, rows)
+
+
 @torch.library.custom_op("moce::moe_experts", mutates_args=())
 def _experts(x: torch.Tensor, shared: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, k: int,
              weights: List[torch.Tensor], windows: List[int], depths: List[int]) -> torch.Tensor:
@@ -212,9 +229,7 @@ def experts(x: torch.Tensor, shared: torch.Tensor, perm: torch.Tensor, offsets: 
     if len(depths) != E or len(weights) != WEIGHTS_PER_EXPERT * E:
         raise ValueError(f"expected {WEIGHTS_PER_EXPERT} weights per expert and one window and depth each for "
                          f"{E} experts; got {len(weights)} weights, {len(depths)} depths")
-    if offsets.shape != (E + 1,) or perm.shape != (x.shape[0] * k,):
-        raise ValueError(f"offsets must be ({E + 1},) and perm ({x.shape[0] * k},); got {tuple(offsets.shape)} "
-                         f"and {tuple(perm.shape)}")
+    check_routing(perm, offsets, x.shape[0] * k, E, x.device)
     check_same(("x", "shared") + tuple(f"weights[{i}]" for i in range(len(weights))), (x, shared, *weights), "dtype")
     return _experts(x.contiguous(), shared.contiguous(), perm, offsets, int(k), [w.contiguous() for w in weights],
                     [int(w) for w in windows], [int(d) for d in depths])
@@ -269,4 +284,8 @@ def combine(expert_out: torch.Tensor, gates: torch.Tensor, perm: torch.Tensor) -
     if expert_out.shape[0] != B * k or perm.shape != (B * k,):
         raise ValueError(f"expert_out must have B*k={B * k} rows and perm ({B * k},); got {expert_out.shape[0]} "
                          f"rows and perm {tuple(perm.shape)}")
+    check_same(("expert_out", "gates", "perm"), (expert_out, gates, perm), "device")
+    check_index_tensor("perm", perm, (B * k,), expert_out.device)
+    if debug_checks():
+        check_permutation("perm", perm)
     return _combine(expert_out.contiguous(), gates.contiguous(), perm.contiguous())

@@ -11,7 +11,7 @@ from typing import Tuple
 
 import torch
 
-from ._common import FLOAT_DTYPES, call_impl, check_same, check_tensor
+from ._common import FLOAT_DTYPES, call_impl, check_positive, check_same, check_tensor
 
 OP = "window_fft_attention"
 WINDOW_SIZES = (4, 8, 16, 32, 64)
@@ -91,5 +91,6 @@ def window_fft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
         (B, C, H, W) in q's dtype: ``LN_C(crop(circconv_p(q, k))) * v``.
     """
     check_inputs(q, k, v, window_size, norm_weight, norm_bias)
+    check_positive("eps", eps)
     return _window_fft_attention(q.contiguous(), k.contiguous(), v.contiguous(), int(window_size),
                                  norm_weight.contiguous(), norm_bias.contiguous(), float(eps))

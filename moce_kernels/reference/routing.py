@@ -29,6 +29,14 @@ def router_logits(x, freq_emb, gate_weight, freq_weight) -> torch.Tensor:
     return F.linear(pooled, gate_weight.to(cdt)) + F.linear(freq_emb.to(cdt), freq_weight.to(cdt))
 
 
+def top_k(v: torch.Tensor, k: int):
+    """(values, indices) of the k largest entries of each row of v (B, E): NaN ranks above every
+    number and ties go to the lower index, the order every backend follows (``torch.topk`` leaves
+    ties unspecified, and an image containing NaN makes its whole row NaN)."""
+    values, indices = torch.sort(v, dim=-1, descending=True, stable=True)
+    return values[:, :k], indices[:, :k]
+
+
 def _cv_squared(v: torch.Tensor) -> torch.Tensor:
     return (v.std() / (v.mean() + 1e-8)) ** 2
 
@@ -38,7 +46,7 @@ def aux_loss(logits, noisy, complexity, k: int, noise_std: float, use_complexity
     importance = logits.softmax(dim=-1).sum(dim=0)
     if use_complexity:
         importance = importance * complexity.to(importance.dtype)
-    threshold = noisy.topk(k, dim=-1).values[:, -1:]
+    threshold = top_k(noisy, k)[0][:, -1:]
     z = (threshold - logits) / noise_std
     load = (1.0 - 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))).mean(dim=0)
     return 0.5 * _cv_squared(importance) + 0.5 * _cv_squared(load)
@@ -49,7 +57,7 @@ def route(x, freq_emb, gate_weight, freq_weight, complexity, noise, k: int, nois
     """Returns gates (B, k), indices (B, k) int64, logits (B, E), loss () (0 unless compute_loss)."""
     logits = router_logits(x, freq_emb, gate_weight, freq_weight)
     noisy = logits + noise.to(logits.dtype)
-    gates, indices = noisy.softmax(dim=-1).topk(k, dim=-1)
+    gates, indices = top_k(noisy.softmax(dim=-1), k)
     if compute_loss:
         loss = aux_loss(logits, noisy, complexity, k, noise_std, use_complexity)
     else:
@@ -74,7 +82,7 @@ def route_backward(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight,
     logits = router_logits(x, freq_emb, gate_weight, freq_weight)
     noisy = logits + noise.to(cdt)
     scores = noisy.softmax(-1)
-    _, idx = scores.topk(k, dim=-1)
+    idx = top_k(scores, k)[1]
     # gates = top-k of softmax(noisy): softmax backward of the scattered gate grads
     g_scores = torch.zeros_like(scores).scatter_(1, idx, grad_gates.to(cdt))
     g_noisy = scores * (g_scores - (g_scores * scores).sum(-1, keepdim=True))
@@ -85,7 +93,7 @@ def route_backward(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight,
         cx = complexity.to(cdt) if use_complexity else torch.ones_like(complexity, dtype=cdt)
         g_imp = 0.5 * gl * cv_squared_grad(probs.sum(0) * cx) * cx  # d/d probs[b, e], same for every b
         g_logits = g_logits + probs * (g_imp - (g_imp * probs).sum(-1, keepdim=True))
-        kth = noisy.topk(k, dim=-1).indices[:, -1:]
+        kth = top_k(noisy, k)[1][:, -1:]
         z = (noisy.gather(1, kth) - logits) / noise_std
         load = (1.0 - 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))).mean(0)
         g_p = 0.5 * gl * cv_squared_grad(load) / B  # d/d p[b, e]
@@ -225,7 +233,7 @@ def _experts_backward(grad, x, shared, perm, offsets, k, weights, windows, depth
 
 # ---------------------------------------------------------------- combine
 def inverse_perm(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(perm)
+    inv = torch.zeros_like(perm)  # zeros, not empty: an invalid perm reads row 0, never past the buffer
     inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
     return inv
 

@@ -104,14 +104,27 @@ def _row_softmax(v, em):
 
 
 @triton.jit
+def _largest(v, avail, oe, BLOCK_E: tl.constexpr):
+    """Column of each row's largest available value: NaN ranks above every number, ties go to the
+    lower index (every row has an available column)."""
+    nan = avail & (v != v)
+    first_nan = tl.min(tl.where(nan, oe, BLOCK_E), axis=1)
+    num = avail & (v == v)
+    top = tl.max(tl.where(num, v, float("-inf")), axis=1)
+    first_top = tl.min(tl.where(num & (v == top[:, None]), oe, BLOCK_E), axis=1)
+    return tl.where(first_nan < BLOCK_E, first_nan, first_top)
+
+
+@triton.jit
 def _kth_choice(v, em, BLOCK_E: tl.constexpr, J: tl.constexpr):
-    """Column index (per row) of the (J+1)-th largest value of v; ties go to the lower index."""
+    """Column index (per row) of the (J+1)-th largest value of v in the reference's order
+    (``reference.routing.top_k``: NaN first, ties to the lower index); always a column < E."""
     oe = tl.arange(0, BLOCK_E)[None, :]
-    work = tl.where(em[None, :], v, float("-inf"))
-    sel = tl.min(tl.where(work == tl.max(work, axis=1)[:, None], oe, BLOCK_E), axis=1)
+    avail = em[None, :] & (oe == oe)
+    sel = _largest(v, avail, oe, BLOCK_E)
     for _ in tl.static_range(J):
-        work = tl.where(oe == sel[:, None], float("-inf"), work)
-        sel = tl.min(tl.where(work == tl.max(work, axis=1)[:, None], oe, BLOCK_E), axis=1)
+        avail = avail & (oe != sel[:, None])
+        sel = _largest(v, avail, oe, BLOCK_E)
     return sel
 
 
