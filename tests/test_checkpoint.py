@@ -1,6 +1,7 @@
 """Checkpoint round trips (Lightning-style and plain) and the errors users get for bad files."""
 import argparse
 import os
+import zipfile
 
 import pytest
 import torch
@@ -80,8 +81,9 @@ class _Evil:
 def test_arbitrary_code_is_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Evil()}, path)
-    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+    with pytest.raises(CheckpointError, match="cannot be loaded safely \\(Trying to load unsupported GLOBAL") as e:
         MoCEIR.from_checkpoint(path)
+    assert "weights_only" not in str(e.value), "never pass on the advice to load with weights_only=False"
 
 
 def test_mismatched_preset_names_keys_shapes_and_lookalike(tmp_path):
@@ -117,3 +119,45 @@ def test_not_a_state_dict(tmp_path):
     torch.save({"weight": torch.zeros(3)}, path2)
     with pytest.raises(CheckpointError, match="not a MoCE-IR state dict"):
         MoCEIR.from_checkpoint(path2)
+
+
+def _flip_inside_largest_record(src, dst, n_bytes: int = 64) -> str:
+    """Copy ``src`` (a zip-format .pt) to ``dst`` with ``n_bytes`` flipped inside its largest tensor record."""
+    with zipfile.ZipFile(src) as z:
+        rec = max(z.infolist(), key=lambda i: i.file_size)
+    blob = bytearray(open(src, "rb").read())
+    start = rec.header_offset + 30 + len(rec.filename.encode()) + len(rec.extra) + rec.file_size // 2
+    for i in range(n_bytes):
+        blob[start + i] ^= 0xFF
+    open(dst, "wb").write(bytes(blob))
+    return rec.filename
+
+
+def test_flipped_bytes_in_a_tensor_record_are_caught(tmp_path, reference_dir):
+    good, bad = tmp_path / "good.pth", tmp_path / "bad.pth"
+    torch.save(model_for(load_data(reference_dir, FILES[0])).state_dict(), good)
+    record = _flip_inside_largest_record(good, bad)
+    assert torch.load(bad, weights_only=True).keys(), "torch.load alone reads the damaged file without error"
+    with pytest.raises(CheckpointError, match=f"corrupt: the data of its record '{record}' does not match"):
+        MoCEIR.from_checkpoint(bad)
+
+
+def test_empty_and_foreign_files_without_pytorch_advice(tmp_path):
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty \\(0 bytes\\)"):
+        MoCEIR.from_checkpoint(empty)
+    for i, blob in enumerate((b"hello\n" * 50, os.urandom(4096), b"\x80\x02" + os.urandom(200))):
+        path = tmp_path / f"foreign{i}.pt"
+        path.write_bytes(blob)
+        with pytest.raises(CheckpointError) as e:
+            MoCEIR.from_checkpoint(path)
+        assert "weights_only" not in str(e.value) and "not a readable PyTorch checkpoint" in str(e.value)
+
+
+def test_non_string_keys(tmp_path):
+    path = tmp_path / "int_keys.pt"
+    torch.save({1: torch.ones(3), "a": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="keys must be parameter names \\(strings\\); got 1 other keys: "
+                                              "\\['1 \\(int\\)'\\]"):
+        MoCEIR.from_checkpoint(path)

@@ -11,6 +11,7 @@ import pickle
 import re
 import struct
 import zipfile
+import zlib
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -24,36 +25,61 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, or does not fit the model."""
 
 
-def _unsupported_global(msg: str) -> str:
-    for line in msg.splitlines():
-        if "global" in line.lower():
-            return line.strip()
-    return msg.splitlines()[0] if msg else "unknown object"
+_ADVICE = ("Weights only load failed", "weights_only", "trusted source", "Check the documentation", "Please file an issue", "(2) ")
+
+
+def _unpickler_reason(msg: str) -> str:
+    """The specific cause inside ``torch.load``'s weights-only error, without its advice to retry with
+    ``weights_only=False`` (which would run code from the file): e.g. ``Unsupported global: GLOBAL
+    argparse.ArgumentParser``, ``Trying to load unsupported GLOBAL posix.system ...`` or ``Unsupported
+    operand 250``."""
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not any(a in ln for a in _ADVICE)]
+    reason = " ".join(ln.replace("WeightsUnpickler error:", "").strip() for ln in lines).strip()
+    return reason.split(" was not an allowed global")[0] or "unreadable pickle data"
+
+
+def _verify_zip(path: str) -> None:
+    """Zip-format checkpoints (``torch.save``'s default): every record's CRC-32 must match its data.
+    ``torch.load`` does not check them, so a damaged tensor record would otherwise load silently."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is a damaged zip archive ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: the data of its record {bad!r} does not match the record's "
+                              "CRC-32 (a damaged or partly written file); re-download or re-save it")
 
 
 def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Any:
-    """``torch.load`` with ``weights_only=True`` and clear errors for missing or corrupt files."""
+    """``torch.load`` with ``weights_only=True`` after an integrity check (zip CRCs), with a
+    :class:`CheckpointError` naming the problem for empty, corrupt, truncated or foreign files."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint")
+    if zipfile.is_zipfile(path):
+        _verify_zip(path)
+    unreadable = f"{path} is not a readable PyTorch checkpoint (another kind of file, or corrupt or truncated)"
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "global" not in str(e).lower():
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
-                                  f"{str(e).splitlines()[-1] if str(e) else e!r}") from None
+        reason = _unpickler_reason(str(e))
+        if "GLOBAL" not in reason:
+            raise CheckpointError(f"{unreadable}: {reason}") from None
         raise CheckpointError(
-            f"{path} holds objects that cannot be loaded safely (weights_only=True refuses them): "
-            f"{_unsupported_global(str(e))}. "
-            "Re-save it as a plain state dict: torch.save(model.state_dict(), path)") from None
+            f"{path} holds objects that cannot be loaded safely ({reason}): loading them would run code from "
+            "the file, so they are refused. Re-save the weights as a plain state dict: "
+            "torch.save(model.state_dict(), path)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, TypeError,
             AttributeError, OverflowError, MemoryError, struct.error) as e:
         # random bytes reach the legacy unpickler, whose stack machine fails in many ways
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
-                              f"{type(e).__name__}: {e}") from None
+        raise CheckpointError(f"{unreadable}: {type(e).__name__} {str(e).splitlines()[0] if str(e) else ''}"
+                              ) from None
 
 
 def extract_state_dict(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -68,6 +94,10 @@ def extract_state_dict(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError("checkpoint holds no state dict (expected a mapping of parameter names to tensors)")
+    odd_keys = [k for k in obj if not isinstance(k, str)]
+    if odd_keys:
+        raise CheckpointError(f"state dict keys must be parameter names (strings); got {len(odd_keys)} other keys: "
+                              f"{[f'{k!r} ({type(k).__name__})' for k in odd_keys[:5]]}")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"state dict entries that are not tensors: {bad[:5]}")
