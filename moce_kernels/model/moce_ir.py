@@ -1,7 +1,7 @@
 """MoCE-IR: the 4-level asymmetric U-Net with mixture-of-complexity-experts decoders."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..nvtx import annotate
 from .blocks import DecoderResidualGroup, EncoderResidualGroup
 from .layers import Downsample, FFTAttention, FrequencyEmbedding, OverlapPatchEmbed, Upsample
-from .moe import AdapterLayer
+from .moe import AdapterLayer, ExpertUsage
 from .presets import preset_config
 
 
@@ -31,6 +31,18 @@ def _check_list(name: str, value: Sequence[int], n: int) -> List[int]:
     if len(value) != n:
         raise ValueError(f"{name} must have {n} entries for this number of levels, got {list(value)}")
     return list(value)
+
+
+def _check_widths(dim: int, heads: Sequence[int]) -> None:
+    """Level i is ``dim * 2**i`` channels wide and splits them over ``heads[i]`` attention heads."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
+        raise ValueError(f"dim must be an even integer >= 2 (each encoder level halves its width before "
+                         f"PixelUnshuffle(2)), got {dim!r}")
+    for i, h in enumerate(heads):
+        width = dim * 2 ** i
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1 or width % h:
+            raise ValueError(f"heads[{i}] = {h!r} must be a positive divisor of level {i}'s width "
+                             f"dim * 2**{i} = {width}")
 
 
 class MoCEIR(nn.Module):
@@ -59,6 +71,7 @@ class MoCEIR(nn.Module):
         num_blocks = _check_list("num_blocks", num_blocks, levels)
         num_dec_blocks = _check_list("num_dec_blocks", num_dec_blocks, levels - 1)
         stage_depth = _check_list("stage_depth", stage_depth, levels - 1)
+        _check_widths(dim, heads)
         self.levels = levels
         self.num_dec_blocks = num_dec_blocks
         self.pad_multiple = 2 ** (levels - 1)
@@ -87,6 +100,7 @@ class MoCEIR(nn.Module):
         self.refinement = EncoderResidualGroup(dim, heads[0], num_refinement_blocks, **group)
         self.output = nn.Conv2d(dim, out_channels, kernel_size=3, padding=1, bias=bias)
         self.total_loss: torch.Tensor = torch.zeros(())
+        self._adapters: Tuple[AdapterLayer, ...] = tuple(self.adapters())
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -132,8 +146,24 @@ class MoCEIR(nn.Module):
             raise ValueError(f"input is empty: {tuple(x.shape)}")
 
     @annotate("MoCEIR")
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Restore x (B, inp_channels, H, W) -> (B, out_channels, H, W).
+
+        ``labels`` (the degradation ids of the authors' training loop, ``net(degraded, de_id)``) is
+        accepted and ignored, as in their model. When gradients are recorded, the experts that got no
+        image in this forward end with ``grad None`` (one host synchronisation per step: see
+        :class:`moce_kernels.model.moe.ExpertUsage`)."""
         self._check_input(x)
+        usage = ExpertUsage() if torch.is_grad_enabled() else None
+        for adapter in self._adapters:
+            adapter.usage = usage
+        try:
+            return self._forward(x)
+        finally:
+            for adapter in self._adapters:
+                adapter.usage = None
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
         inp = _pad_reflect(x, self.pad_multiple)
         feats = self.patch_embed(inp)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -68,6 +68,57 @@ def expert_ranks(rank_type: str, rank: int, dim: int, n: int) -> List[int]:
     return ranks
 
 
+class ExpertUsage:
+    """Which experts received an image in one training forward, for every MoCE layer of a model.
+
+    The expert stage's gradient for an expert that got no image is zero, but the authors' model leaves
+    such an expert out of the autograd graph, so its parameters get ``grad None`` and optimizers skip
+    them (AdamW applies no weight decay or momentum; gradient accumulation keeps what earlier
+    micro-batches left). To follow that trajectory exactly, each layer records its per-expert image
+    counts (device tensors, no synchronisation in the forward), and the backward turns the gradients of
+    unused experts into ``None``: the first layer to need the counts copies every layer's to the host
+    in one transfer, so a training step synchronises once. Eval and ``torch.no_grad`` record nothing.
+    """
+
+    def __init__(self) -> None:
+        self._counts: List[torch.Tensor] = []
+        self._used: Optional[List[List[bool]]] = None
+
+    def record(self, counts: torch.Tensor) -> int:
+        """Keep one layer's (E,) image counts; returns the layer's slot."""
+        self._counts.append(counts)
+        return len(self._counts) - 1
+
+    def used(self, slot: int) -> List[bool]:
+        """Per expert of layer ``slot``: did it get an image? (host read on first call only)"""
+        if self._used is None:
+            self._used = self._read_counts()
+        return self._used[slot]
+
+    def _read_counts(self) -> List[List[bool]]:
+        flat = torch.cat(self._counts).gt(0).tolist()  # the one synchronisation of the step
+        out, start = [], 0
+        for c in self._counts:
+            out.append(flat[start:start + c.numel()])
+            start += c.numel()
+        return out
+
+
+class _NoGradForUnusedExperts(torch.autograd.Function):
+    """Identity on an expert stage's weights whose backward returns ``None`` for the weights of experts
+    that got no image in this forward (see :class:`ExpertUsage`)."""
+
+    @staticmethod
+    def forward(ctx, usage: ExpertUsage, slot: int, per_expert: int, *weights: torch.Tensor):
+        ctx.usage, ctx.slot, ctx.per_expert = usage, slot, per_expert
+        return tuple(w.view_as(w) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        used = ctx.usage.used(ctx.slot)
+        return (None, None, None) + tuple(g if used[i // ctx.per_expert] else None for i, g in enumerate(grads))
+
+
 class RoutingFunction(nn.Module):
     """Parameters of the per-image router (the computation is :func:`moce_kernels.ops.moe_route`)."""
 
@@ -107,6 +158,7 @@ class AdapterLayer(nn.Module):
         self.num_experts = num_experts
         self.routing_noise = routing_noise
         self.loss: torch.Tensor = torch.zeros(())
+        self.usage: Optional[ExpertUsage] = None
         windows = [2 ** (i + 2) for i in range(num_experts)]
         depths = expert_depths(depth_type, stage_depth, num_experts)
         ranks = expert_ranks(rank_type, rank, dim, num_experts)
@@ -151,10 +203,19 @@ class AdapterLayer(nn.Module):
                              self.top_k, r.noise_std, self.training, r.use_complexity_bias)
 
     def run_experts(self, x: torch.Tensor, shared: torch.Tensor, indices: torch.Tensor):
-        """Dispatch, expert stage: returns (expert rows (B*k, C, H, W), perm)."""
-        _, offsets, perm = ops.moe_dispatch(indices, self.num_experts)
+        """Dispatch, expert stage: returns (expert rows (B*k, C, H, W), perm).
+
+        When gradients are being recorded, experts that got no image end with ``grad None``, as in the
+        authors' model (see :class:`ExpertUsage`; ``self.usage`` is the model-wide record of this forward,
+        set by :class:`MoCEIR`, else one of this layer's own)."""
+        counts, offsets, perm = ops.moe_dispatch(indices, self.num_experts)
         experts = self.expert_modules()
-        rows = ops.moe_experts(x, shared, perm, offsets, self.top_k, self.expert_weights(),
+        weights = self.expert_weights()
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            usage = self.usage if self.usage is not None else ExpertUsage()
+            per_expert = len(weights) // self.num_experts
+            weights = list(_NoGradForUnusedExperts.apply(usage, usage.record(counts), per_expert, *weights))
+        rows = ops.moe_experts(x, shared, perm, offsets, self.top_k, weights,
                                [e.patch_size for e in experts], [e.depth for e in experts])
         return rows, perm
 
