@@ -40,6 +40,17 @@ def _grads(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same_grads(compiled: Dict[str, torch.Tensor], eager: Dict[str, torch.Tensor]) -> None:
+    """Eager leaves the experts that got no image with grad None (as the authors' model does); a compiled
+    graph gives them zeros (model/moe.py, ExpertUsage). Every other gradient matches."""
+    assert set(eager) <= set(compiled)
+    for n in set(compiled) - set(eager):
+        assert n.startswith("experts.") or ".experts." in n, f"{n}: only an unused expert may lack an eager grad"
+        assert not compiled[n].any(), f"{n}: an unused expert's compiled gradient must be zeros"
+    for n in eager:
+        torch.testing.assert_close(compiled[n], eager[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
 # ----------------------------------------------------------------------------- CPU (reference backend)
 def test_fullgraph_eval_whole_model(reference_dir):
     torch._dynamo.reset()
@@ -68,9 +79,7 @@ def test_fullgraph_train_aot_autograd():
     assert got_loss.item() > 0
     torch.testing.assert_close(got_loss, model.total_loss.detach(), rtol=1e-5, atol=1e-6)
     want = _grads(model)
-    assert got_grads.keys() == want.keys()
-    for n in want:
-        torch.testing.assert_close(got_grads[n], want[n], rtol=1e-4, atol=1e-5, msg=n)
+    _assert_same_grads(got_grads, want)
     assert any("routing" in n for n in want), "the aux loss should reach the router weights"
 
 
@@ -92,9 +101,7 @@ def test_inductor_moce_layer_eval_and_train():
         layer.zero_grad(set_to_none=True)
         (layer(x, fe, sh).sum() + layer.loss).backward()
     torch.testing.assert_close(got_loss, layer.loss.detach(), rtol=1e-5, atol=1e-6)
-    want = _grads(layer)
-    for n in want:
-        torch.testing.assert_close(got_grads[n], want[n], rtol=1e-4, atol=1e-5, msg=n)
+    _assert_same_grads(got_grads, _grads(layer))
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -186,3 +186,10 @@ def test_errors(backend):
             ops.moe_experts(x, x, perm, offsets, k, bad, [4, 4, 8, 4], [1, 1, 1, 1])
         with pytest.raises(ValueError, match="offsets"):
             ops.moe_experts(x, x, perm, offsets[:-1], k, ws, [4, 4, 8, 4], [1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+def test_five_experts_window_64(backend):
+    """``num_experts=5`` adds a window-64 expert (no released preset has one): the Triton stage runs it."""
+    _check(backend, torch.float32, routing([[4], [1], [4]], E=5), C=4, ranks=(1, 1, 2, 2, 4), HW=(5, 40),
+           windows=(4, 8, 16, 32, 64), depths=(1, 1, 1, 1, 1))

@@ -119,19 +119,19 @@ def test_gradients_reach_every_used_parameter(data):
     routes = _first_choices(model.eval(), x)
     used = {(a, e) for a, layer in zip(model.adapters(), routes) for row in layer for e in row}
     for name, p in model.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        assert torch.isfinite(p.grad).all(), name
         expert, rank = None, None
         for a in model.adapters():
             for e, mod in enumerate(a.expert_modules()):
                 if any(q is p for q in mod.parameters()):
                     expert, rank = (a, e), mod.proj[0].out_channels
+        if expert is not None and expert not in used:  # as in the authors' model: not in the graph
+            assert p.grad is None, f"{name} belongs to an unused expert but got a gradient"
+            continue
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
         if rank == 1 and (".body.q" in name or "body.norm.body.weight" in name):
             continue  # LayerNorm over one channel is constant (= bias): exact zero gradients
-        if expert is None or expert in used:
-            assert p.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
-        else:
-            assert p.grad.abs().sum() == 0, f"{name} belongs to an unused expert but got a gradient"
+        assert p.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
 
 
 def test_topk_and_depth_options():

@@ -78,6 +78,8 @@ class ExpertUsage:
     counts (device tensors, no synchronisation in the forward), and the backward turns the gradients of
     unused experts into ``None``: the first layer to need the counts copies every layer's to the host
     in one transfer, so a training step synchronises once. Eval and ``torch.no_grad`` record nothing.
+    A ``torch.compile`` graph cannot hold that host read: compiled, the unused experts' gradients are
+    zeros (as the expert stage computes them), so optimizers with weight decay or momentum move them.
     """
 
     def __init__(self) -> None:
@@ -207,11 +209,12 @@ class AdapterLayer(nn.Module):
 
         When gradients are being recorded, experts that got no image end with ``grad None``, as in the
         authors' model (see :class:`ExpertUsage`; ``self.usage`` is the model-wide record of this forward,
-        set by :class:`MoCEIR`, else one of this layer's own)."""
+        set by :class:`MoCEIR`, else one of this layer's own). Inside a ``torch.compile`` graph, which
+        cannot hold that host read, their gradients are zeros instead."""
         counts, offsets, perm = ops.moe_dispatch(indices, self.num_experts)
         experts = self.expert_modules()
         weights = self.expert_weights()
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(w.requires_grad for w in weights):
             usage = self.usage if self.usage is not None else ExpertUsage()
             per_expert = len(weights) // self.num_experts
             weights = list(_NoGradForUnusedExperts.apply(usage, usage.record(counts), per_expert, *weights))
