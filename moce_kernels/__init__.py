@@ -2,6 +2,7 @@
 from . import nvtx, ops
 from .backends import available_backends, backend, get_backend, set_backend
 from .model import MoCEIR
+from .optimize import optimize
 
 __version__ = "0.1.0"
-__all__ = ["MoCEIR", "ops", "nvtx", "available_backends", "backend", "get_backend", "set_backend"]
+__all__ = ["MoCEIR", "optimize", "ops", "nvtx", "available_backends", "backend", "get_backend", "set_backend"]
