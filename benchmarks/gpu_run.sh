@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One-shot GPU session: build the CUDA extension and the standalone harnesses, run the whole test
 # suite on the GPU, then the benchmarks; everything lands in $OUT (default ./gpu_out).
-#   bash benchmarks/gpu_run.sh [build] [test] [bench] [quick] [verify] [harness] [bench-FILE]
+#   bash benchmarks/gpu_run.sh [build] [profile] [test] [bench] [quick] [verify] [harness] [bench-FILE]
 # Uses the machine's own python3/torch/triton (no installs).
 #
-# A lent H200 comes with 15 minutes of device time per session (machine start included), one
-# command at most 10 minutes: `verify` is the phase sized for that, about 8 minutes in all:
+# A lent GPU comes with 15 minutes of device time per session (machine start included), one
+# command at most 10 minutes: `verify` is the phase sized for that, at most ~9.5 minutes in all:
 #   bash benchmarks/gpu_run.sh verify      (run with timeout_s=590)
-# It builds the extension, runs the tests only a GPU can run (real Triton and CUDA compilation,
-# tensor-core precision, CUDA graphs, large shapes; the CPU suite already checks every kernel's
-# logic in the Triton interpreter and the CUDA emulation), then times the headline cases.
+# It builds the extension (<= 170 s); profiles the whole model (<= 330 s: kernel time per op family at
+# 256 px batch 1 and 512 px batch 8, bf16, then reference eager, torch.compile(reference), the eager
+# default and optimize(), in one run: benchmarks/profile_families.py); then runs the tests only a GPU
+# can run (<= 90 s: real Triton and CUDA compilation, tensor-core precision, CUDA graphs; the CPU suite
+# already checks every kernel's logic in the Triton interpreter and the CUDA emulation).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -76,19 +78,24 @@ gpu_tests() {  # the GPU-only checks, bounded: build must have run
   echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -30
 }
 
-verify() {  # ~8 min: build (<= 180 s), GPU tests (<= 170 s), headline benchmarks (<= 175 s)
-  BUILD_TIMEOUT=180 build || { echo "build failed"; return 1; }
-  gpu_tests
-  bench bench_window_attention.py "forward and B8 and (C6_512x512 or C48_128x128 or C24_512x512 or C192_128x128) and not compile" 50
-  bench bench_expert_conv.py "bfloat16 and not compile and ((B8_128x128 and (qkv or gdfn or xkv)) or (C96_128x128 and not forward_backward) or (widths and cuda))" 75
-  bench bench_model.py "MoCE_IR- and 256px and b1" 50
-  python3 benchmarks/summarize.py "$OUT" | tee "$OUT/summary.md"
+profile() {  # kernel time per op family, then the whole model four ways (benchmarks/profile_families.py)
+  log profile
+  timeout ${PROFILE_TIMEOUT:-330} python3 benchmarks/profile_families.py --out "$OUT" --budget-s ${PROFILE_BUDGET:-270} \
+    > "$OUT/profile.log" 2>&1
+  echo "profile rc=$?"; cat "$OUT/profile.md" 2>/dev/null || tail -20 "$OUT/profile.log"
+}
+
+verify() {  # <= ~9.5 min: build (<= 170 s), profile (<= 330 s), GPU-only tests (<= 90 s)
+  BUILD_TIMEOUT=170 build || { echo "build failed"; return 1; }
+  profile
+  TEST_TIMEOUT=90 gpu_tests
 }
 
 env_report 2>&1 | tee "$OUT/env.txt"
 for phase in $PHASES; do
   case $phase in
     build) build ;;
+    profile) profile ;;
     harness) harness ;;
     test) tests ;;
     bench) for b in bench_window_attention.py bench_expert_conv.py bench_routing.py bench_model.py; do bench $b; done ;;

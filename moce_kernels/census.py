@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -47,29 +47,32 @@ OP_FAMILIES: Dict[str, str] = {
     "moe_combine": "routing",
     "moe_experts": "expert stage",
 }
-# innermost module class -> family of the aten ops it runs that are not convolutions
-_MODULE_FAMILIES = {"LayerNorm": "layer norm", "Attention": "channel attention",
-                    "CrossAttention": "channel attention", "AdapterLayer": "routing"}
+# innermost module (class name, or its range name in moce_kernels.nvtx) -> family of the aten ops it runs
+# that are not convolutions
+_MODULE_FAMILIES = {"LayerNorm": "layer norm", "Attention": "channel attention", "MDTA": "channel attention",
+                    "CrossAttention": "channel attention", "AdapterLayer": "routing", "MoCE": "routing"}
 
 
 def _is_view(func: torch._ops.OpOverload) -> bool:
     return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
 
 
-def _conv_family(args: Tuple[Any, ...]) -> str:
-    weight, groups = args[1], args[8] if len(args) > 8 else 1
-    if groups > 1 and groups == weight.shape[0]:
-        return "depthwise"
-    return "1x1" if tuple(weight.shape[2:]) == (1, 1) else "other"
+def conv_family(weight_shape: Sequence[int]) -> str:
+    """``depthwise`` for a (C, 1, k, k) weight with k > 1, ``1x1`` for (C_out, C_in, 1, 1), else ``other``."""
+    kernel = tuple(weight_shape[2:])
+    if kernel == (1, 1):
+        return "1x1"
+    return "depthwise" if weight_shape[1] == 1 and weight_shape[0] > 1 else "other"
 
 
-def family_of(op: str, module: Optional[str], args: Tuple[Any, ...] = ()) -> str:
-    """Family of a dispatcher op (``namespace::name``) run inside a module of class ``module``."""
+def family_of(op: str, module: Optional[str], weight_shape: Optional[Sequence[int]] = None) -> str:
+    """Family of a dispatcher op (``namespace::name``) run inside the module ``module`` (its class or range
+    name); ``weight_shape``: a convolution's weight shape."""
     ns, _, name = op.partition("::")
     if ns == "moce":
         return OP_FAMILIES.get(name, "other")
-    if name == "convolution":
-        return _conv_family(args)
+    if name == "convolution" and weight_shape is not None:
+        return conv_family(weight_shape)
     return _MODULE_FAMILIES.get(module or "", "other")
 
 
@@ -136,7 +139,7 @@ class _Recorder(TorchDispatchMode):
         if ns == "aten" and (_is_view(func) or short in _NO_WORK):
             return out
         module = self.modules[-1] if self.modules else ("", 0)
-        fam = family_of(name, module[0], args)
+        fam = family_of(name, module[0], args[1].shape if short == "convolution" else None)
         site = (fam, module[1])
         stats = self.result.families.setdefault(fam, FamilyStats())
         stats.ops += 1

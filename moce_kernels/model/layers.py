@@ -38,6 +38,7 @@ class LayerNorm(nn.Module):
             raise ValueError(f"LayerNorm_type must be 'WithBias' or 'BiasFree', got {layer_norm_type!r}")
         self.body = _BiasFree(dim) if layer_norm_type == "BiasFree" else _WithBias(dim)
 
+    @annotate("LayerNorm")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mu = x.mean(1, keepdim=True)
         xc = x - mu
