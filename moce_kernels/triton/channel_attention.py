@@ -184,6 +184,21 @@ def _attention(part_ptr, sums_ptr, t_ptr, b, h, S, heads, c, eps, BC: tl.constex
 
 
 @triton.jit
+def _head_cols(rows, h, c, C, i):
+    """Offsets of the columns of head h (``h * c + i``) in the given rows of a matrix with C columns."""
+    return rows[:, None].to(tl.int64) * C + h * c + i[None, :]
+
+
+@triton.jit
+def _head_weight(w_ptr, o0, h, c, C, C_out, dtype, BO: tl.constexpr, BC: tl.constexpr):
+    """Rows o0 .. o0 + BO of W_o's columns of head h, in ``dtype``: (rows, mask, tile (BO, BC))."""
+    o = o0 + tl.arange(0, BO)
+    i = tl.arange(0, BC)
+    m2 = (o < C_out)[:, None] & (i < c)[None, :]
+    return o, m2, tl.load(w_ptr + _head_cols(o, h, c, C, i), mask=m2, other=0.0).to(dtype)
+
+
+@triton.jit
 def _attn_fwd_kernel(part_ptr, sums_ptr, t_ptr, w_ptr, m_ptr, S, heads, c, C, C_out, eps,
                      BC: tl.constexpr, BO: tl.constexpr):
     """Per (b, h): A from the partials, then ``M[b, :, head] = W_o[:, head] A`` (M: (B, C_out, C), in the
@@ -193,13 +208,9 @@ def _attn_fwd_kernel(part_ptr, sums_ptr, t_ptr, w_ptr, m_ptr, S, heads, c, C, C_
     h = pid % heads
     a, gh, r, sk, vq, vk, t = _attention(part_ptr, sums_ptr, t_ptr, b, h, S, heads, c, eps, BC)
     i = tl.arange(0, BC)
-    im = i < c
     for o0 in range(0, C_out, BO):
-        o = o0 + tl.arange(0, BO)
-        m2 = (o < C_out)[:, None] & im[None, :]
-        w = tl.load(w_ptr + o[:, None] * C + h * c + i[None, :], mask=m2, other=0.0).to(a.dtype)
-        mb = _mm(w, a, True).to(m_ptr.dtype.element_ty)
-        tl.store(m_ptr + (b * C_out + o)[:, None].to(tl.int64) * C + h * c + i[None, :], mb, mask=m2)
+        o, m2, w = _head_weight(w_ptr, o0, h, c, C, C_out, a.dtype, BO, BC)
+        tl.store(m_ptr + _head_cols(b * C_out + o, h, c, C, i), _mm(w, a, True).to(m_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -246,17 +257,13 @@ def _attn_bwd_kernel(part_ptr, sums_ptr, t_ptr, w_ptr, ppart_ptr, pred_ptr, dq_p
     h = pid % heads
     a, gh, r, sk, vq, vk, t = _attention(part_ptr, sums_ptr, t_ptr, b, h, S, heads, c, eps, BC)
     i = tl.arange(0, BC)
-    im = i < c
     ga = tl.zeros([BC, BC], dtype=a.dtype)
     for o0 in range(0, C_out, BO):
-        o = o0 + tl.arange(0, BO)
-        m2 = (o < C_out)[:, None] & im[None, :]
-        w = tl.load(w_ptr + o[:, None] * C + h * c + i[None, :], mask=m2, other=0.0).to(a.dtype)
+        o, m2, w = _head_weight(w_ptr, o0, h, c, C, C_out, a.dtype, BO, BC)
         p = tl.zeros([BO, BC], dtype=a.dtype)
         for si in range(S2):
-            p += tl.load(ppart_ptr + ((b * S2 + si) * C_out + o)[:, None].to(tl.int64) * C + h * c + i[None, :],
-                         mask=m2, other=0.0)
-        tl.store(pred_ptr + (b * C_out + o)[:, None].to(tl.int64) * C + h * c + i[None, :], p, mask=m2)
+            p += tl.load(ppart_ptr + _head_cols((b * S2 + si) * C_out + o, h, c, C, i), mask=m2, other=0.0)
+        tl.store(pred_ptr + _head_cols(b * C_out + o, h, c, C, i), p, mask=m2)
         ga += _mm(tl.trans(w), p, True)
     ds = a * (ga - tl.sum(ga * a, 1)[:, None])
     e = t * ds * gh
@@ -287,10 +294,10 @@ def _wgrad_kernel(pred_ptr, a_ptr, bsum_ptr, gtp_ptr, gw_ptr, gb_ptr, gt_ptr, B,
     ACC = pred_ptr.dtype.element_ty
     acc = tl.zeros([BO, BC], dtype=ACC)
     for b in range(B):
-        p = tl.load(pred_ptr + (b * C_out + o)[:, None].to(tl.int64) * C + h * c + i[None, :], mask=m2, other=0.0)
+        p = tl.load(pred_ptr + _head_cols(b * C_out + o, h, c, C, i), mask=m2, other=0.0)
         a = tl.load(a_ptr + ((b * heads + h) * BC + i[:, None]) * BC + i[None, :])
         acc += _mm(p, tl.trans(a), True)
-    tl.store(gw_ptr + o[:, None] * C + h * c + i[None, :], acc.to(gw_ptr.dtype.element_ty), mask=m2)
+    tl.store(gw_ptr + _head_cols(o, h, c, C, i), acc.to(gw_ptr.dtype.element_ty), mask=m2)
     if h == 0:
         gb = tl.zeros([BO], dtype=ACC)
         for j in range(B * S2):
