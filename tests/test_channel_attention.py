@@ -283,6 +283,14 @@ def test_kernels_take_views_without_copy(backend):
         assert not copies, f"{op}: {copies}"
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_stride_contract(backend):
+    """Called directly, a kernel backend refuses planes that are not contiguous instead of misreading them."""
+    x, (q, k, v), t, w, b = _packed_views()
+    with pytest.raises(ValueError, match="planes"):
+        backends.implementation(OP, backend)(q, k, v.transpose(2, 3), t.reshape(-1), w, b, None, 1e-12)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_other_layouts_are_copied(backend):
     """Inputs outside the stride contract (channels_last, transposed planes) are made contiguous first."""

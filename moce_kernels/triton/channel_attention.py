@@ -56,7 +56,6 @@ import triton
 import triton.language as tl
 
 from ..backends import register
-from ..ops.channel_attention import planes_contiguous
 from ..testing import new_output
 from .expert_conv import _mm
 
@@ -342,9 +341,14 @@ def _qk_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, scale_ptr, gq_ptr, gk_ptr, hea
 # ----------------------------------------------------------------------------------------------
 
 def _check_planes(**tensors: Optional[torch.Tensor]) -> None:
+    """The kernels' stride contract: every (H, W) plane contiguous (batch and channel strides free)."""
     for name, t in tensors.items():
-        if t is not None and not planes_contiguous(t):
-            raise ValueError(f"{name} (strides {t.stride()}) must have contiguous (H, W) planes")
+        if t is None:
+            continue
+        H, W = t.shape[2], t.shape[3]
+        if not ((t.stride(3) == 1 or W == 1) and (t.stride(2) == W or H == 1)):
+            raise ValueError(f"{name} (shape {tuple(t.shape)}, strides {t.stride()}) must have contiguous "
+                             "(H, W) planes")
 
 
 def _fold(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor, w2d: torch.Tensor, eps: float):
