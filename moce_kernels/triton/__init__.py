@@ -3,3 +3,4 @@ from . import expert_conv  # noqa: F401
 from . import experts  # noqa: F401
 from . import window_attention  # noqa: F401
 from . import routing  # noqa: F401
+from . import channel_attention  # noqa: F401

@@ -1,0 +1,155 @@
+"""Channel ("transposed") attention with its output projection and residual: MDTA and CrossAttention.
+
+``channel_attention(q, k, v, temperature, proj_weight, proj_bias, residual)`` equals, per image b
+and head h (c = C / heads channels, N = H * W pixels, q_h, k_h, v_h the head's (c, N) rows)::
+
+    q^ = q_h / max(|q_h|, eps)      k^ = k_h / max(|k_h|, eps)      (row norms over the N pixels)
+    A_h = softmax(q^ k^^T * temperature[h])                        (c x c, softmax over the last axis)
+    y = blockdiag_h(A_h) v                                          (C x N)
+    out = conv1x1(y, proj_weight) + proj_bias + residual            (C_out x N)
+
+i.e. the model's ``transposed_attention`` followed by ``project_out`` (and the block's residual add).
+The fast backends compute it in two passes over the activations (DESIGN.md, "Channel attention in
+two passes"): the Gram matrix and row norms of q and k in one pass, then
+``out[b] = (W_o blockdiag(A_b)) v[b] + bias + residual[b]`` as one per-image 1x1 GEMM.
+
+Stride contract: q, k, v and residual may be views with arbitrary batch and channel strides as long
+as every (H, W) plane is contiguous (element (b, c, y, x) at ``b * stride(0) + c * stride(1) + y * W
++ x``), e.g. ``qkv.chunk(3, dim=1)`` of a contiguous (B, 3C, H, W) tensor; such views reach the
+kernels without a copy. Other layouts are copied to contiguous first.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ._common import FLOAT_DTYPES, call_impl, check_same, check_tensor
+
+OP = "channel_attention"
+DEFAULT_EPS = 1e-12  # F.normalize's default, as in the model
+
+
+@torch.library.custom_op("moce::channel_attention", mutates_args=())
+def _channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                       proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor],
+                       residual: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    return call_impl(OP, q.device, q, k, v, temperature, proj_weight, proj_bias, residual, eps)
+
+
+@_channel_attention.register_fake
+def _(q, k, v, temperature, proj_weight, proj_bias, residual, eps):
+    B, _, H, W = q.shape
+    return q.new_empty(B, proj_weight.shape[0], H, W)
+
+
+@torch.library.custom_op("moce::channel_attention_backward", mutates_args=())
+def _channel_attention_backward(
+        grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+        proj_weight: torch.Tensor, eps: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_k, grad_v, grad_temperature, grad_proj_weight, grad_proj_bias); the residual's
+    gradient is ``grad`` itself and never reaches a backend."""
+    return tuple(call_impl(OP + "_backward", q.device, grad, q, k, v, temperature, proj_weight, eps))
+
+
+@_channel_attention_backward.register_fake
+def _(grad, q, k, v, temperature, proj_weight, eps):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), temperature.new_empty(temperature.shape),
+            proj_weight.new_empty(proj_weight.shape), proj_weight.new_empty(proj_weight.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, temperature, proj_weight, proj_bias, residual, eps = inputs
+    ctx.save_for_backward(q, k, v, temperature, proj_weight)
+    ctx.has_bias, ctx.has_residual, ctx.eps = proj_bias is not None, residual is not None, eps
+
+
+def _backward(ctx, grad):
+    q, k, v, temperature, proj_weight = ctx.saved_tensors
+    gq, gk, gv, gt, gw, gb = _channel_attention_backward(grad.contiguous(), q, k, v, temperature, proj_weight,
+                                                         ctx.eps)
+    return (gq, gk, gv, gt, gw, gb if ctx.has_bias else None, grad if ctx.has_residual else None, None)
+
+
+_channel_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def planes_contiguous(t: torch.Tensor) -> bool:
+    """True when every (H, W) plane of the 4-D tensor ``t`` is contiguous (the kernels' stride contract)."""
+    H, W = t.shape[2], t.shape[3]
+    return (t.stride(3) == 1 or W == 1) and (t.stride(2) == W or H == 1)
+
+
+def _planes(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` itself when it meets the stride contract, else a contiguous copy."""
+    return t if t is None or planes_contiguous(t) else t.contiguous()
+
+
+def _heads(temperature: torch.Tensor) -> int:
+    if not isinstance(temperature, torch.Tensor):
+        raise TypeError(f"temperature must be a torch.Tensor, got {type(temperature).__name__}")
+    shape = tuple(temperature.shape)
+    if len(shape) not in (1, 3) or shape[1:] not in ((), (1, 1)) or shape[0] < 1:
+        raise ValueError(f"temperature must have shape (heads,) or (heads, 1, 1) with heads >= 1, got {shape}")
+    return shape[0]
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                 proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                 eps: float) -> None:
+    """Raise a clear error for any input the op does not accept."""
+    for n, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(n, t, 4, FLOAT_DTYPES)
+    for n, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{n} has shape {tuple(t.shape)} but q has shape {tuple(q.shape)}; they must match")
+    B, C, H, W = q.shape
+    heads = _heads(temperature)
+    check_tensor("temperature", temperature, temperature.dim(), FLOAT_DTYPES)
+    if C % heads:
+        raise ValueError(f"heads = {heads} (from temperature's shape) must divide the {C} channels of q")
+    check_tensor("proj_weight", proj_weight, 4, FLOAT_DTYPES)
+    c_out = proj_weight.shape[0]
+    if tuple(proj_weight.shape[1:]) != (C, 1, 1):
+        raise ValueError(f"proj_weight must have shape (C_out, {C}, 1, 1) for q with {C} channels, "
+                         f"got {tuple(proj_weight.shape)}")
+    if proj_bias is not None:
+        check_tensor("proj_bias", proj_bias, 1, FLOAT_DTYPES)
+        if proj_bias.shape[0] != c_out:
+            raise ValueError(f"proj_bias must have {c_out} entries (proj_weight's C_out), got {proj_bias.shape[0]}")
+    if residual is not None:
+        check_tensor("residual", residual, 4, FLOAT_DTYPES)
+        if tuple(residual.shape) != (B, c_out, H, W):
+            raise ValueError(f"residual must have shape {(B, c_out, H, W)}, got {tuple(residual.shape)}")
+    names = ("q", "k", "v", "temperature", "proj_weight", "proj_bias", "residual")
+    tensors = (q, k, v, temperature, proj_weight, proj_bias, residual)
+    check_same(names, tensors, "device")
+    check_same(names, tensors, "dtype")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if q.numel() == 0 or c_out == 0:
+        raise ValueError(f"q is empty (shape {tuple(q.shape)}) or C_out = 0; B, C, H, W, C_out must all be >= 1")
+
+
+def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                      proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor] = None,
+                      residual: Optional[torch.Tensor] = None, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """Fused channel attention, output projection and residual (see the module docstring).
+
+    Args:
+        q, k, v: (B, C, H, W), one floating dtype; C = heads * c. Views whose (H, W) planes are
+            contiguous (e.g. channel chunks of one packed tensor) are used in place.
+        temperature: (heads,) or (heads, 1, 1); heads is read from its shape.
+        proj_weight: (C_out, C, 1, 1), the output 1x1 conv.  proj_bias: optional (C_out,).
+        residual: optional (B, C_out, H, W), added to the output (same stride contract as q).
+        eps: clamp of the row norms (F.normalize's eps), > 0.
+    Returns:
+        (B, C_out, H, W), contiguous, in q's dtype (16-bit inputs accumulate in float32).
+    """
+    check_inputs(q, k, v, temperature, proj_weight, proj_bias, residual, eps)
+    heads = temperature.shape[0]
+    bias = None if proj_bias is None else proj_bias.contiguous()
+    return _channel_attention(_planes(q), _planes(k), _planes(v), temperature.reshape(heads).contiguous(),
+                              proj_weight.contiguous(), bias, _planes(residual), float(eps))
