@@ -1,7 +1,8 @@
-"""Shared helpers for the op modules: input checks and NVTX-wrapped backend dispatch."""
+"""Shared helpers for the op modules: input checks, NVTX-wrapped backend dispatch, and the definition of
+an op with its backward op and autograd formula (:func:`define_op`)."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,3 +40,56 @@ def check_same(names: Sequence[str], tensors: Sequence[Optional[torch.Tensor]], 
             raise ValueError(f"{n} is on {what} {getattr(t, what)} but {ref_name} is on {getattr(ref, what)}"
                              if what == "device" else
                              f"{n} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+
+
+def define_op(name: str, params: Sequence[Tuple[str, str]], out_shape: Callable[..., Sequence[int]],
+              passthrough: Optional[str] = None) -> Callable:
+    """Define the custom op ``moce::{name}`` and its backward op ``moce::{name}_backward``.
+
+    ``params``: the op's inputs in order, as ``(schema type, name)`` pairs ("Tensor", "Tensor?", "float",
+    "int"); the op returns one tensor of ``out_shape(*inputs)`` in the first input's dtype, computed by the
+    backend implementation of ``name``. The backward op takes ``(grad, *inputs)`` (less ``passthrough``)
+    and returns, in input order, the gradient of every tensor input that is present (not None); backend
+    implementation ``{name}_backward``. ``passthrough`` names an optional tensor input that the op adds
+    to its result (a residual): its gradient is ``grad`` itself, so the backward op neither takes nor
+    returns it. Every tensor input is saved for the backward; non-tensor inputs get no gradient.
+    """
+    schema = ", ".join(f"{t} {n}" for t, n in params)
+    is_tensor = [t.startswith("Tensor") for t, _ in params]
+    keep = [n != passthrough for _, n in params]
+    bwd_schema = ", ".join(f"{t} {n}" for (t, n), k in zip(params, keep) if k)
+
+    def _fwd(*args):
+        return call_impl(name, args[0].device, *args)
+
+    def _bwd(grad, *args):
+        return list(call_impl(name + "_backward", grad.device, grad, *args))
+
+    fwd = torch.library.custom_op(f"moce::{name}", _fwd, mutates_args=(), schema=f"({schema}) -> Tensor")
+    bwd = torch.library.custom_op(f"moce::{name}_backward", _bwd, mutates_args=(),
+                                  schema=f"(Tensor grad, {bwd_schema}) -> Tensor[]")
+
+    @fwd.register_fake
+    def _(*args):
+        return args[0].new_empty(tuple(out_shape(*args)))
+
+    @bwd.register_fake
+    def _(grad, *args):
+        return [torch.empty_like(a) for a, t in zip(args, [t for t, k in zip(is_tensor, keep) if k])
+                if t and a is not None]
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*[a for a, t in zip(inputs, is_tensor) if t])
+        ctx.scalars = [a for a, t in zip(inputs, is_tensor) if not t]
+
+    def backward(ctx, grad):
+        tensors, scalars = iter(ctx.saved_tensors), iter(ctx.scalars)
+        inputs = [next(tensors) if t else next(scalars) for t in is_tensor]
+        grads = iter(bwd(grad.contiguous(), *[a for a, k in zip(inputs, keep) if k]))
+        out = []
+        for a, t, k in zip(inputs, is_tensor, keep):
+            out.append(None if not t or a is None else (next(grads) if k else grad))
+        return tuple(out)
+
+    fwd.register_autograd(backward, setup_context=setup)
+    return fwd
