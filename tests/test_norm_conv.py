@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import moce_kernels
 from moce_kernels import backends, ops
 from moce_kernels.model.layers import LayerNorm
-from moce_kernels.testing import assert_within_rule, poison_outputs
+from moce_kernels.testing import check_against_reference, poison_outputs
 
 # The cuda backend does not implement these ops (test_cuda_backend_is_a_clear_error).
 BACKENDS = [b for b in moce_kernels.available_backends() if b != "cuda"]
@@ -93,20 +93,10 @@ def _run(backend: str, fn: Callable, args: Sequence, grad: Optional[torch.Tensor
 def _check(backend: str, fn: Callable, args64: Sequence, dtype: torch.dtype, backward: bool = True) -> None:
     """fn under ``backend`` in ``dtype`` against the float64 reference (output and every gradient)."""
     args = [a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args64]
-    ref64, _ = _run("reference", fn, args64)
-    grad = torch.randn_like(ref64) if backward else None
-    ref64, g64 = _run("reference", fn, args64, grad)
-    refd, gd = _run("reference", fn, args, None if grad is None else grad.to(dtype))
-    out, go = _run(backend, fn, args, None if grad is None else grad.to(dtype))
-    assert out.dtype == dtype
-    # atol relative to the output's magnitude: a low-precision output is rounded once more than the
-    # float64 reference, which costs up to one ulp of its largest values
-    assert_within_rule(out, ref64, refd, ATOL[dtype] * max(1.0, ref64.abs().max().item()), name=f"{backend} forward")
-    for i, (a, b, c) in enumerate(zip(go, g64, gd)):
-        if b is None:
-            continue
-        tol = ATOL[dtype] * (10 if dtype in (torch.bfloat16, torch.float16) else 1) * max(1.0, b.abs().max().item())
-        assert_within_rule(a, b, c, tol, name=f"{backend} grad of argument {i}")
+    grad = torch.randn_like(_run("reference", fn, args64)[0]) if backward else None
+    names = [f"grad of argument {i}" for i in range(len(args))]
+    check_against_reference(lambda b, a, g: _run(b, fn, a, g), backend, args, args64, grad, dtype, names,
+                            ATOL[dtype], ATOL[dtype] * (10 if dtype in (torch.bfloat16, torch.float16) else 1))
 
 
 # ----------------------------------------------------------------------------- every backend vs float64
@@ -282,7 +272,7 @@ def test_cuda_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(backends, "_why_unavailable", lambda name: None)
     for op in OPS:
         for name in (op, op + "_backward"):
-            with pytest.raises(NotImplementedError,
-                               match=rf"op '{name}' has no 'cuda' implementation \(implemented by: reference, triton\)"):
+            why = rf"op '{name}' has no 'cuda' implementation \(implemented by: reference, triton\)"
+            with pytest.raises(NotImplementedError, match=why):
                 backends.implementation(name, "cuda")
             assert backends.resolve(name, torch.device("cuda"), "auto") == "triton"

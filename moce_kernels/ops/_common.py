@@ -29,6 +29,23 @@ def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: Iterable[torch.d
         raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
 
 
+def check_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  names: Tuple[str, str] = ("weight", "bias")) -> int:
+    """A 1x1 conv's x (B, C_in, H, W), weight (C_out, C_in, 1, 1) and optional bias (C_out,), named
+    ``names`` in the errors; returns C_out."""
+    check_tensor("x", x, 4, FLOAT_DTYPES)
+    check_tensor(names[0], weight, 4, FLOAT_DTYPES)
+    c_out, c_in = weight.shape[0], x.shape[1]
+    if tuple(weight.shape[1:]) != (c_in, 1, 1):
+        raise ValueError(f"{names[0]} must have shape (C_out, {c_in}, 1, 1) for x with {c_in} channels, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor(names[1], bias, 1, FLOAT_DTYPES)
+        if bias.shape[0] != c_out:
+            raise ValueError(f"{names[1]} must have {c_out} entries, got {bias.shape[0]}")
+    return c_out
+
+
 def check_same(names: Sequence[str], tensors: Sequence[Optional[torch.Tensor]], what: str = "device") -> None:
     """All given tensors share ``what`` (``device`` or ``dtype``)."""
     present = [(n, t) for n, t in zip(names, tensors) if t is not None]

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_same, check_tensor, define_op
+from ._common import FLOAT_DTYPES, check_conv1x1, check_same, check_tensor, define_op
 
 OP = "pointwise_depthwise_conv"
 KERNEL_SIZES = (3, 5, 7)
@@ -48,22 +48,16 @@ _pw_dw_gated = define_pointwise_depthwise_op(gated=True)
 def check_inputs(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor,
                  pw_bias: Optional[torch.Tensor], dw_bias: Optional[torch.Tensor], gated: bool) -> None:
     """Raise a clear error for any input the op does not accept."""
-    check_tensor("x", x, 4, FLOAT_DTYPES)
-    check_tensor("pw_weight", pw_weight, 4, FLOAT_DTYPES)
+    c_out = check_conv1x1(x, pw_weight, pw_bias, ("pw_weight", "pw_bias"))
     check_tensor("dw_weight", dw_weight, 4, FLOAT_DTYPES)
-    c_out, c_in = pw_weight.shape[0], x.shape[1]
-    if tuple(pw_weight.shape[1:]) != (c_in, 1, 1):
-        raise ValueError(f"pw_weight must have shape (C_out, {c_in}, 1, 1) for x with {c_in} channels, "
-                         f"got {tuple(pw_weight.shape)}")
     ks = dw_weight.shape[-1]
     if ks not in KERNEL_SIZES or tuple(dw_weight.shape) != (c_out, 1, ks, ks):
         raise ValueError(f"dw_weight must have shape ({c_out}, 1, k, k) with k in {KERNEL_SIZES}, "
                          f"got {tuple(dw_weight.shape)}")
-    for n, b in (("pw_bias", pw_bias), ("dw_bias", dw_bias)):
-        if b is not None:
-            check_tensor(n, b, 1, FLOAT_DTYPES)
-            if b.shape[0] != c_out:
-                raise ValueError(f"{n} must have {c_out} entries, got {b.shape[0]}")
+    if dw_bias is not None:
+        check_tensor("dw_bias", dw_bias, 1, FLOAT_DTYPES)
+        if dw_bias.shape[0] != c_out:
+            raise ValueError(f"dw_bias must have {c_out} entries, got {dw_bias.shape[0]}")
     if gated and c_out % 2:
         raise ValueError(f"the gated variant needs an even C_out, got {c_out}")
     names = ("x", "pw_weight", "dw_weight", "pw_bias", "dw_bias")

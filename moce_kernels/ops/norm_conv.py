@@ -24,7 +24,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_same, check_tensor, define_op
+from ._common import FLOAT_DTYPES, check_conv1x1, check_same, check_tensor, define_op
 from .expert_conv import check_inputs as check_pointwise_depthwise, define_pointwise_depthwise_op
 
 EPS = 1e-5
@@ -65,16 +65,7 @@ def check_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     residual: Optional[torch.Tensor] = None) -> None:
     """A 1x1 conv's inputs: x (B, C_in, H, W), weight (C_out, C_in, 1, 1), bias (C_out,), residual
     (B, C_out, H, W); one device, one dtype."""
-    check_tensor("x", x, 4, FLOAT_DTYPES)
-    check_tensor("weight", weight, 4, FLOAT_DTYPES)
-    c_out, c_in = weight.shape[0], x.shape[1]
-    if tuple(weight.shape[1:]) != (c_in, 1, 1):
-        raise ValueError(f"weight must have shape (C_out, {c_in}, 1, 1) for x with {c_in} channels, "
-                         f"got {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias, 1, FLOAT_DTYPES)
-        if bias.shape[0] != c_out:
-            raise ValueError(f"bias must have {c_out} entries, got {bias.shape[0]}")
+    c_out = check_conv1x1(x, weight, bias)
     if residual is not None:
         check_tensor("residual", residual, 4, FLOAT_DTYPES)
         want = (x.shape[0], c_out) + tuple(x.shape[2:])

@@ -12,9 +12,11 @@ Kernels:
                    a small per-program scratch slot (persistent grid: the slots stay in L1/L2)
   _pwdw_bwd_kernel backward core: recompute the 1x1 halo, grad wrt the 1x1 output (gy),
                    grad of the depthwise weight and bias (atomics)
-  _gemm_kernel     grouped 1x1: Y = W_e @ X (+ bias) (+ Y), optional row gather
+  _gemm_kernel     grouped 1x1: Y = W_e @ X (+ bias) (+ Y or a residual R), optional row gather
   _wgrad_kernel    grouped weight grad: dW_e += sum_{rows of e, pixels} G X^T (+ bias grad), atomics
   _final_fwd / _final_bwd / _gather_sum_kernel: the expert-stage epilogue, see experts.py
+The 1x1 stages of _pwdw_kernel (_halo_pw) and of _gemm_kernel can apply a LayerNorm over the source's
+channels first (constexpr NORM, folded into the product by _ln_fold_step; used by norm_conv.py).
 """
 from __future__ import annotations
 
@@ -102,6 +104,17 @@ def _gelu_grad(a):
 
 
 @triton.jit
+def _ln_fold_init(src_ptr, pix, pmask, acc):
+    """The fold's state for the pixels ``pix`` of one source row (src_ptr at its channel 0) and an
+    accumulator tile acc [BC, BP]: the shift (the pixels' channel-0 values) and zero sums s1, s2 [BP],
+    u, v [BC] (see _ln_fold_step), in acc's dtype."""
+    shift = tl.load(src_ptr + pix, mask=pmask, other=0.0).to(acc.dtype)
+    s1 = tl.zeros([acc.shape[1]], dtype=acc.dtype)
+    u = tl.zeros([acc.shape[0]], dtype=acc.dtype)
+    return shift, s1, s1, u, u
+
+
+@triton.jit
 def _ln_fold_step(xt, wt, xmask, shift, nw_ptr, nb_ptr, ks, km, s1, s2, u, v, NORM: tl.constexpr):
     """One K step of ``pw(LN(x))`` with the LayerNorm folded into the 1x1 (NORM 1: WithBias, 2: BiasFree).
     Takes the x tile [BK, BP] and the weight tile [BC, BK]; returns the product's operands
@@ -155,11 +168,7 @@ def _halo_pw(src_ptr, w_ptr, pb_ptr, nw_ptr, nb_ptr, slot_ptr, src_off, cin, w_o
         pix = iy * W + ix
         acc = tl.zeros([BC, BHC], dtype=slot_ptr.dtype.element_ty)
         if NORM > 0:
-            shift = tl.load(src_ptr + src_off + pix, mask=pv, other=0.0).to(acc.dtype)
-            s1 = tl.zeros([BHC], dtype=acc.dtype)
-            s2 = s1
-            u = tl.zeros([BC], dtype=acc.dtype)
-            v = u
+            shift, s1, s2, u, v = _ln_fold_init(src_ptr + src_off, pix, pv, acc)
         for k0 in range(0, cin, BK):
             ks = k0 + tl.arange(0, BK)
             km = ks < cin
@@ -371,11 +380,7 @@ def _gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, offsets_ptr,
         else:
             acc = tl.zeros([BC, BP], dtype=tl.float32)
         if NORM > 0:
-            shift = tl.load(x_ptr + x_off + p, mask=pm, other=0.0).to(acc.dtype)
-            s1 = tl.zeros([BP], dtype=acc.dtype)
-            s2 = s1
-            u = tl.zeros([BC], dtype=acc.dtype)
-            v = u
+            shift, s1, s2, u, v = _ln_fold_init(x_ptr + x_off, p, pm, acc)
         for k0 in range(0, cin, BK):
             ks = k0 + tl.arange(0, BK)
             km = ks < cin

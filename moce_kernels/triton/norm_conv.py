@@ -18,26 +18,31 @@ per-pixel mean/rstd kept for the LN backward); the existing pw->dw / 1x1 backwar
 ``_ln_bwd_kernel`` gives grad x and per-program partial sums of the LayerNorm's weight / bias grads,
 reduced in a fixed order (deterministic). The conv weight grads use the existing kernels' atomics.
 
-Cost per call, bf16 activations (s = 2 bytes), per pixel, x with C channels, C_o = the 1x1's output
-channels (MDTA qkv: C_o = 3C; GDFN: C_o = 2 hidden = 4C after the ffn factor 2), launches on a GPU.
-Eager (the model's trunk today): LayerNorm = 8 launches (mean, sub, mul, mean, add, rsqrt, mul, addcmul)
-moving ~10 C s (reads x twice, x - mean three times, (x - mean)^2 once, the product once; writes
-three C-channel temporaries and n); then the reference pw->dw (cuDNN 1x1 and depthwise, 2 launches,
-plus bias adds where cuDNN does not fuse them) moving C s + 3 C_o s (gated: + chunk/gelu/mul, 2 launches,
-~1.5 C_o s).
-  layer_norm_pointwise_depthwise_conv(_gated) forward: 1 launch (plus an uninitialised scratch
-    allocation), C s + C_o s (gated: C_o s / 2) from DRAM; eager 10-12 launches, ~11 C s + 3 C_o s.
-    MDTA qkv at C = 48: 4 C s vs 20 C s per pixel.
-  layer_norm_pointwise_conv forward (chunks = 2, the decoder's two projections): 1 launch,
-    C s + 2 C s; eager 8 + 2 launches (two cuDNN 1x1s), ~10 C s + 2 (C s + C s).
-  pointwise_conv(residual) forward: 1 launch, (C_in + 2 C_o) s; eager 2 (1x1, add), (C_in + 4 C_o) s.
-  Backward, layer_norm_pointwise_depthwise_conv: _ln_fwd (reads x, writes n and 8 B of stats), the
-    pw->dw backward on n as for pointwise_depthwise_conv (pwdw_bwd, wgrad, gemm; gated: + the gating
-    epilogue; plus its zero-fills and dtype copies of the weight grads), _ln_bwd (reads gn, x, stats,
-    writes gx) and one reduction of its partials: 4 (gated 5) kernels of ours + 2 (ops) + about 6
-    small fills/copies. Eager: the LayerNorm's autograd backward (~14 elementwise/reduction kernels
-    moving ~20 C s) plus cuDNN's dgrad/wgrad/bias-grad of both convolutions.
-Counts from the dispatcher (CPU) and the launch sites; not timed on a GPU.
+Cost per call (every bias present) beside the eager trunk (the model's ``LayerNorm`` module, then the
+op that follows). Launches: the kernels a GPU runs, counted on the CPU (our Triton launches plus the
+fills, dtype copies and reductions around them; for eager, the dispatcher's compute ops). Bytes per
+pixel, ``s`` bytes per element, x with C channels, the 1x1 with C_o outputs (MDTA qkv: C_o = 3C; GDFN:
+C_o = 4C): DRAM traffic of an analytic model (every op reads its inputs and writes its outputs once;
+the fused kernels' halo and channel-block re-reads assumed to hit L1/L2). Not timed on a GPU.
+
+  call                                     launches: fused | eager           bytes: fused | eager
+  layer_norm_pointwise_depthwise_conv      fwd 1 | 8 LN + 2 cuDNN             (C + C_o) s | (12 C + 3 C_o) s
+                                           bwd 15 | 21 LN + cuDNN's 4+      (8 C + 4 C_o) s | (39 C + 8 C_o) s
+    MDTA qkv (C_o = 3C)                                                       fwd 4 C s | 21 C s; bwd 20 C s | 63 C s
+  ..._gated (GDFN, C_o = 4C, out C_o/2)    fwd 1 | 8 + 2 cuDNN + gelu, mul    3 C s | 34 C s
+                                           bwd 16                            (9 C + 5.5 C_o) s = 31 C s
+  layer_norm_pointwise_conv, chunks = 2    fwd 1 | 8 + 2 cuDNN 1x1            3 C s | 15 C s
+    (the decoder's two C -> C projections) bwd 11 | 21 + 2 conv backward     13 C s | 48 C s
+  pointwise_conv(x, w, b, residual)        fwd 1 | 1x1 + add                  (C_in + 2 C_o) s | (C_in + 4 C_o) s
+                                           bwd 6 | cuDNN's dgrad, wgrad, bias grad
+
+Fused backward launches: layer_norm_pointwise_depthwise_conv = _ln_fwd, _pwdw_bwd, _wgrad, _gemm,
+_ln_bwd (gated: + the _pwdw gating epilogue) + 4 zero-fills of the weight-grad accumulators + 4 dtype
+copies of the conv weight grads + 2 reductions of the LayerNorm grads' partials; layer_norm_pointwise_conv
+= _ln_fwd, one _wgrad for all chunks, one _gemm per chunk, _ln_bwd + 2 fills + 2 copies + 2 reductions;
+pointwise_conv = _wgrad, _gemm + 2 fills + 2 copies. The eager LayerNorm forward is 8 launches moving
+~11 C s (mean, sub, mul, mean, add, rsqrt, mul, addcmul); its autograd backward 21 ops (18 BiasFree)
+moving ~37 C s. The caller that concatenates the decoder's two weights per call adds 2 small cats.
 """
 from __future__ import annotations
 
@@ -198,7 +203,7 @@ def _as(acc: Tensor, like: Tensor) -> Tensor:
 def layer_norm_backward(gn: Tensor, x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], stats: Tensor
                         ) -> List[Tensor]:
     """[grad_x, grad_norm_weight] (+ [grad_norm_bias] when WithBias), given gn = dL/dLN(x) and the
-    stats of :func:`layer_norm_forward`: one launch and one reduction of its partial sums."""
+    stats of :func:`layer_norm_forward`: one launch, then one reduction of its partial sums per grad."""
     B, C, H, W = x.shape
     HW = H * W
     n_pt = triton.cdiv(HW, LN_BP)
@@ -208,8 +213,8 @@ def layer_norm_backward(gn: Tensor, x: Tensor, norm_weight: Tensor, norm_bias: O
     part = torch.empty((nprog, 2, C), dtype=stats.dtype, device=x.device)
     _ln_bwd_kernel[(nprog,)](gn, x, norm_weight, stats, gx, part, C, HW, n_pt, total, NORM=_norm_mode(norm_bias),
                              BC=LN_BC, BP=LN_BP, F64=x.dtype == torch.float64, num_warps=4)
-    sums = part.sum(0) if norm_bias is not None else part[:, 0].sum(0, keepdim=True)
-    return [gx, _as(sums[0], norm_weight)] + ([_as(sums[1], norm_bias)] if norm_bias is not None else [])
+    params = [norm_weight] + ([norm_bias] if norm_bias is not None else [])
+    return [gx] + [part[:, i].sum(0).to(p.dtype) for i, p in enumerate(params)]
 
 
 def _chunk_offsets(B: int, chunks: int, device: torch.device) -> Tensor:
