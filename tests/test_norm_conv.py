@@ -111,7 +111,7 @@ def test_layer_norm_pointwise_depthwise_fp32(backend, gated, case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_layer_norm_pointwise_depthwise_half(backend, dtype):
     _check(backend, _ln_pwdw(True), _pwdw_args(PWDW_CASES[0]), dtype)
-    _check(backend, _ln_pwdw(False), _pwdw_args(PWDW_CASES[1]), dtype, backward=False)
+    _check(backend, _ln_pwdw(False), _pwdw_args(PWDW_CASES[1]), dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

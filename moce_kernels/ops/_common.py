@@ -69,12 +69,13 @@ def define_op(name: str, params: Sequence[Tuple[str, str]], out_shape: Callable[
     and returns, in input order, the gradient of every tensor input that is present (not None); backend
     implementation ``{name}_backward``. ``passthrough`` names an optional tensor input that the op adds
     to its result (a residual): its gradient is ``grad`` itself, so the backward op neither takes nor
-    returns it. Every tensor input is saved for the backward; non-tensor inputs get no gradient.
+    returns it, and it is not saved. Every other tensor input is saved for the backward; non-tensor
+    inputs get no gradient.
     """
     schema = ", ".join(f"{t} {n}" for t, n in params)
-    is_tensor = [t.startswith("Tensor") for t, _ in params]
-    keep = [n != passthrough for _, n in params]
-    bwd_schema = ", ".join(f"{t} {n}" for (t, n), k in zip(params, keep) if k)
+    kept = [(t, n) for t, n in params if n != passthrough]  # the backward op's inputs (after grad)
+    kept_tensor = [t.startswith("Tensor") for t, _ in kept]
+    at = [n for _, n in params].index(passthrough) if passthrough is not None else None
 
     def _fwd(*args):
         return call_impl(name, args[0].device, *args)
@@ -84,7 +85,7 @@ def define_op(name: str, params: Sequence[Tuple[str, str]], out_shape: Callable[
 
     fwd = torch.library.custom_op(f"moce::{name}", _fwd, mutates_args=(), schema=f"({schema}) -> Tensor")
     bwd = torch.library.custom_op(f"moce::{name}_backward", _bwd, mutates_args=(),
-                                  schema=f"(Tensor grad, {bwd_schema}) -> Tensor[]")
+                                  schema=f"(Tensor grad, {', '.join(f'{t} {n}' for t, n in kept)}) -> Tensor[]")
 
     @fwd.register_fake
     def _(*args):
@@ -92,20 +93,21 @@ def define_op(name: str, params: Sequence[Tuple[str, str]], out_shape: Callable[
 
     @bwd.register_fake
     def _(grad, *args):
-        return [torch.empty_like(a) for a, t in zip(args, [t for t, k in zip(is_tensor, keep) if k])
-                if t and a is not None]
+        return [torch.empty_like(a) for a, t in zip(args, kept_tensor) if t and a is not None]
 
     def setup(ctx, inputs, output):
-        ctx.save_for_backward(*[a for a, t in zip(inputs, is_tensor) if t])
-        ctx.scalars = [a for a, t in zip(inputs, is_tensor) if not t]
+        args = [a for i, a in enumerate(inputs) if i != at]
+        ctx.save_for_backward(*[a for a, t in zip(args, kept_tensor) if t])
+        ctx.scalars = [a for a, t in zip(args, kept_tensor) if not t]
+        ctx.passthrough = at is not None and inputs[at] is not None
 
     def backward(ctx, grad):
         tensors, scalars = iter(ctx.saved_tensors), iter(ctx.scalars)
-        inputs = [next(tensors) if t else next(scalars) for t in is_tensor]
-        grads = iter(bwd(grad.contiguous(), *[a for a, k in zip(inputs, keep) if k]))
-        out = []
-        for a, t, k in zip(inputs, is_tensor, keep):
-            out.append(None if not t or a is None else (next(grads) if k else grad))
+        args = [next(tensors) if t else next(scalars) for t in kept_tensor]
+        grads = iter(bwd(grad.contiguous(), *args))
+        out = [next(grads) if t and a is not None else None for a, t in zip(args, kept_tensor)]
+        if at is not None:
+            out.insert(at, grad if ctx.passthrough else None)
         return tuple(out)
 
     fwd.register_autograd(backward, setup_context=setup)

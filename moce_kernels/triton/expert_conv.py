@@ -506,11 +506,11 @@ def launch_pwdw(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Option
     nb = 2 if mode > 0 else 1
     scratch = torch.empty(nprog * nb * BC * hs, dtype=_acc_dtype(src.dtype), device=src.device)
     dummy = w
-    nw, nb, eps, norm_mode = _norm_args(norm, dummy)
+    norm_w, norm_b, eps, norm_mode = _norm_args(norm, dummy)
     _pwdw_kernel[(nprog,)](
         src, w, dw, pb if pb is not None else dummy, db if db is not None else dummy, out,
         g if g is not None else out, gofull if gofull is not None else scratch, scratch, offsets, meta,
-        perm if perm is not None else offsets, nw, nb, kslots, H, W, n_tw, n_th * n_tw, n_cblk, total, eps,
+        perm if perm is not None else offsets, norm_w, norm_b, kslots, H, W, n_tw, n_th * n_tw, n_cblk, total, eps,
         E=E, MODE=mode, GATHER=perm is not None, HAS_PB=pb is not None, HAS_DB=db is not None, NORM=norm_mode, K=K,
         TH=TH, TW=TW, BC=BC, BK=BK, BHC=BHC, BP=BP, HSTRIDE=hs, IEEE=_ieee(src.dtype), num_warps=PWDW_WARPS)
 
@@ -548,11 +548,11 @@ def launch_gemm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: 
     BC, BK, BP = 32, (16 if torch.float64 in (x.dtype, w.dtype, y.dtype) else 32), 128
     n_pt = triton.cdiv(HW, BP)
     grid = (N * n_pt, triton.cdiv(max_cout, BC))
-    nw, nb, eps, norm_mode = _norm_args(norm, w)
-    _gemm_kernel[grid](x, w, b if b is not None else w, y, residual if residual is not None else y, nw, nb, offsets,
-                       meta, perm if perm is not None else offsets, kslots, HW, n_pt, eps, E=E, GATHER=perm is not None,
-                       HAS_B=b is not None, ACC=accumulate or residual is not None, NORM=norm_mode, BC=BC, BK=BK,
-                       BP=BP, IEEE=ieee, F64=y.dtype == torch.float64, num_warps=4)
+    norm_w, norm_b, eps, norm_mode = _norm_args(norm, w)
+    _gemm_kernel[grid](x, w, b if b is not None else w, y, residual if residual is not None else y, norm_w, norm_b,
+                       offsets, meta, perm if perm is not None else offsets, kslots, HW, n_pt, eps, E=E,
+                       GATHER=perm is not None, HAS_B=b is not None, ACC=accumulate or residual is not None,
+                       NORM=norm_mode, BC=BC, BK=BK, BP=BP, IEEE=ieee, F64=y.dtype == torch.float64, num_warps=4)
 
 
 def launch_wgrad(g: torch.Tensor, x: torch.Tensor, o: torch.Tensor, bo: Optional[torch.Tensor],
