@@ -7,7 +7,7 @@ same constexprs, num_warps, num_stages) and *not run*. For each compiled kernel 
 spill/local bytes, shared memory and static SASS instruction counts (tensor-core ops, global load
 widths, local-memory traffic, barriers), read from the cubin with Triton's own cuobjdump/nvdisasm.
 
-Usage:  python benchmarks/static_report.py [--json FILE] [--family window_attention|expert_conv|experts|routing]
+Usage:  python benchmarks/static_report.py [--json FILE] [--family window_attention|expert_conv|norm_conv|model]
 Outputs from the kernels are meaningless (nothing runs); only the compilation is real.
 """
 from __future__ import annotations
@@ -160,6 +160,27 @@ def expert_conv_cases(dtype: torch.dtype) -> List[Callable[[], Any]]:
     return cases
 
 
+def norm_conv_cases(dtype: torch.dtype) -> List[Callable[[], Any]]:
+    """The LayerNorm-folded trunk ops at MoCE-IR's first level (C = 48): MDTA's qkv (WithBias), GDFN's
+    gated input (BiasFree, to compile both folds), the decoder's two projections, a projection + residual."""
+    from moce_kernels import ops
+    C, H, W = 48, 128, 128
+
+    def run(fn, *shapes) -> None:
+        x = _rand(8, C, H, W, dtype=dtype).requires_grad_()
+        ts = [(_rand(*s, dtype=dtype) * 0.1).requires_grad_() if s else None for s in shapes]
+        out = fn(x, *ts)
+        out = torch.stack(out) if isinstance(out, tuple) else out
+        out.backward(torch.randn_like(out))
+
+    return [lambda: run(ops.layer_norm_pointwise_depthwise_conv, (C,), (C,), (3 * C, C, 1, 1), (3 * C, 1, 3, 3)),
+            lambda: run(ops.layer_norm_pointwise_depthwise_conv_gated, (C,), None, (4 * C, C, 1, 1),
+                        (4 * C, 1, 3, 3), (4 * C,), (4 * C,)),
+            lambda: run(lambda x, w, b, pw, pb: ops.layer_norm_pointwise_conv(x, w, b, pw, pb, chunks=2),
+                        (C,), (C,), (2 * C, C, 1, 1), (2 * C,)),
+            lambda: run(ops.pointwise_conv, (C, C, 1, 1), (C,), (8, C, H, W))]
+
+
 def model_cases(dtype: torch.dtype) -> List[Callable[[], Any]]:
     from moce_kernels import MoCEIR
 
@@ -173,7 +194,8 @@ def model_cases(dtype: torch.dtype) -> List[Callable[[], Any]]:
     return [fwd_bwd]
 
 
-FAMILIES = {"window_attention": window_attention_cases, "expert_conv": expert_conv_cases, "model": model_cases}
+FAMILIES = {"window_attention": window_attention_cases, "expert_conv": expert_conv_cases, "norm_conv": norm_conv_cases,
+            "model": model_cases}
 
 
 def main(argv: List[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import torch
 
 import moce_kernels
 from moce_kernels import ops
-from moce_kernels.testing import assert_within_rule, poison_outputs
+from moce_kernels.testing import check_against_reference, poison_outputs
 
 BACKENDS = moce_kernels.available_backends()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,20 +62,9 @@ def _check(backend: str, case, dtype, gated: bool, backward: bool, device=DEV):
     B, _, co, H, W = case[:5]
     grad = (torch.randn(B, co // 2 if gated else co, H, W, dtype=torch.float64, device=device)
             if backward else None)
-    ref64, g64 = _run("reference", gated, args64, grad)
-    refd, gd = _run("reference", gated, args, None if grad is None else grad.to(dtype))
-    out, go = _run(backend, gated, args, None if grad is None else grad.to(dtype))
-    assert out.dtype == dtype
-    # atol relative to the output's magnitude, as for the gradients below: a low-precision output is
-    # rounded once more than the float64 reference, which costs up to one ulp of its largest values
-    assert_within_rule(out, ref64, refd, ATOL[dtype] * max(1.0, ref64.abs().max().item()),
-                       name=f"{backend} forward")
     names = ["grad_x", "grad_pw_weight", "grad_dw_weight", "grad_pw_bias", "grad_dw_bias"]
-    for n, a, b, c in zip(names, go, g64, gd):
-        if b is None:
-            continue
-        tol = ATOL[dtype] * (10 if dtype in (torch.bfloat16, torch.float16) else 1) * max(1.0, b.abs().max().item())
-        assert_within_rule(a, b, c, tol, name=f"{backend} {n}")
+    check_against_reference(lambda b, a, g: _run(b, gated, a, g), backend, args, args64, grad, dtype, names,
+                            ATOL[dtype], ATOL[dtype] * (10 if dtype in (torch.bfloat16, torch.float16) else 1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

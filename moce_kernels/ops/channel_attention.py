@@ -20,12 +20,11 @@ kernels without a copy. Other layouts are copied to contiguous first.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
-from ._common import FLOAT_DTYPES, call_impl, check_same, check_tensor
+from ._common import FLOAT_DTYPES, call_impl, check_positive, check_same, check_tensor
 
 OP = "channel_attention"
 DEFAULT_EPS = 1e-12  # F.normalize's default, as in the model
@@ -127,8 +126,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature:
     tensors = (q, k, v, temperature, proj_weight, proj_bias, residual)
     check_same(names, tensors, "device")
     check_same(names, tensors, "dtype")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_positive("eps", eps)
     if q.numel() == 0 or c_out == 0:
         raise ValueError(f"q is empty (shape {tuple(q.shape)}) or C_out = 0; B, C, H, W, C_out must all be >= 1")
 

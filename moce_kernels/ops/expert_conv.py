@@ -7,11 +7,11 @@ The gated variant splits that result into halves a, b along channels and returns
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, Optional
 
 import torch
 
-from ._common import FLOAT_DTYPES, call_impl, check_same, check_tensor
+from ._common import FLOAT_DTYPES, check_conv1x1, check_same, check_tensor, define_op
 
 OP = "pointwise_depthwise_conv"
 KERNEL_SIZES = (3, 5, 7)
@@ -21,71 +21,43 @@ def _out_channels(pw_weight: torch.Tensor, gated: bool) -> int:
     return pw_weight.shape[0] // 2 if gated else pw_weight.shape[0]
 
 
-def _define(gated: bool):
-    name = OP + ("_gated" if gated else "")
-
-    @torch.library.custom_op(f"moce::{name}", mutates_args=())
-    def fwd(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor,
-            pw_bias: Optional[torch.Tensor], dw_bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return call_impl(name, x.device, x, pw_weight, dw_weight, pw_bias, dw_bias)
-
-    @fwd.register_fake
-    def _(x, pw_weight, dw_weight, pw_bias, dw_bias):
-        B, _, H, W = x.shape
-        return x.new_empty(B, _out_channels(pw_weight, gated), H, W)
-
-    @torch.library.custom_op(f"moce::{name}_backward", mutates_args=())
-    def bwd(grad: torch.Tensor, x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor,
-            pw_bias: Optional[torch.Tensor], dw_bias: Optional[torch.Tensor]) -> List[torch.Tensor]:
-        return list(call_impl(name + "_backward", x.device, grad, x, pw_weight, dw_weight, pw_bias, dw_bias))
-
-    @bwd.register_fake
-    def _(grad, x, pw_weight, dw_weight, pw_bias, dw_bias):
-        out = [torch.empty_like(x), torch.empty_like(pw_weight), torch.empty_like(dw_weight)]
-        out += [torch.empty_like(b) for b in (pw_bias, dw_bias) if b is not None]
-        return out
-
-    def setup(ctx, inputs, output):
-        x, pw_weight, dw_weight, pw_bias, dw_bias = inputs
-        ctx.has_bias = (pw_bias is not None, dw_bias is not None)
-        ctx.save_for_backward(x, pw_weight, dw_weight, pw_bias, dw_bias)
-
-    def backward(ctx, grad):
-        x, pw_weight, dw_weight, pw_bias, dw_bias = ctx.saved_tensors
-        grads = list(bwd(grad.contiguous(), x, pw_weight, dw_weight, pw_bias, dw_bias))
-        gx, gpw, gdw = grads[:3]
-        rest = iter(grads[3:])
-        gpb = next(rest) if ctx.has_bias[0] else None
-        gdb = next(rest) if ctx.has_bias[1] else None
-        return gx, gpw, gdw, gpb, gdb
-
-    fwd.register_autograd(backward, setup_context=setup)
-    return fwd
+_CONV_PARAMS = [("Tensor", "pw_weight"), ("Tensor", "dw_weight"), ("Tensor?", "pw_bias"), ("Tensor?", "dw_bias")]
+_NORM_PARAMS = [("Tensor", "norm_weight"), ("Tensor?", "norm_bias")]
 
 
-_pw_dw = _define(gated=False)
-_pw_dw_gated = _define(gated=True)
+def define_pointwise_depthwise_op(gated: bool, norm: bool = False) -> Callable:
+    """The custom op ``moce::[layer_norm_]pointwise_depthwise_conv[_gated]``, its backward op and autograd
+    formula. Inputs ``(x, pw_weight, dw_weight, pw_bias, dw_bias)``; with ``norm`` (a LayerNorm over x's
+    channels first, see :mod:`.norm_conv`) ``(x, norm_weight, norm_bias, pw_weight, dw_weight, pw_bias,
+    dw_bias, eps)``. Output (B, C_out, H, W), or (B, C_out/2, H, W) when ``gated``."""
+    name = ("layer_norm_" if norm else "") + OP + ("_gated" if gated else "")
+    params = [("Tensor", "x")] + (_NORM_PARAMS if norm else []) + _CONV_PARAMS + ([("float", "eps")] if norm else [])
+    pw_index = 3 if norm else 1
+
+    def out_shape(*args):
+        B, _, H, W = args[0].shape
+        return (B, _out_channels(args[pw_index], gated), H, W)
+
+    return define_op(name, params, out_shape)
+
+
+_pw_dw = define_pointwise_depthwise_op(gated=False)
+_pw_dw_gated = define_pointwise_depthwise_op(gated=True)
 
 
 def check_inputs(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor,
                  pw_bias: Optional[torch.Tensor], dw_bias: Optional[torch.Tensor], gated: bool) -> None:
     """Raise a clear error for any input the op does not accept."""
-    check_tensor("x", x, 4, FLOAT_DTYPES)
-    check_tensor("pw_weight", pw_weight, 4, FLOAT_DTYPES)
+    c_out = check_conv1x1(x, pw_weight, pw_bias, ("pw_weight", "pw_bias"))
     check_tensor("dw_weight", dw_weight, 4, FLOAT_DTYPES)
-    c_out, c_in = pw_weight.shape[0], x.shape[1]
-    if tuple(pw_weight.shape[1:]) != (c_in, 1, 1):
-        raise ValueError(f"pw_weight must have shape (C_out, {c_in}, 1, 1) for x with {c_in} channels, "
-                         f"got {tuple(pw_weight.shape)}")
     ks = dw_weight.shape[-1]
     if ks not in KERNEL_SIZES or tuple(dw_weight.shape) != (c_out, 1, ks, ks):
         raise ValueError(f"dw_weight must have shape ({c_out}, 1, k, k) with k in {KERNEL_SIZES}, "
                          f"got {tuple(dw_weight.shape)}")
-    for n, b in (("pw_bias", pw_bias), ("dw_bias", dw_bias)):
-        if b is not None:
-            check_tensor(n, b, 1, FLOAT_DTYPES)
-            if b.shape[0] != c_out:
-                raise ValueError(f"{n} must have {c_out} entries, got {b.shape[0]}")
+    if dw_bias is not None:
+        check_tensor("dw_bias", dw_bias, 1, FLOAT_DTYPES)
+        if dw_bias.shape[0] != c_out:
+            raise ValueError(f"dw_bias must have {c_out} entries, got {dw_bias.shape[0]}")
     if gated and c_out % 2:
         raise ValueError(f"the gated variant needs an even C_out, got {c_out}")
     names = ("x", "pw_weight", "dw_weight", "pw_bias", "dw_bias")

@@ -1,3 +1,2 @@
 """Pure-PyTorch implementations of every op: the oracle, and the CPU path."""
-from . import expert_conv, routing, window_attention  # noqa: F401  (registers the implementations)
-from . import channel_attention  # noqa: F401
+from . import channel_attention, expert_conv, norm_conv, routing, window_attention  # noqa: F401  (registers them)

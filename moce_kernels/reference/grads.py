@@ -49,14 +49,20 @@ def silu_grad(a: Tensor) -> Tensor:
     return s * (1.0 + a * (1.0 - s))
 
 
-def channel_layer_norm_grads(g: Tensor, x: Tensor, w: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """For ``y = LN_C(x) * w + b`` (biased variance over dim 1): (grad_x, grad_w, grad_b)."""
+def channel_layer_norm_grads(g: Tensor, x: Tensor, w: Tensor, eps: float,
+                             centred: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """For ``y = LN_C(x) * w + b`` (biased variance over dim 1): (grad_x, grad_w, grad_b).
+
+    ``centred=False`` is the BiasFree form ``y = x * rstd * w`` (x not centred, the variance still
+    around the mean; grad_b is then the gradient a bias would have had)."""
     mu = x.mean(1, keepdim=True)
     rstd = torch.rsqrt(x.var(1, keepdim=True, unbiased=False) + eps)
     xhat = (x - mu) * rstd
+    z = xhat if centred else x * rstd  # what w multiplies
     gxhat = g * w[:, None, None]
-    gx = rstd * (gxhat - gxhat.mean(1, keepdim=True) - xhat * (gxhat * xhat).mean(1, keepdim=True))
-    return gx, (g * xhat).sum((0, 2, 3)), g.sum((0, 2, 3))
+    gx = gxhat - gxhat.mean(1, keepdim=True) if centred else gxhat
+    gx = gx - xhat * (gxhat * z).mean(1, keepdim=True)
+    return rstd * gx, (g * z).sum((0, 2, 3)), g.sum((0, 2, 3))
 
 
 def cv_squared_grad(v: Tensor) -> Tensor:

@@ -12,9 +12,11 @@ Kernels:
                    a small per-program scratch slot (persistent grid: the slots stay in L1/L2)
   _pwdw_bwd_kernel backward core: recompute the 1x1 halo, grad wrt the 1x1 output (gy),
                    grad of the depthwise weight and bias (atomics)
-  _gemm_kernel     grouped 1x1: Y = W_e @ X (+ bias) (+ Y), optional row gather
+  _gemm_kernel     grouped 1x1: Y = W_e @ X (+ bias) (+ Y or a residual R), optional row gather
   _wgrad_kernel    grouped weight grad: dW_e += sum_{rows of e, pixels} G X^T (+ bias grad), atomics
   _final_fwd / _final_bwd / _gather_sum_kernel: the expert-stage epilogue, see experts.py
+The 1x1 stages of _pwdw_kernel (_halo_pw) and of _gemm_kernel can apply a LayerNorm over the source's
+channels first (constexpr NORM, folded into the product by _ln_fold_step; used by norm_conv.py).
 """
 from __future__ import annotations
 
@@ -102,11 +104,57 @@ def _gelu_grad(a):
 
 
 @triton.jit
-def _halo_pw(src_ptr, w_ptr, pb_ptr, slot_ptr, src_off, cin, w_off, pb_off, ch, cmask, ty0, tx0, H, W,
-             HAS_PB: tl.constexpr, K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
-             BK: tl.constexpr, BHC: tl.constexpr, HSTRIDE: tl.constexpr, IEEE: tl.constexpr):
+def _ln_fold_init(src_ptr, pix, pmask, acc):
+    """The fold's state for the pixels ``pix`` of one source row (src_ptr at its channel 0) and an
+    accumulator tile acc [BC, BP]: the shift (the pixels' channel-0 values) and zero sums s1, s2 [BP],
+    u, v [BC] (see _ln_fold_step), in acc's dtype."""
+    shift = tl.load(src_ptr + pix, mask=pmask, other=0.0).to(acc.dtype)
+    s1 = tl.zeros([acc.shape[1]], dtype=acc.dtype)
+    u = tl.zeros([acc.shape[0]], dtype=acc.dtype)
+    return shift, s1, s1, u, u
+
+
+@triton.jit
+def _ln_fold_step(xt, wt, xmask, shift, nw_ptr, nb_ptr, ks, km, s1, s2, u, v, NORM: tl.constexpr):
+    """One K step of ``pw(LN(x))`` with the LayerNorm folded into the 1x1 (NORM 1: WithBias, 2: BiasFree).
+    Takes the x tile [BK, BP] and the weight tile [BC, BK]; returns the product's operands
+    ``W diag(gamma)`` (in the weight's dtype) and ``x - shift`` (the pixel's channel-0 value subtracted,
+    so that the sums below do not cancel when |mean| >> std), and the running sums: s1, s2 [BP] of
+    ``x - shift`` and its square; u [BC] of ``W diag(gamma)`` (as rounded for the product); v [BC] of
+    ``W beta``. All sums in s1's dtype (fp32, or fp64)."""
+    xs = tl.where(xmask, xt.to(s1.dtype) - shift[None, :], 0.0)
+    s1 += tl.sum(xs, axis=0)
+    s2 += tl.sum(xs * xs, axis=0)
+    wf = wt.to(s1.dtype)
+    wg = (wf * tl.load(nw_ptr + ks, mask=km, other=0.0).to(s1.dtype)[None, :]).to(wt.dtype)
+    u += tl.sum(wg.to(s1.dtype), axis=1)
+    if NORM == 1:
+        v += tl.sum(wf * tl.load(nb_ptr + ks, mask=km, other=0.0).to(s1.dtype)[None, :], axis=1)
+    return wg, xs, s1, s2, u, v
+
+
+@triton.jit
+def _ln_fold_finish(acc, s1, s2, u, v, shift, cin, eps, NORM: tl.constexpr):
+    """acc = sum_k W[c, k] gamma[k] (x[k] - shift) [BC, BP] -> ``pw(LN(x))`` without the conv's bias:
+    WithBias ``rstd (acc - m u) + v``, BiasFree ``rstd (acc + shift u)``, where m = mean(x) - shift,
+    var = mean((x - shift)^2) - m^2 (the shifted sums of _ln_fold_step), rstd = 1 / sqrt(var + eps)."""
+    m = s1 / cin
+    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / cin - m * m, 0.0) + eps)
+    if NORM == 1:
+        return rstd[None, :] * (acc - u[:, None] * m[None, :]) + v[:, None]
+    else:
+        return rstd[None, :] * (acc + u[:, None] * shift[None, :])
+
+
+@triton.jit
+def _halo_pw(src_ptr, w_ptr, pb_ptr, nw_ptr, nb_ptr, slot_ptr, src_off, cin, w_off, pb_off, ch, cmask, ty0, tx0,
+             H, W, eps, HAS_PB: tl.constexpr, NORM: tl.constexpr, K: tl.constexpr, TH: tl.constexpr,
+             TW: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BHC: tl.constexpr, HSTRIDE: tl.constexpr,
+             IEEE: tl.constexpr):
     """1x1 conv (rows ``ch`` of the packed weight) over the tile + halo; zero outside the image
-    (the depthwise conv pads the 1x1 *output* with zeros); stored to slot[BC, HSTRIDE]."""
+    (the depthwise conv pads the 1x1 *output* with zeros); stored to slot[BC, HSTRIDE]. NORM > 0: of
+    the LayerNorm of src over its cin channels (weight nw, bias nb; 1 WithBias, 2 BiasFree), folded
+    into the product (_ln_fold_step)."""
     P: tl.constexpr = K // 2
     HWD: tl.constexpr = TW + K - 1
     HALO: tl.constexpr = (TH + K - 1) * HWD
@@ -119,6 +167,8 @@ def _halo_pw(src_ptr, w_ptr, pb_ptr, slot_ptr, src_off, cin, w_off, pb_off, ch, 
         pv = (j < HALO) & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
         pix = iy * W + ix
         acc = tl.zeros([BC, BHC], dtype=slot_ptr.dtype.element_ty)
+        if NORM > 0:
+            shift, s1, s2, u, v = _ln_fold_init(src_ptr + src_off, pix, pv, acc)
         for k0 in range(0, cin, BK):
             ks = k0 + tl.arange(0, BK)
             km = ks < cin
@@ -126,7 +176,12 @@ def _halo_pw(src_ptr, w_ptr, pb_ptr, slot_ptr, src_off, cin, w_off, pb_off, ch, 
                          mask=km[:, None] & pv[None, :], other=0.0)
             wt = tl.load(w_ptr + w_off + ch[:, None] * cin + ks[None, :], mask=cmask[:, None] & km[None, :],
                          other=0.0)
+            if NORM > 0:
+                wt, xt, s1, s2, u, v = _ln_fold_step(xt, wt, km[:, None] & pv[None, :], shift, nw_ptr, nb_ptr, ks, km,
+                                                     s1, s2, u, v, NORM)
             acc += _mm(wt, xt.to(wt.dtype), IEEE)
+        if NORM > 0:
+            acc = _ln_fold_finish(acc, s1, s2, u, v, shift, cin, eps, NORM)
         if HAS_PB:
             acc += tl.load(pb_ptr + pb_off + ch, mask=cmask, other=0.0).to(acc.dtype)[:, None]
         acc = tl.where(pv[None, :], acc, 0.0)
@@ -151,13 +206,14 @@ def _dw_from_slot(slot_ptr, dw_ptr, dw_off, ch, cmask, oy, ox, valid, K: tl.cons
 # ----------------------------------------------------------------------------- fused pw -> dw
 @triton.jit
 def _pwdw_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, db_ptr, out_ptr, g_ptr, gofull_ptr, scratch_ptr, offsets_ptr,
-                 meta_ptr, perm_ptr, kslots, H, W, n_tw, n_tiles, n_cblk, total,
+                 meta_ptr, perm_ptr, nw_ptr, nb_ptr, kslots, H, W, n_tw, n_tiles, n_cblk, total, eps,
                  E: tl.constexpr, MODE: tl.constexpr, GATHER: tl.constexpr, HAS_PB: tl.constexpr,
-                 HAS_DB: tl.constexpr, K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
-                 BK: tl.constexpr, BHC: tl.constexpr, BP: tl.constexpr, HSTRIDE: tl.constexpr,
+                 HAS_DB: tl.constexpr, NORM: tl.constexpr, K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                 BC: tl.constexpr, BK: tl.constexpr, BHC: tl.constexpr, BP: tl.constexpr, HSTRIDE: tl.constexpr,
                  IEEE: tl.constexpr):
     """MODE 0: out = dw(pw(src)) (+biases); MODE 1: out = gelu(a) * b (a, b the channel halves);
-    MODE 2 (gated backward epilogue): gofull = d(gelu(a)*b)/d(a, b) * g, full C_out channels."""
+    MODE 2 (gated backward epilogue): gofull = d(gelu(a)*b)/d(a, b) * g, full C_out channels.
+    NORM > 0: pw of the LayerNorm of src (see _halo_pw)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     NB: tl.constexpr = 2 if MODE > 0 else 1
@@ -187,11 +243,11 @@ def _pwdw_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, db_ptr, out_ptr, g_ptr, gofull_
             tx0 = (tile % n_tw) * TW
             ch = cb * BC + tl.arange(0, BC)
             cmask = ch < nch
-            _halo_pw(src_ptr, w_ptr, pb_ptr, slot, src_off, cin, w_off, pb_off, ch, cmask, ty0, tx0, H, W,
-                     HAS_PB, K, TH, TW, BC, BK, BHC, HSTRIDE, IEEE)
+            _halo_pw(src_ptr, w_ptr, pb_ptr, nw_ptr, nb_ptr, slot, src_off, cin, w_off, pb_off, ch, cmask, ty0, tx0,
+                     H, W, eps, HAS_PB, NORM, K, TH, TW, BC, BK, BHC, HSTRIDE, IEEE)
             if MODE > 0:
-                _halo_pw(src_ptr, w_ptr, pb_ptr, slot + BC * HSTRIDE, src_off, cin, w_off, pb_off, ch + nch,
-                         cmask, ty0, tx0, H, W, HAS_PB, K, TH, TW, BC, BK, BHC, HSTRIDE, IEEE)
+                _halo_pw(src_ptr, w_ptr, pb_ptr, nw_ptr, nb_ptr, slot + BC * HSTRIDE, src_off, cin, w_off, pb_off,
+                         ch + nch, cmask, ty0, tx0, H, W, eps, HAS_PB, NORM, K, TH, TW, BC, BK, BHC, HSTRIDE, IEEE)
             tl.debug_barrier()
             py = ty0 + oy
             px = tx0 + ox
@@ -260,8 +316,8 @@ def _pwdw_bwd_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, go_ptr, gy_ptr, gdw_ptr, gd
             tx0 = (tile % n_tw) * TW
             ch = cb * BC + rc
             cmask = ch < cout
-            _halo_pw(src_ptr, w_ptr, pb_ptr, slot, src_off, cin, tl.load(mrow + 2), tl.load(mrow + 4), ch, cmask,
-                     ty0, tx0, H, W, HAS_PB, K, TH, TW, BC, BK, BHC, HSTRIDE, IEEE)
+            _halo_pw(src_ptr, w_ptr, pb_ptr, w_ptr, w_ptr, slot, src_off, cin, tl.load(mrow + 2), tl.load(mrow + 4),
+                     ch, cmask, ty0, tx0, H, W, 0.0, HAS_PB, 0, K, TH, TW, BC, BK, BHC, HSTRIDE, IEEE)
             tl.debug_barrier()
             py = ty0 + oy
             px = tx0 + ox
@@ -295,10 +351,13 @@ def _pwdw_bwd_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, go_ptr, gy_ptr, gdw_ptr, gd
 
 # ----------------------------------------------------------------------------- grouped 1x1 / weight grad
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, offsets_ptr, meta_ptr, perm_ptr, kslots, HW, n_pt,
-                 E: tl.constexpr, GATHER: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr,
-                 BK: tl.constexpr, BP: tl.constexpr, IEEE: tl.constexpr, F64: tl.constexpr):
-    """Y[n, c, p] (+)= sum_ci W_e[c, ci] X[srow, ci, p] (+ b_e[c]); srow = perm[n] // kslots if GATHER."""
+def _gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, offsets_ptr, meta_ptr, perm_ptr, kslots, HW,
+                 n_pt, eps, E: tl.constexpr, GATHER: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+                 NORM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, IEEE: tl.constexpr,
+                 F64: tl.constexpr):
+    """Y[n, c, p] = sum_ci W_e[c, ci] X[srow, ci, p] (+ b_e[c]) (+ R[n, c, p] if ACC; R laid out as Y,
+    r_ptr = y_ptr to accumulate into Y); srow = perm[n] // kslots if GATHER. NORM > 0: of the
+    LayerNorm of X over its cin channels (weight nw, bias nb; 1 WithBias, 2 BiasFree; _ln_fold_step)."""
     pid0 = tl.program_id(0)
     cb = tl.program_id(1)
     n = pid0 // n_pt
@@ -320,6 +379,8 @@ def _gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, offsets_ptr, meta_ptr, perm_ptr, ks
             acc = tl.zeros([BC, BP], dtype=tl.float64)
         else:
             acc = tl.zeros([BC, BP], dtype=tl.float32)
+        if NORM > 0:
+            shift, s1, s2, u, v = _ln_fold_init(x_ptr + x_off, p, pm, acc)
         for k0 in range(0, cin, BK):
             ks = k0 + tl.arange(0, BK)
             km = ks < cin
@@ -327,18 +388,23 @@ def _gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, offsets_ptr, meta_ptr, perm_ptr, ks
                          other=0.0)
             wt = tl.load(w_ptr + w_off + ch[:, None] * w_so + ks[None, :] * w_si, mask=cm[:, None] & km[None, :],
                          other=0.0)
+            if NORM > 0:
+                wt, xt, s1, s2, u, v = _ln_fold_step(xt, wt, km[:, None] & pm[None, :], shift, nw_ptr, nb_ptr, ks, km,
+                                                     s1, s2, u, v, NORM)
             if IEEE:
                 acc += _mm(wt.to(acc.dtype), xt.to(acc.dtype), True)
             else:
                 acc += _mm(wt, xt.to(wt.dtype), False)
+        if NORM > 0:
+            acc = _ln_fold_finish(acc, s1, s2, u, v, shift, cin, eps, NORM)
         if HAS_B:
             acc += tl.load(b_ptr + tl.load(mrow + 5) + ch, mask=cm, other=0.0).to(acc.dtype)[:, None]
         y_off = tl.load(mrow + 8) + n * tl.load(mrow + 9) + ch.to(tl.int64) * HW
-        yptrs = y_ptr + y_off[:, None] + p[None, :]
+        offs = y_off[:, None] + p[None, :]
         m2 = cm[:, None] & pm[None, :]
         if ACC:
-            acc += tl.load(yptrs, mask=m2, other=0.0).to(acc.dtype)
-        tl.store(yptrs, acc.to(y_ptr.dtype.element_ty), mask=m2)
+            acc += tl.load(r_ptr + offs, mask=m2, other=0.0).to(acc.dtype)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -411,13 +477,25 @@ def _hstride(K: int, TH: int, TW: int, BHC: int) -> int:
     return triton.cdiv(halo, BHC) * BHC
 
 
+# A LayerNorm over the source's channels before the 1x1: (weight, bias or None for BiasFree, eps).
+Norm = Optional[Tuple[torch.Tensor, Optional[torch.Tensor], float]]
+
+
+def _norm_args(norm: Norm, dummy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, float, int]:
+    """(norm weight, norm bias, eps, NORM) kernel arguments: NORM 0 none, 1 WithBias, 2 BiasFree."""
+    if norm is None:
+        return dummy, dummy, 0.0, 0
+    nw, nb, eps = norm
+    return nw, (nb if nb is not None else nw), float(eps), (1 if nb is not None else 2)
+
+
 def launch_pwdw(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Optional[torch.Tensor],
                 db: Optional[torch.Tensor], out: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor,
                 N: int, H: int, W: int, K: int, max_nch: int, mode: int = 0,
                 perm: Optional[torch.Tensor] = None, kslots: int = 1,
-                g: Optional[torch.Tensor] = None, gofull: Optional[torch.Tensor] = None) -> None:
+                g: Optional[torch.Tensor] = None, gofull: Optional[torch.Tensor] = None, norm: Norm = None) -> None:
     """Grouped fused pw->dw over N rows; ``max_nch``: largest number of output channels per launch
-    (C_out, or C_out/2 for the gated modes) over the experts."""
+    (C_out, or C_out/2 for the gated modes) over the experts; ``norm``: of the LayerNorm of src."""
     E = meta.shape[0]
     TH, TW, BC, BK, BHC, BP = _tile_config(K, src.dtype)
     hs = _hstride(K, TH, TW, BHC)
@@ -428,12 +506,13 @@ def launch_pwdw(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Option
     nb = 2 if mode > 0 else 1
     scratch = torch.empty(nprog * nb * BC * hs, dtype=_acc_dtype(src.dtype), device=src.device)
     dummy = w
+    norm_w, norm_b, eps, norm_mode = _norm_args(norm, dummy)
     _pwdw_kernel[(nprog,)](
         src, w, dw, pb if pb is not None else dummy, db if db is not None else dummy, out,
         g if g is not None else out, gofull if gofull is not None else scratch, scratch, offsets, meta,
-        perm if perm is not None else offsets, kslots, H, W, n_tw, n_th * n_tw, n_cblk, total,
-        E=E, MODE=mode, GATHER=perm is not None, HAS_PB=pb is not None, HAS_DB=db is not None, K=K, TH=TH, TW=TW,
-        BC=BC, BK=BK, BHC=BHC, BP=BP, HSTRIDE=hs, IEEE=_ieee(src.dtype), num_warps=PWDW_WARPS)
+        perm if perm is not None else offsets, norm_w, norm_b, kslots, H, W, n_tw, n_th * n_tw, n_cblk, total, eps,
+        E=E, MODE=mode, GATHER=perm is not None, HAS_PB=pb is not None, HAS_DB=db is not None, NORM=norm_mode, K=K,
+        TH=TH, TW=TW, BC=BC, BK=BK, BHC=BHC, BP=BP, HSTRIDE=hs, IEEE=_ieee(src.dtype), num_warps=PWDW_WARPS)
 
 
 def launch_pwdw_bwd(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Optional[torch.Tensor],
@@ -458,16 +537,22 @@ def launch_pwdw_bwd(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Op
 
 def launch_gemm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor,
                 offsets: torch.Tensor, meta: torch.Tensor, N: int, HW: int, max_cout: int,
-                perm: Optional[torch.Tensor] = None, kslots: int = 1, accumulate: bool = False) -> None:
-    """Grouped 1x1 (see _gemm_kernel)."""
+                perm: Optional[torch.Tensor] = None, kslots: int = 1, accumulate: bool = False,
+                residual: Optional[torch.Tensor] = None, norm: Norm = None) -> None:
+    """Grouped 1x1 (see _gemm_kernel): ``accumulate`` adds into y, ``residual`` (laid out as y) adds it
+    instead; ``norm``: of the LayerNorm of x."""
+    if accumulate and residual is not None:
+        raise ValueError("launch_gemm: accumulate into y or add a residual, not both")
     E = meta.shape[0]
     ieee = _ieee(x.dtype) or _ieee(w.dtype)  # 16-bit operands: tensor cores, also into an fp32 output
     BC, BK, BP = 32, (16 if torch.float64 in (x.dtype, w.dtype, y.dtype) else 32), 128
     n_pt = triton.cdiv(HW, BP)
     grid = (N * n_pt, triton.cdiv(max_cout, BC))
-    _gemm_kernel[grid](x, w, b if b is not None else w, y, offsets, meta, perm if perm is not None else offsets,
-                       kslots, HW, n_pt, E=E, GATHER=perm is not None, HAS_B=b is not None, ACC=accumulate, BC=BC,
-                       BK=BK, BP=BP, IEEE=ieee, F64=y.dtype == torch.float64, num_warps=4)
+    norm_w, norm_b, eps, norm_mode = _norm_args(norm, w)
+    _gemm_kernel[grid](x, w, b if b is not None else w, y, residual if residual is not None else y, norm_w, norm_b,
+                       offsets, meta, perm if perm is not None else offsets, kslots, HW, n_pt, eps, E=E,
+                       GATHER=perm is not None, HAS_B=b is not None, ACC=accumulate or residual is not None,
+                       NORM=norm_mode, BC=BC, BK=BK, BP=BP, IEEE=ieee, F64=y.dtype == torch.float64, num_warps=4)
 
 
 def launch_wgrad(g: torch.Tensor, x: torch.Tensor, o: torch.Tensor, bo: Optional[torch.Tensor],
