@@ -81,7 +81,13 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _key(t: torch.Tensor) -> int:
+    """The storage a tensor lives in (views share their base's): who wrote it."""
     return t.untyped_storage().data_ptr()
+
+
+def _view_key(t: torch.Tensor) -> Tuple[int, int, Tuple[int, ...], Tuple[int, ...]]:
+    """Which elements of that storage a tensor is: three channel chunks of one qkv tensor are three inputs."""
+    return _key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride())
 
 
 @dataclass
@@ -127,7 +133,7 @@ class _Recorder(TorchDispatchMode):
         self.modules = modules  # stack of (class name, id) of the modules being run
         self.result = Census()
         self.producer: Dict[int, Tuple[str, int]] = {}  # storage -> call site that wrote it
-        self.seen_in: Set[Tuple[Tuple[str, int], int]] = set()  # (site, storage) already counted as an input
+        self.seen_in: Set[Tuple[Tuple[str, int], Tuple]] = set()  # (site, view) already counted as an input
         self.left: Set[Tuple[Tuple[str, int], int]] = set()  # (producing site, storage) counted as an output
         self.sizes: Dict[int, int] = {}
 
@@ -159,8 +165,8 @@ class _Recorder(TorchDispatchMode):
         src = self.producer.get(key)
         if src == site:
             return
-        if (site, key) not in self.seen_in:  # enters this call site from outside
-            self.seen_in.add((site, key))
+        if (site, _view_key(t)) not in self.seen_in:  # enters this call site from outside
+            self.seen_in.add((site, _view_key(t)))
             self.result.families[site[0]].floor += _nbytes(t)
         if src is not None and (src, key) not in self.left:  # leaves the site that wrote it
             self.left.add((src, key))

@@ -18,7 +18,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import moce_kernels
 from moce_kernels import backends
-from moce_kernels.model.layers import transposed_attention
 from moce_kernels.ops import channel_attention
 from moce_kernels.reference.channel_attention import channel_attention as reference_formula
 from moce_kernels.testing import assert_within_rule, poison_outputs
@@ -96,9 +95,18 @@ def _inputs(case: Case) -> Inputs:
                   g(c_out, C, 1, 1) / C ** 0.5, g(c_out) if bias else None, g(B, c_out, H, W) if res else None)
 
 
+def _transposed_attention(q, k, v, heads: int, temperature) -> torch.Tensor:
+    """The authors' MDTA core (Restormer's): per head, L2-normalise q, k over H*W, softmax(q k^T * t) v."""
+    b, c, h, w = q.shape
+    q = F.normalize(q.reshape(b, heads, c // heads, h * w), dim=-1)
+    k = F.normalize(k.reshape(b, heads, c // heads, h * w), dim=-1)
+    attn = (q @ k.transpose(-2, -1)) * temperature
+    return (attn.softmax(dim=-1) @ v.reshape(b, heads, c // heads, h * w)).reshape(b, c, h, w)
+
+
 def _eager(q, k, v, temperature, weight, bias, residual) -> torch.Tensor:
-    """The model's computation today: transposed_attention, project_out, residual add."""
-    out = F.conv2d(transposed_attention(q, k, v, temperature.shape[0], temperature), weight, bias)
+    """The authors' computation: transposed attention, project_out, residual add."""
+    out = F.conv2d(_transposed_attention(q, k, v, temperature.shape[0], temperature), weight, bias)
     return out if residual is None else out + residual
 
 
@@ -207,7 +215,7 @@ def test_temperature_shapes(backend):
 
 
 def test_reference_is_the_model_formula():
-    """The reference equals the model's transposed_attention + project_out + residual, bit for bit
+    """The reference equals the authors' transposed attention + project_out + residual, bit for bit
     (float64, packed views)."""
     inp = _inputs(CASES[4])
     x = torch.cat(inp[:3], 1)

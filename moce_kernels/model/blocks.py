@@ -6,6 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .. import ops
 from ..nvtx import annotate
 from .layers import Attention, CrossAttention, FeedForward, LayerNorm
 from .moe import AdapterLayer
@@ -22,8 +23,9 @@ class EncoderBlock(nn.Module):
 
     @annotate("EncoderBlock")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.norms[0](x))
-        return x + self.ffn(self.norms[1](x))
+        """Four fused ops: LN->qkv, attention->project_out(+x), LN->GDFN in, project_out(+x)."""
+        x = self.mixer(x, self.norms[0], residual=x)
+        return self.ffn(x, self.norms[1], residual=x)
 
 
 class DecoderBlock(nn.Module):
@@ -47,11 +49,14 @@ class DecoderBlock(nn.Module):
 
     @annotate("DecoderBlock")
     def forward(self, x: torch.Tensor, freq_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        n = self.norms[0](x)
-        s = self.shared(self.proj[0](n))
-        a = self.adapter(self.proj[1](n), freq_emb, s)
-        x = self.mixer(a, s) + x
-        x = x + self.ffn(self.norms[1](x))
+        norm = self.norms[0]
+        s, a = ops.layer_norm_pointwise_conv(  # both projections of LN(x) in one pass over x
+            x, norm.weight, norm.bias, torch.cat([p.weight for p in self.proj]), torch.cat([p.bias for p in self.proj]),
+            norm.eps, chunks=2)
+        s = self.shared(s)
+        a = self.adapter(a, freq_emb, s)
+        x = self.mixer(a, s, residual=x)
+        x = self.ffn(x, self.norms[1], residual=x)
         return x, self.adapter.loss
 
 

@@ -25,7 +25,8 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, or does not fit the model."""
 
 
-_ADVICE = ("Weights only load failed", "weights_only", "trusted source", "Check the documentation", "Please file an issue", "(2) ")
+_ADVICE = ("Weights only load failed", "weights_only", "trusted source", "Check the documentation",
+           "Please file an issue", "(2) ")
 
 
 def _unpickler_reason(msg: str) -> str:

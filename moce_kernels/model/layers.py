@@ -2,9 +2,10 @@
 so the released state dicts load unchanged; the computations go through :mod:`moce_kernels.ops`."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import ops
 from ..nvtx import annotate
@@ -38,8 +39,18 @@ class LayerNorm(nn.Module):
             raise ValueError(f"LayerNorm_type must be 'WithBias' or 'BiasFree', got {layer_norm_type!r}")
         self.body = _BiasFree(dim) if layer_norm_type == "BiasFree" else _WithBias(dim)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.body.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The shift, or None for BiasFree."""
+        return getattr(self.body, "bias", None)
+
     @annotate("LayerNorm")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised tensor itself (the blocks fold the LayerNorm into the convolution after it)."""
         mu = x.mean(1, keepdim=True)
         xc = x - mu
         inv = torch.rsqrt((xc * xc).mean(1, keepdim=True) + self.eps)
@@ -57,19 +68,21 @@ def _dwconv(dim: int, k: int, bias: bool) -> nn.Conv2d:
     return nn.Conv2d(dim, dim, kernel_size=k, padding=k // 2, groups=dim, bias=bias)
 
 
-def pw_dw(x: torch.Tensor, pw: nn.Conv2d, dw: nn.Conv2d) -> torch.Tensor:
-    """``dw(pw(x))`` through the fused op."""
-    return ops.pointwise_depthwise_conv(x, pw.weight, dw.weight, pw.bias, dw.bias)
+def pw_dw(x: torch.Tensor, pw: nn.Conv2d, dw: nn.Conv2d, norm: Optional[LayerNorm] = None,
+          gated: bool = False) -> torch.Tensor:
+    """``dw(pw(norm(x)))`` (gated: ``gelu(a) * b`` of its halves) through one fused op."""
+    if norm is None:
+        op = ops.pointwise_depthwise_conv_gated if gated else ops.pointwise_depthwise_conv
+        return op(x, pw.weight, dw.weight, pw.bias, dw.bias)
+    op = ops.layer_norm_pointwise_depthwise_conv_gated if gated else ops.layer_norm_pointwise_depthwise_conv
+    return op(x, norm.weight, norm.bias, pw.weight, dw.weight, pw.bias, dw.bias, norm.eps)
 
 
-def transposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                         temperature: torch.Tensor) -> torch.Tensor:
-    """Channel ("transposed") attention: per head, L2-normalise q, k over H*W, softmax(q k^T * t) v."""
-    b, c, h, w = q.shape
-    q = F.normalize(q.reshape(b, heads, c // heads, h * w), dim=-1)
-    k = F.normalize(k.reshape(b, heads, c // heads, h * w), dim=-1)
-    attn = (q @ k.transpose(-2, -1)) * temperature
-    return (attn.softmax(dim=-1) @ v.reshape(b, heads, c // heads, h * w)).reshape(b, c, h, w)
+def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                      project_out: nn.Conv2d, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """Transposed attention (per head, softmax of the L2-normalised ``q k^T`` times the temperature, times
+    v), then ``project_out`` and ``+ residual``: one op."""
+    return ops.channel_attention(q, k, v, temperature, project_out.weight, project_out.bias, residual)
 
 
 class Attention(nn.Module):
@@ -84,9 +97,11 @@ class Attention(nn.Module):
         self.project_out = _conv1x1(dim, dim, bias)
 
     @annotate("MDTA")
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = pw_dw(x, self.qkv, self.qkv_dwconv).chunk(3, dim=1)
-        return self.project_out(transposed_attention(q, k, v, self.num_heads, self.temperature))
+    def forward(self, x: torch.Tensor, norm: Optional[LayerNorm] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``MDTA(norm(x)) + residual`` (norm and residual optional): two fused ops."""
+        q, k, v = pw_dw(x, self.qkv, self.qkv_dwconv, norm).chunk(3, dim=1)
+        return channel_attention(q, k, v, self.temperature, self.project_out, residual)
 
 
 class CrossAttention(nn.Module):
@@ -103,10 +118,11 @@ class CrossAttention(nn.Module):
         self.project_out = _conv1x1(dim, dim, bias)
 
     @annotate("CrossAttention")
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``CrossAttention(x, y) + residual``: three fused ops."""
         q = pw_dw(x, self.q, self.q_dwconv)
         k, v = pw_dw(y, self.kv, self.kv_dwconv).chunk(2, dim=1)
-        return self.project_out(transposed_attention(q, k, v, self.num_heads, self.temperature))
+        return channel_attention(q, k, v, self.temperature, self.project_out, residual)
 
 
 class FeedForward(nn.Module):
@@ -120,10 +136,11 @@ class FeedForward(nn.Module):
         self.project_out = _conv1x1(hidden, dim, bias)
 
     @annotate("GDFN")
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = ops.pointwise_depthwise_conv_gated(x, self.project_in.weight, self.dwconv.weight, self.project_in.bias,
-                                               self.dwconv.bias)
-        return self.project_out(h)
+    def forward(self, x: torch.Tensor, norm: Optional[LayerNorm] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``GDFN(norm(x)) + residual`` (norm and residual optional): two fused ops."""
+        h = pw_dw(x, self.project_in, self.dwconv, norm, gated=True)
+        return ops.pointwise_conv(h, self.project_out.weight, self.project_out.bias, residual)
 
 
 class FFTAttention(nn.Module):

@@ -8,7 +8,7 @@ and head h (c = C / heads channels, N = H * W pixels, q_h, k_h, v_h the head's (
     y = blockdiag_h(A_h) v                                          (C x N)
     out = conv1x1(y, proj_weight) + proj_bias + residual            (C_out x N)
 
-i.e. the model's ``transposed_attention`` followed by ``project_out`` (and the block's residual add).
+i.e. MDTA's transposed attention followed by ``project_out`` (and the block's residual add).
 The fast backends compute it in two passes over the activations (DESIGN.md, "Channel attention in
 two passes"): the Gram matrix and row norms of q and k in one pass, then
 ``out[b] = (W_o blockdiag(A_b)) v[b] + bias + residual[b]`` as one per-image 1x1 GEMM.
