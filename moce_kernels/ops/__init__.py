@@ -4,12 +4,13 @@ Each is a ``torch.library`` custom op (namespace ``moce``) with a schema, a fake
 implementation and an autograd formula; the backend (see :mod:`moce_kernels.backends`)
 is chosen per call inside the op.
 """
+from ..expert_stage.weights import ExpertWeights
 from .expert_conv import pointwise_depthwise_conv, pointwise_depthwise_conv_gated
+from .expert_stage import experts as moe_experts
 from .routing import combine as moe_combine
 from .routing import dispatch as moe_dispatch
-from .routing import experts as moe_experts
 from .routing import route as moe_route
 from .window_attention import window_fft_attention
 
 __all__ = ["window_fft_attention", "pointwise_depthwise_conv", "pointwise_depthwise_conv_gated", "moe_route",
-           "moe_dispatch", "moe_experts", "moe_combine"]
+           "moe_dispatch", "moe_experts", "moe_combine", "ExpertWeights"]
