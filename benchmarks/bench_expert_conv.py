@@ -38,6 +38,8 @@ import _roofline_expert_conv as roof  # noqa: E402
 import moce_kernels  # noqa: E402
 from moce_kernels import ops  # noqa: E402
 from moce_kernels.reference import expert_conv as ref_conv  # noqa: E402
+from moce_kernels.expert_stage.weights import ExpertWeights, flatten  # noqa: E402
+from moce_kernels.reference import expert_stage as ref_experts  # noqa: E402
 from moce_kernels.reference import routing as ref_routing  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -184,14 +186,16 @@ def _expert_setup(C: int, H: int, dtype: torch.dtype, top_k: int, B: int, grad: 
     g = functools.partial(torch.randn, device=DEVICE, dtype=dtype)
     ws = []
     for r in ranks:
-        ws += [g(r, C, 1, 1) * C ** -0.5, g(r, C, 1, 1) * C ** -0.5, g(C, r, 1, 1) * r ** -0.5,
-               g(r, r, 1, 1) * r ** -0.5, g(r, 1, 3, 3) / 3, g(r), g(2 * r, r, 1, 1) * r ** -0.5, g(2 * r, 1, 7, 7) / 7,
-               g(2 * r), 1 + 0.1 * g(r), 0.1 * g(r), g(r, r, 1, 1) * r ** -0.5, g(r)]
+        ws.append(ExpertWeights(
+            proj0=g(r, C, 1, 1) * C ** -0.5, proj1=g(r, C, 1, 1) * C ** -0.5, proj2=g(C, r, 1, 1) * r ** -0.5,
+            q=g(r, r, 1, 1) * r ** -0.5, q_dw=g(r, 1, 3, 3) / 3, q_dw_bias=g(r), kv=g(2 * r, r, 1, 1) * r ** -0.5,
+            kv_dw=g(2 * r, 1, 7, 7) / 7, kv_dw_bias=g(2 * r), norm_weight=1 + 0.1 * g(r), norm_bias=0.1 * g(r),
+            proj_out=g(r, r, 1, 1) * r ** -0.5, proj_out_bias=g(r)))
     x, sh = g(B, C, H, H), g(B, C, H, H)
     idx = torch.tensor([[(b + j) % E for j in range(top_k)] for b in range(B)], device=DEVICE)
     _, offsets, perm = ref_routing.dispatch(idx, E)
     if grad:
-        ws = [w.requires_grad_(True) for w in ws]
+        ws = [w.map(lambda t: t.requires_grad_(True)) for w in ws]
         x.requires_grad_(True)
         sh.requires_grad_(True)
     rows_rank = [ranks[int(idx.view(-1)[s])] for s in range(B * top_k)]
@@ -200,7 +204,7 @@ def _expert_setup(C: int, H: int, dtype: torch.dtype, top_k: int, B: int, grad: 
 
 def _experts_fn(backend: str) -> Callable:
     if backend == "compile":
-        return torch.compile(ref_routing.experts)
+        return torch.compile(ref_experts.experts)
 
     def run(*args):
         with moce_kernels.backend(backend):
@@ -233,7 +237,7 @@ def test_experts_forward_backward(benchmark, level, dtype, backend):
     B, top_k = (8, 1) if GPU else (2, 1)
     _skip_compile(backend, dtype)
     args, rows_rank = _expert_setup(C, H, dtype, top_k, B, grad=True)
-    leaves = [args[0], args[1]] + list(args[5])
+    leaves = [args[0], args[1]] + flatten(args[5])
 
     def make(be):
         f = _experts_fn(be)

@@ -15,7 +15,7 @@ the script finds four loops and weights each body by its trip count per block (G
          `y[32 * u]` in `pw_halo`): a warp per pw row, 256 threads x CG / 8 trips, in the blocks whose
          halo crosses the image's edge (`edge_fraction` of them at 128 x 128);
 * dw:    the depthwise loop (innermost loops that store to global memory; on tensor cores for 16-bit
-         inputs since version 3.2; the one storing 32-bit pairs when there are two): a warp per output
+         inputs; the one storing 32-bit pairs when there are two): a warp per output
          channel, 32 lanes x (output channels of the block) trips.
 
 Dividing by the block's outputs (output channels x 256 pixels) gives lane-instructions per output;

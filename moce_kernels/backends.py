@@ -21,6 +21,7 @@ import contextvars
 import importlib
 import os
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import FrozenSet, Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -139,14 +140,49 @@ def backend(name: str) -> Iterator[None]:
         _SCOPED.reset(token)
 
 
-def register(op: str, backend_name: str) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as backend ``backend_name``'s implementation of ``op``."""
+FLOAT_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FP32_AND_16BIT: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Support(NamedTuple):
+    """What one backend's implementation of one op declares it takes (cf. NATTEN's configs/checks.py).
+
+    ``dtypes``: the dtypes its floating-point tensor arguments may have.
+    ``devices``: device types; None for every device the backend runs on (``_DEVICE_RULES``).
+    """
+    dtypes: FrozenSet[torch.dtype]
+    devices: Optional[FrozenSet[str]]
+
+
+# op name -> backend name -> what the implementation declares
+_SUPPORT: Dict[str, Dict[str, Support]] = {}
+
+
+def register(op: str, backend_name: str, *, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES,
+             devices: Optional[Iterable[str]] = None) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as backend ``backend_name``'s implementation of ``op``.
+
+    ``dtypes``: the dtypes its floating-point tensor arguments may have (default: every floating
+    dtype); a call with another one runs the reference instead, also when ``backend_name`` was
+    chosen by name (see :func:`resolve`).
+    ``devices``: device types it takes (default: wherever the backend runs).
+    """
 
     def deco(fn: Callable) -> Callable:
         _IMPLS.setdefault(op, {})[backend_name] = fn
+        _SUPPORT.setdefault(op, {})[backend_name] = Support(
+            frozenset(dtypes), None if devices is None else frozenset(devices))
         return fn
 
     return deco
+
+
+def register_all(backend_name: str, impls: Mapping[str, Callable], *, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES,
+                 devices: Optional[Iterable[str]] = None) -> None:
+    """:func:`register` every ``op -> fn`` of ``impls`` with the same declaration."""
+    dtypes = tuple(dtypes)
+    for op, fn in impls.items():
+        register(op, backend_name, dtypes=dtypes, devices=devices)(fn)
 
 
 def _load(backend_name: str) -> None:
@@ -172,23 +208,55 @@ def _auto_order(op: str, device: torch.device) -> Tuple[str, ...]:
     return _FASTEST_ON_CUDA.get(op.removesuffix("_backward"), _DEFAULT_CUDA_ORDER)
 
 
-def resolve(op: str, device: torch.device, name: Optional[str] = None) -> str:
-    """Concrete backend that runs ``op`` for tensors on ``device``."""
+_DEVICE_RULES: Dict[str, Callable[[torch.device], Optional[str]]] = {
+    "reference": lambda device: None,
+    "cuda": lambda device: (
+        None if device.type == "cuda" or (cuda_emulated() and device.type == "cpu")
+        else f"backend 'cuda' needs CUDA tensors, got tensors on {device}"),
+    "triton": lambda device: (
+        None if device.type == "cuda" or triton_interpreted()
+        else f"backend 'triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
+             "before importing triton to run it on the CPU interpreter"),
+}
+
+
+def _device_error(op: str, name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot run ``op`` on ``device``, or None."""
+    why = _DEVICE_RULES[name](device)
+    support = _SUPPORT.get(op, {}).get(name)
+    if why is None and support is not None and support.devices is not None and device.type not in support.devices:
+        why = f"backend {name!r} runs {op} on {', '.join(sorted(support.devices))} tensors, got tensors on {device}"
+    return why
+
+
+def resolve(op: str, device: torch.device, name: Optional[str] = None, dtypes: Iterable[torch.dtype] = ()) -> str:
+    """Concrete backend that runs ``op`` for tensors on ``device`` of ``dtypes`` (those of its
+    floating-point tensor arguments).
+
+    The backend in force (``name``, else :func:`get_backend`); for ``auto``, the fastest available
+    one that implements ``op`` on ``device``. Then the declaration rule: when that backend's
+    implementation does not declare each of ``dtypes`` (:func:`register`), the reference runs the
+    call (the oracle takes every dtype; e.g. float64, which most Triton and CUDA kernels do not take).
+    A backend named explicitly that cannot run here, or not on ``device``, is an error.
+    """
     name = get_backend() if name is None else _check_name(name)
     if name == "auto":
+        name = "reference"
         for cand in _auto_order(op, device):
             if _why_unavailable(cand) is None:
                 _load(cand)
-                if cand in _IMPLS.get(op, {}):
-                    return cand
+                if cand in _IMPLS.get(op, {}) and _device_error(op, cand, device) is None:
+                    name = cand
+                    break
+    else:
+        _require(name)
+        _load(name)
+        why = _device_error(op, name, device)
+        if why is not None:
+            raise BackendUnavailableError(why)
+    support = _SUPPORT.get(op, {}).get(name)
+    if support is not None and not support.dtypes.issuperset(dtypes):
         return "reference"
-    _require(name)
-    if name == "cuda" and device.type != "cuda" and not (cuda_emulated() and device.type == "cpu"):
-        raise BackendUnavailableError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
-    if name == "triton" and device.type != "cuda" and not triton_interpreted():
-        raise BackendUnavailableError(
-            f"backend 'triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
-            "before importing triton to run it on the CPU interpreter")
     return name
 
 

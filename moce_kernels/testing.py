@@ -1,32 +1,11 @@
-"""Helpers for testing kernels: poisoned output allocation and the error rule of DESIGN.md."""
+"""Helpers for tests: poisoned outputs (:mod:`moce_kernels.outputs`) and the error rule of DESIGN.md."""
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-_POISON = False
-
-
-@contextlib.contextmanager
-def poison_outputs(on: bool = True) -> Iterator[None]:
-    """Inside the block, kernel outputs allocated with :func:`new_output` start filled with NaN
-    (integers with -1), so that elements a kernel fails to write show up."""
-    global _POISON
-    prev, _POISON = _POISON, on
-    try:
-        yield
-    finally:
-        _POISON = prev
-
-
-def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate a kernel output: ``torch.empty``, or poisoned while :func:`poison_outputs` is on."""
-    if not _POISON:
-        return torch.empty(tuple(shape), dtype=dtype, device=device)
-    fill = float("nan") if dtype.is_floating_point else -1
-    return torch.full(tuple(shape), fill, dtype=dtype, device=device)
+from .outputs import poison_outputs  # noqa: F401  (re-exported: the tests take it from here)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -129,3 +129,44 @@ def test_auto_order_on_cuda_follows_measurements():
     assert backends._auto_order("moe_route", cuda) == ("cuda", "triton", "reference")
     assert backends._auto_order("moe_experts", cuda)[-1] == "reference", "auto must stay capturable"
     assert backends._auto_order("window_fft_attention", torch.device("cpu")) == ("reference",)
+
+
+def test_declared_dtypes_decide_and_the_reference_takes_the_rest(monkeypatch):
+    """A backend runs the dtypes it declares at registration; other calls, also with the backend named
+    explicitly, run the reference. ``register`` without declarations takes every floating dtype."""
+    if "triton" not in moce_kernels.available_backends():
+        pytest.skip("needs the triton backend (interpreter) to name it")
+    for name in ("fake_op_declared", "fake_op_default"):
+        monkeypatch.setitem(backends._IMPLS, name, {})
+        monkeypatch.setitem(backends._SUPPORT, name, {})
+    backends.register("fake_op_declared", "reference")(lambda: "reference")
+    backends.register("fake_op_declared", "triton", dtypes=backends.FP32_AND_16BIT)(lambda: "triton")
+    backends.register("fake_op_default", "triton")(lambda: "triton")
+    cpu = torch.device("cpu")
+    assert backends.resolve("fake_op_declared", cpu, "triton", {torch.bfloat16, torch.float32}) == "triton"
+    assert backends.resolve("fake_op_declared", cpu, "triton", {torch.float64}) == "reference"
+    assert backends.resolve("fake_op_declared", cpu, "triton", {torch.float32, torch.float64}) == "reference"
+    assert backends.resolve("fake_op_declared", cpu, "triton") == "triton"  # no floating tensor argument
+    assert backends.resolve("fake_op_default", cpu, "triton", {torch.float64}) == "triton"
+    backends.register("fake_op_declared", "triton", devices=("cuda",))(lambda: "triton")
+    with pytest.raises(backends.BackendUnavailableError, match="runs fake_op_declared on cuda tensors"):
+        backends.resolve("fake_op_declared", cpu, "triton", {torch.float32})
+
+
+def test_float64_runs_the_reference_under_a_backend_without_it(monkeypatch):
+    """The kernels' backends declare float32/16-bit for the routing ops: a float64 call under them runs the
+    reference implementation (no hand-written guard in the backend)."""
+    fast = [b for b in moce_kernels.available_backends() if b != "reference"]
+    if not fast:
+        pytest.skip("no kernel backend here")
+    calls = []
+    ref = backends.implementation("moe_combine", "reference")
+    monkeypatch.setitem(backends._IMPLS["moe_combine"], "reference", lambda *a: calls.append(1) or ref(*a))
+    rows = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    gates = torch.rand(2, 2, dtype=torch.float64)
+    perm = torch.tensor([0, 2, 1, 3])
+    for b in fast:
+        with moce_kernels.backend(b):
+            out = moce_kernels.ops.moe_combine(rows, gates, perm)
+        assert out.dtype == torch.float64
+    assert calls == [1] * len(fast)

@@ -10,7 +10,7 @@ import torch
 
 import moce_kernels
 from moce_kernels import ops
-from moce_kernels.ops.routing import EXPERT_WEIGHT_NAMES
+from moce_kernels.expert_stage.weights import ExpertWeights, flatten, unflatten
 from moce_kernels.reference import routing as ref_routing
 from moce_kernels.testing import assert_within_rule, poison_outputs
 
@@ -20,17 +20,17 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def make_weights(C: int, ranks: Sequence[int], dtype, device=DEV, kq: int = 3, kkv: int = 7) -> List[torch.Tensor]:
+def make_weights(C: int, ranks: Sequence[int], dtype, device=DEV, kq: int = 3, kkv: int = 7) -> List[ExpertWeights]:
     ws = []
     for r in ranks:
         s = 0.3
-        shapes = [(r, C, 1, 1), (r, C, 1, 1), (C, r, 1, 1), (r, r, 1, 1), (r, 1, kq, kq), (r,), (2 * r, r, 1, 1),
-                  (2 * r, 1, kkv, kkv), (2 * r,), (r,), (r,), (r, r, 1, 1), (r,)]
-        for name, shp in zip(EXPERT_WEIGHT_NAMES, shapes):
+        w = {}
+        for name, shp in zip(ExpertWeights._fields, ExpertWeights.shapes(C, r, kq, kkv)):
             t = torch.randn(shp, dtype=torch.float64) * s
             if name == "norm_weight":
                 t = t + 1.0
-            ws.append(t.to(dtype).to(device))
+            w[name] = t.to(dtype).to(device)
+        ws.append(ExpertWeights(**w))
     return ws
 
 
@@ -46,9 +46,9 @@ TOP1 = [[2], [2], [0]]
 
 
 def _run(backend, x, shared, perm, offsets, k, ws, windows, depths, grad=None):
-    leaves = [t.detach().clone().requires_grad_(grad is not None) for t in [x, shared, *ws]]
+    leaves = [t.detach().clone().requires_grad_(grad is not None) for t in [x, shared, *flatten(ws)]]
     with moce_kernels.backend(backend), poison_outputs(), torch.set_grad_enabled(grad is not None):
-        out = ops.moe_experts(leaves[0], leaves[1], perm, offsets, k, leaves[2:], windows, depths)
+        out = ops.moe_experts(leaves[0], leaves[1], perm, offsets, k, unflatten(leaves[2:]), windows, depths)
         if grad is None:
             return out.detach(), []
         return out.detach(), list(torch.autograd.grad(out, leaves, grad))
@@ -62,15 +62,15 @@ def _check(backend, dtype, route, C=6, ranks=(2, 3, 4, 6), HW=(5, 7), windows=(4
     sh = (torch.randn(B, C, *HW, dtype=torch.float64, device=device)).to(dtype)
     ws = make_weights(C, ranks, dtype, device)
     args = (perm.to(device), offsets.to(device), k)
-    w64 = [w.double() for w in ws]
+    w64 = [w.map(torch.Tensor.double) for w in ws]
     grad = torch.randn(B * k, C, *HW, dtype=torch.float64, device=device) if backward else None
     o64, g64 = _run("reference", x.double(), sh.double(), *args, w64, list(windows), list(depths), grad)
     od, gd = _run("reference", x, sh, *args, ws, list(windows), list(depths),
                   None if grad is None else grad.to(dtype))
     o, g = _run(backend, x, sh, *args, ws, list(windows), list(depths), None if grad is None else grad.to(dtype))
     assert_within_rule(o, o64, od, ATOL[dtype] * max(1.0, o64.abs().max().item()), name=f"{backend} forward")
-    names = ["grad_x", "grad_shared"] + [f"grad_{EXPERT_WEIGHT_NAMES[i % 13]}[expert {i // 13}]"
-                                         for i in range(len(ws))]
+    names = ["grad_x", "grad_shared"] + [f"grad_{name}[expert {e}]" for e in range(len(ws))
+                                         for name in ExpertWeights._fields]
     for n, a, b, c in zip(names, g, g64, gd):
         tol = ATOL[dtype] * (4 if dtype in (torch.bfloat16, torch.float16) else 1) * max(1.0, b.abs().max().item())
         assert_within_rule(a, b, c, tol, name=f"{backend} {n}")
@@ -166,7 +166,7 @@ def test_opcheck(backend):
     sh = torch.randn(3, C, 3, 5, device=DEV, requires_grad=True)
     with moce_kernels.backend(backend):
         torch.library.opcheck(torch.ops.moce.moe_experts.default,
-                              (x, sh, perm, offsets, k, [w.requires_grad_(True) for w in ws], [4, 4, 8, 4],
+                              (x, sh, perm, offsets, k, [w.requires_grad_(True) for w in flatten(ws)], [4, 4, 8, 4],
                                [1, 1, 1, 1]), test_utils=("test_schema", "test_faketensor",
                                                           "test_autograd_registration"))
 
@@ -179,9 +179,9 @@ def test_errors(backend):
     x = torch.randn(3, C, 3, 5, device=DEV)
     with moce_kernels.backend(backend):
         with pytest.raises(ValueError, match="13 weights"):
-            ops.moe_experts(x, x, perm, offsets, k, ws[:-1], [4, 4, 8, 4], [1, 1, 1, 1])
+            ops.moe_experts(x, x, perm, offsets, k, ws[:-1] + [tuple(ws[-1])[:-1]], [4, 4, 8, 4], [1, 1, 1, 1])
         bad = list(ws)
-        bad[2] = torch.randn(C, 3, 1, 1, device=DEV)  # proj2 of expert 0 with the wrong rank
+        bad[0] = ws[0]._replace(proj2=torch.randn(C, 3, 1, 1, device=DEV))  # proj2 of expert 0 with the wrong rank
         with pytest.raises(ValueError, match="expert 0 weight 2"):
             ops.moe_experts(x, x, perm, offsets, k, bad, [4, 4, 8, 4], [1, 1, 1, 1])
         with pytest.raises(ValueError, match="offsets"):

@@ -149,13 +149,13 @@ def test_topk_and_depth_options():
 
 
 def test_depth_chains_the_step():
-    from moce_kernels.reference.routing import expert_step
+    from moce_kernels.reference.expert_stage import expert_step
     m = MoCEIR(dim=8, num_blocks=[1, 1, 1, 1], depth_type=2, rank_type="spread").eval()
     layer = m.adapters()[-1]
     x, s = torch.randn(1, 8, 16, 16), torch.randn(1, 8, 16, 16)
     with torch.no_grad():
         got = layer.all_expert_outputs(x, s)[1]
-        w = layer.expert_modules()[1].weight_list()
+        w = layer.expert_modules()[1].weights()
         want = expert_step(expert_step(x, s, w, 8), s, w, 8)
     assert max_err(got, want) <= 1e-6
 

@@ -1,10 +1,13 @@
 """The ops layer with the reference backend: independent oracles, opcheck, gradcheck, input errors."""
+from typing import List
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import moce_kernels
 from moce_kernels import ops
+from moce_kernels.expert_stage.weights import ExpertWeights, flatten
 from moce_kernels.ops import routing as R
 
 pytestmark = pytest.mark.usefixtures("_reference_backend")
@@ -64,13 +67,9 @@ def _route_args(B=5, C=4, E=4, k=2, loss=True):
             torch.randn(B, E, dtype=torch.float64) * 0.25, k, 0.25, loss, True)
 
 
-def _expert_weights(C, ranks, dtype=torch.float64):
-    ws = []
-    for r in ranks:
-        shapes = [(r, C, 1, 1), (r, C, 1, 1), (C, r, 1, 1), (r, r, 1, 1), (r, 1, 3, 3), (r,), (2 * r, r, 1, 1),
-                  (2 * r, 1, 7, 7), (2 * r,), (r,), (r,), (r, r, 1, 1), (r,)]
-        ws += [(torch.randn(s, dtype=dtype) * 0.5).requires_grad_(True) for s in shapes]
-    return ws
+def _expert_weights(C, ranks, dtype=torch.float64) -> List[ExpertWeights]:
+    return [ExpertWeights(*((torch.randn(s, dtype=dtype) * 0.5).requires_grad_(True)
+                            for s in ExpertWeights.shapes(C, r, 3, 7))) for r in ranks]
 
 
 def test_opcheck_every_op():
@@ -85,7 +84,7 @@ def test_opcheck_every_op():
     opcheck(torch.ops.moce.moe_dispatch.default, (idx, 4))
     counts, offsets, perm = ops.moe_dispatch(idx, 4)
     x, s = torch.randn(3, 4, 5, 6, dtype=torch.float64), torch.randn(3, 4, 5, 6, dtype=torch.float64)
-    ws = _expert_weights(4, [1, 1, 2, 4])
+    ws = flatten(_expert_weights(4, [1, 1, 2, 4]))
     opcheck(torch.ops.moce.moe_experts.default, (x.requires_grad_(), s, perm, offsets, 2, ws, [4, 8, 16, 32],
                                                  [1, 1, 2, 1]))
     rows = torch.randn(6, 4, 5, 6, dtype=torch.float64, requires_grad=True)
@@ -110,7 +109,7 @@ def test_opcheck_backward_ops():
     idx = torch.tensor([[1, 3], [0, 1], [3, 2]])
     _, offsets, perm = ops.moe_dispatch(idx, 4)
     x, s = torch.randn(3, 4, 5, 6, dtype=torch.float64), torch.randn(3, 4, 5, 6, dtype=torch.float64)
-    ws = [w.detach() for w in _expert_weights(4, [1, 1, 2, 4])]
+    ws = [w.detach() for w in flatten(_expert_weights(4, [1, 1, 2, 4]))]
     opcheck(torch.ops.moce.moe_experts_backward.default,
             (torch.randn(6, 4, 5, 6, dtype=torch.float64), x, s, perm, offsets, 2, ws, [4, 8, 16, 32], [1, 1, 2, 1]))
     opcheck(torch.ops.moce.moe_combine_backward.default,
@@ -146,15 +145,15 @@ def test_gradcheck_routing_ops():
     xs = torch.randn(3, 4, 3, 5, dtype=torch.float64, requires_grad=True)
     sh = torch.randn(3, 4, 3, 5, dtype=torch.float64, requires_grad=True)
     ws = _expert_weights(4, [1, 1, 2, 4])
-    sub = [0, 3, 6, 13 + 2, 39 + 11]  # a few weights of different experts and kinds
+    sub = [(0, "proj0"), (0, "q"), (0, "kv"), (1, "proj2"), (3, "proj_out")]  # weights of different experts and kinds
 
     def run(x, s, *picked):
         full = list(ws)
-        for i, w in zip(sub, picked):
-            full[i] = w
+        for (e, name), w in zip(sub, picked):
+            full[e] = full[e]._replace(**{name: w})
         return ops.moe_experts(x, s, perm, offsets, 2, full, [4, 8, 16, 32], [1, 1, 1, 2])
 
-    assert torch.autograd.gradcheck(run, (xs, sh, *[ws[i] for i in sub]), fast_mode=True)
+    assert torch.autograd.gradcheck(run, (xs, sh, *[getattr(ws[e], name) for e, name in sub]), fast_mode=True)
 
 
 def test_dispatch_and_combine_semantics():

@@ -41,7 +41,7 @@ def records(tmp_path_factory):
     recs = json.loads(out.read_text())
     names = {r["kernel"] for r in recs}
     assert {"_wfa_fwd_kernel", "_wfa_bwd_kernel", "_wfa_fwd_oneshot_kernel", "_wfa_bwd_oneshot_kernel",
-            "_pwdw_kernel", "_pwdw_bwd_kernel", "_final_bwd_kernel", "_route_head_bwd_kernel", "_combine_kernel",
+            "_pwdw_kernel", "_pwdw_bwd_kernel", "_epilogue_bwd_kernel", "_route_head_bwd_kernel", "_combine_kernel",
             "_gemm_kernel"} <= names, names
     assert "stopped" not in res.stdout, res.stdout[-3000:]
     return recs

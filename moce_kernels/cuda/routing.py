@@ -1,8 +1,9 @@
 """Backend ``cuda`` for the routing ops: thin wrappers around ``torch.ops.moce_C.moe_*`` (csrc/routing).
 
-Outputs are allocated here with :func:`moce_kernels.testing.new_output` and written by the kernels; the
+Outputs are allocated here with :func:`moce_kernels.outputs.new_output` and written by the kernels; the
 small router tensors (freq_emb, weights, complexity, noise and the incoming grads of gates, logits and
-loss) are passed as fp32 (a few KB). float64 inputs are delegated to the reference.
+loss) are passed as fp32 (a few KB). Registered for float32, float16 and bfloat16; float64 calls run
+the reference (:func:`moce_kernels.backends.resolve`).
 """
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import torch
 
 from . import extension  # noqa: F401  (registers torch.ops.moce_C)
 
-from ..backends import register
-from ..reference import routing as ref
-from ..testing import new_output
+from ..backends import FP32_AND_16BIT, register
+from ..outputs import new_output
 
 _ops = torch.ops.moce_C
 
@@ -21,12 +21,9 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-@register("moe_route", "cuda")
+@register("moe_route", "cuda", dtypes=FP32_AND_16BIT)
 def route(x, freq_emb, gate_weight, freq_weight, complexity, noise, k, noise_std, compute_loss, use_complexity):
     """gates (B, k) fp32, indices (B, k) int64, logits (B, E) fp32, loss () fp32."""
-    if x.dtype == torch.float64:
-        return ref._route(x, freq_emb, gate_weight, freq_weight, complexity, noise, k, noise_std, compute_loss,
-                          use_complexity)
     B, E, dev = x.shape[0], gate_weight.shape[0], x.device
     gates = new_output((B, k), torch.float32, dev)
     indices = new_output((B, k), torch.int64, dev)
@@ -38,13 +35,10 @@ def route(x, freq_emb, gate_weight, freq_weight, complexity, noise, k, noise_std
     return gates, indices, logits, loss
 
 
-@register("moe_route_backward", "cuda")
+@register("moe_route_backward", "cuda", dtypes=FP32_AND_16BIT)
 def route_backward(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight, freq_weight, complexity, noise,
                    k, noise_std, compute_loss, use_complexity):
     """(grad_x, grad_freq_emb, grad_gate_weight, grad_freq_weight) in the inputs' dtypes."""
-    if x.dtype == torch.float64:
-        return ref._route_backward(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight, freq_weight,
-                                   complexity, noise, k, noise_std, compute_loss, use_complexity)
     dev = x.device
     gx = new_output(x.shape, x.dtype, dev)
     gfe = new_output(freq_emb.shape, torch.float32, dev)
@@ -67,21 +61,17 @@ def dispatch(indices, num_experts):
     return counts, offsets, perm
 
 
-@register("moe_combine", "cuda")
+@register("moe_combine", "cuda", dtypes=FP32_AND_16BIT)
 def combine(expert_out, gates, perm):
     """(B, C, H, W): out[b] = sum_j gates[b, j] * expert_out[pos(b*k + j)] (fp32 accumulation)."""
-    if expert_out.dtype == torch.float64:
-        return ref._combine(expert_out, gates, perm)
     out = new_output((gates.shape[0],) + tuple(expert_out.shape[1:]), expert_out.dtype, expert_out.device)
     _ops.moe_combine(expert_out, _f32(gates), perm, out)
     return out
 
 
-@register("moe_combine_backward", "cuda")
+@register("moe_combine_backward", "cuda", dtypes=FP32_AND_16BIT)
 def combine_backward(grad, expert_out, gates, perm):
     """(grad_expert_out, grad_gates) in the inputs' dtypes."""
-    if expert_out.dtype == torch.float64:
-        return ref._combine_backward(grad, expert_out, gates, perm)
     geo = new_output(expert_out.shape, expert_out.dtype, expert_out.device)
     ggates = new_output(gates.shape, torch.float32, gates.device)
     _ops.moe_combine_backward(grad, expert_out, _f32(gates), perm, geo, ggates)

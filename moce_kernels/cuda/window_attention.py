@@ -12,8 +12,8 @@ import torch
 
 from . import extension  # noqa: F401  (registers torch.ops.moce_C)
 
-from ..backends import register
-from ..testing import new_output
+from ..backends import FP32_AND_16BIT, register_all
+from ..expert_stage.implementations import window_attention_implementations
 
 WINDOW_SIZES = (4, 8, 16, 32)
 
@@ -51,22 +51,5 @@ def window_attention_rows_backward(grad: torch.Tensor, q: torch.Tensor, k: torch
     return gw, gb
 
 
-def _all_rows(q: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([0, q.shape[0]], dtype=torch.int64, device=q.device)
-
-
-@register("window_fft_attention", "cuda")
-def _forward(q, k, v, window_size, norm_weight, norm_bias, eps):
-    out = new_output(q.shape, q.dtype, q.device)
-    window_attention_rows(q, k, v, window_size, norm_weight, norm_bias, eps, out, _all_rows(q))
-    return out
-
-
-@register("window_fft_attention_backward", "cuda")
-def _backward(grad, q, k, v, window_size, norm_weight, norm_bias, eps):
-    gq = new_output(q.shape, q.dtype, q.device)
-    gk = new_output(k.shape, k.dtype, k.device)
-    gv = new_output(v.shape, v.dtype, v.device)
-    gw, gb = window_attention_rows_backward(grad.contiguous(), q, k, v, window_size, norm_weight, norm_bias, eps,
-                                            gq, gk, gv, _all_rows(q))
-    return gq, gk, gv, gw.to(norm_weight.dtype), gb.to(norm_bias.dtype)
+register_all("cuda", window_attention_implementations(window_attention_rows, window_attention_rows_backward),
+             dtypes=FP32_AND_16BIT)

@@ -144,7 +144,8 @@ class FeedForward(nn.Module):
 
 
 class FFTAttention(nn.Module):
-    """Expert body: window FFT attention over ``p x p`` windows (parameters; see ``forward``)."""
+    """Parameters of the expert body, window FFT attention over ``p x p`` windows (the computation runs
+    inside :func:`moce_kernels.ops.moe_experts`; names: :class:`moce_kernels.ops.ExpertWeights`)."""
 
     def __init__(self, dim: int, patch_size: int):
         super().__init__()
@@ -155,12 +156,6 @@ class FFTAttention(nn.Module):
         self.kv_dwconv = _dwconv(dim * 2, 7, True)
         self.norm = LayerNorm(dim, "WithBias")
         self.proj_out = _conv1x1(dim, dim, True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = pw_dw(x, self.q, self.q_dwconv)
-        k, v = pw_dw(x, self.kv, self.kv_dwconv).chunk(2, dim=1)
-        a = ops.window_fft_attention(q, k, v, self.patch_size, self.norm.body.weight, self.norm.body.bias)
-        return self.proj_out(a)
 
 
 class HighPassConv2d(nn.Module):

@@ -26,12 +26,14 @@ class ModExpert(nn.Module):
                                    nn.Conv2d(rank, dim, 1, bias=False)])
         self.body = FFTAttention(rank, patch_size=patch_size)
 
-    def weight_list(self) -> List[torch.Tensor]:
-        """The 13 tensors in the order of :data:`moce_kernels.ops.routing.EXPERT_WEIGHT_NAMES`."""
+    def weights(self) -> ops.ExpertWeights:
+        """The expert's 13 tensors by name (the ``moe_experts`` contract)."""
         b = self.body
-        return [self.proj[0].weight, self.proj[1].weight, self.proj[2].weight, b.q.weight, b.q_dwconv.weight,
-                b.q_dwconv.bias, b.kv.weight, b.kv_dwconv.weight, b.kv_dwconv.bias, b.norm.body.weight,
-                b.norm.body.bias, b.proj_out.weight, b.proj_out.bias]
+        return ops.ExpertWeights(
+            proj0=self.proj[0].weight, proj1=self.proj[1].weight, proj2=self.proj[2].weight, q=b.q.weight,
+            q_dw=b.q_dwconv.weight, q_dw_bias=b.q_dwconv.bias, kv=b.kv.weight, kv_dw=b.kv_dwconv.weight,
+            kv_dw_bias=b.kv_dwconv.bias, norm_weight=b.norm.body.weight, norm_bias=b.norm.body.bias,
+            proj_out=b.proj_out.weight, proj_out_bias=b.proj_out.bias)
 
 
 def expert_depths(depth_type: Union[str, int], stage_depth: int, n: int) -> List[int]:
@@ -195,8 +197,8 @@ class AdapterLayer(nn.Module):
     def expert_modules(self) -> List[ModExpert]:
         return [seq[0] for seq in self.experts]
 
-    def expert_weights(self) -> List[torch.Tensor]:
-        return [w for e in self.expert_modules() for w in e.weight_list()]
+    def expert_weights(self) -> List[ops.ExpertWeights]:
+        return [e.weights() for e in self.expert_modules()]
 
     def route(self, x: torch.Tensor, freq_emb: torch.Tensor):
         """gates (B, k), indices (B, k), noise-free logits (B, E), aux loss () (0 in eval)."""
@@ -214,10 +216,11 @@ class AdapterLayer(nn.Module):
         counts, offsets, perm = ops.moe_dispatch(indices, self.num_experts)
         experts = self.expert_modules()
         weights = self.expert_weights()
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(w.requires_grad for w in weights):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(t.requires_grad for t in weights[0]):
             usage = self.usage if self.usage is not None else ExpertUsage()
-            per_expert = len(weights) // self.num_experts
-            weights = list(_NoGradForUnusedExperts.apply(usage, usage.record(counts), per_expert, *weights))
+            n = len(ops.ExpertWeights._fields)
+            flat = _NoGradForUnusedExperts.apply(usage, usage.record(counts), n, *[t for w in weights for t in w])
+            weights = [ops.ExpertWeights(*flat[i:i + n]) for i in range(0, len(flat), n)]
         rows = ops.moe_experts(x, shared, perm, offsets, self.top_k, weights,
                                [e.patch_size for e in experts], [e.depth for e in experts])
         return rows, perm

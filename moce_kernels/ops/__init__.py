@@ -4,16 +4,18 @@ Each is a ``torch.library`` custom op (namespace ``moce``) with a schema, a fake
 implementation and an autograd formula; the backend (see :mod:`moce_kernels.backends`)
 is chosen per call inside the op.
 """
+from ..expert_stage.weights import ExpertWeights
 from .channel_attention import channel_attention
 from .expert_conv import pointwise_depthwise_conv, pointwise_depthwise_conv_gated
+from .expert_stage import experts as moe_experts
 from .norm_conv import (layer_norm_pointwise_conv, layer_norm_pointwise_depthwise_conv,
                         layer_norm_pointwise_depthwise_conv_gated, pointwise_conv)
 from .routing import combine as moe_combine
 from .routing import dispatch as moe_dispatch
-from .routing import experts as moe_experts
 from .routing import route as moe_route
 from .window_attention import window_fft_attention
 
 __all__ = ["window_fft_attention", "pointwise_depthwise_conv", "pointwise_depthwise_conv_gated", "moe_route",
-           "moe_dispatch", "moe_experts", "moe_combine", "channel_attention", "layer_norm_pointwise_depthwise_conv",
-           "layer_norm_pointwise_depthwise_conv_gated", "layer_norm_pointwise_conv", "pointwise_conv"]
+           "moe_dispatch", "moe_experts", "moe_combine", "ExpertWeights", "channel_attention",
+           "layer_norm_pointwise_depthwise_conv", "layer_norm_pointwise_depthwise_conv_gated",
+           "layer_norm_pointwise_conv", "pointwise_conv"]

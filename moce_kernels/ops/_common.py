@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Set, Tuple
 
 import torch
 
 from .. import backends
+from ..backends import FLOAT_DTYPES
 from ..nvtx import nvtx_range
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+def _float_dtypes(args) -> Set[torch.dtype]:
+    """The dtypes of the floating-point tensor arguments (backends declare which they take)."""
+    return {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
 
 
 def call_impl(op: str, device: torch.device, *args, **kwargs):
-    """Run backend implementation of ``op`` chosen for ``device``, inside an NVTX range."""
-    name = backends.resolve(op, device)
+    """Run the backend implementation of ``op`` chosen for ``device`` and the arguments' dtype
+    (:func:`moce_kernels.backends.resolve`), inside an NVTX range named after both."""
+    name = backends.resolve(op, device, dtypes=_float_dtypes(args))
     fn = backends.implementation(op, name)
     with nvtx_range(f"{op}[{name}]"):
         return fn(*args, **kwargs)

@@ -1,4 +1,5 @@
-"""Routed expert dispatch for the MoCE layer: router, dispatch, expert stage, combine.
+"""Routed expert dispatch for the MoCE layer: router, dispatch, combine (the expert stage between
+dispatch and combine: :mod:`.expert_stage`).
 
 Every op here keeps its shapes independent of the routing (sized by B * k), so a forward
 needs no host synchronisation on the fast backends.
@@ -9,16 +10,12 @@ expert-stage output.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Tuple
 
 import torch
 
 from ._common import (call_impl, check_index_tensor, check_permutation, check_positive, check_same, check_segments,
                       check_tensor, debug_checks)
-
-WEIGHTS_PER_EXPERT = 13
-EXPERT_WEIGHT_NAMES = ("proj0", "proj1", "proj2", "q", "q_dw", "q_dw_bias", "kv", "kv_dw", "kv_dw_bias",
-                       "norm_weight", "norm_bias", "proj_out", "proj_out_bias")
 
 
 # ---------------------------------------------------------------- router
@@ -155,7 +152,7 @@ def dispatch(indices: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, tor
     return _dispatch(indices.contiguous(), int(num_experts))
 
 
-# ---------------------------------------------------------------- expert stage
+# ---------------------------------------------------------------- routing tables
 def check_routing(perm: torch.Tensor, offsets: torch.Tensor, rows: int, num_experts: int,
                   device: torch.device) -> None:
     """``perm`` (rows,) and ``offsets`` (E+1,) as :func:`dispatch` makes them: shapes, dtype and device
@@ -165,74 +162,6 @@ def check_routing(perm: torch.Tensor, offsets: torch.Tensor, rows: int, num_expe
     if debug_checks():
         check_permutation("perm", perm)
         check_segments("offsets", offsets, rows)
-
-
-@torch.library.custom_op("moce::moe_experts", mutates_args=())
-def _experts(x: torch.Tensor, shared: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, k: int,
-             weights: List[torch.Tensor], windows: List[int], depths: List[int]) -> torch.Tensor:
-    return call_impl("moe_experts", x.device, x, shared, perm, offsets, k, weights, windows, depths)
-
-
-@_experts.register_fake
-def _(x, shared, perm, offsets, k, weights, windows, depths):
-    return x.new_empty((perm.shape[0],) + tuple(x.shape[1:]))
-
-
-@torch.library.custom_op("moce::moe_experts_backward", mutates_args=())
-def _experts_backward(grad: torch.Tensor, x: torch.Tensor, shared: torch.Tensor, perm: torch.Tensor,
-                      offsets: torch.Tensor, k: int, weights: List[torch.Tensor], windows: List[int],
-                      depths: List[int]) -> List[torch.Tensor]:
-    return list(call_impl("moe_experts_backward", x.device, grad, x, shared, perm, offsets, k, weights, windows,
-                          depths))
-
-
-@_experts_backward.register_fake
-def _(grad, x, shared, perm, offsets, k, weights, windows, depths):
-    return [torch.empty_like(x), torch.empty_like(shared)] + [torch.empty_like(w) for w in weights]
-
-
-def _experts_setup(ctx, inputs, output):
-    x, shared, perm, offsets, k, weights, windows, depths = inputs
-    ctx.save_for_backward(x, shared, perm, offsets, *weights)
-    ctx.args = (k, windows, depths)
-
-
-def _experts_bwd(ctx, grad):
-    x, shared, perm, offsets, *weights = ctx.saved_tensors
-    k, windows, depths = ctx.args
-    grads = _experts_backward(grad.contiguous(), x, shared, perm, offsets, k, weights, windows, depths)
-    return grads[0], grads[1], None, None, None, list(grads[2:]), None, None
-
-
-_experts.register_autograd(_experts_bwd, setup_context=_experts_setup)
-
-
-def experts(x: torch.Tensor, shared: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, k: int,
-            weights: Sequence[torch.Tensor], windows: Sequence[int], depths: Sequence[int]) -> torch.Tensor:
-    """Run every routed (image, expert) pair.
-
-    Expert e (rank r_e, window p_e, depth d_e) applies, d_e times,
-    ``x <- x + pw_2(window_attention_body(pw_0(x)) * silu(pw_1(shared)))``.
-
-    Args:
-        x, shared: (B, C, H, W).  perm, offsets: from :func:`dispatch`.  k: slots per image.
-        weights: 13 tensors per expert, in the order of ``EXPERT_WEIGHT_NAMES``.
-        windows, depths: per expert.
-    Returns:
-        (B*k, C, H, W): row r (in expert e's segment) is expert e applied to image ``perm[r] // k``.
-    """
-    check_tensor("x", x, 4)
-    check_tensor("shared", shared, 4)
-    if shared.shape != x.shape:
-        raise ValueError(f"shared has shape {tuple(shared.shape)} but x has {tuple(x.shape)}")
-    E = len(windows)
-    if len(depths) != E or len(weights) != WEIGHTS_PER_EXPERT * E:
-        raise ValueError(f"expected {WEIGHTS_PER_EXPERT} weights per expert and one window and depth each for "
-                         f"{E} experts; got {len(weights)} weights, {len(depths)} depths")
-    check_routing(perm, offsets, x.shape[0] * k, E, x.device)
-    check_same(("x", "shared") + tuple(f"weights[{i}]" for i in range(len(weights))), (x, shared, *weights), "dtype")
-    return _experts(x.contiguous(), shared.contiguous(), perm, offsets, int(k), [w.contiguous() for w in weights],
-                    [int(w) for w in windows], [int(d) for d in depths])
 
 
 # ---------------------------------------------------------------- combine
@@ -274,7 +203,7 @@ def combine(expert_out: torch.Tensor, gates: torch.Tensor, perm: torch.Tensor) -
     """Deterministic gated sum: ``out[b] = sum_j gates[b, j] * expert_out[pos(b*k + j)]``.
 
     Args:
-        expert_out: (B*k, C, H, W) from :func:`experts`.  gates: (B, k).  perm: (B*k,) from :func:`dispatch`.
+        expert_out: (B*k, C, H, W) from ``moe_experts``.  gates: (B, k).  perm: (B*k,) from :func:`dispatch`.
     Returns:
         (B, C, H, W) in expert_out's dtype (accumulated in float32).
     """

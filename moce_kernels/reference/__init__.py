@@ -1,2 +1,2 @@
 """Pure-PyTorch implementations of every op: the oracle, and the CPU path."""
-from . import channel_attention, expert_conv, norm_conv, routing, window_attention  # noqa: F401  (registers them)
+from . import channel_attention, expert_conv, expert_stage, norm_conv, routing, window_attention  # noqa: F401

@@ -1,4 +1,5 @@
-"""Reference routing, dispatch, expert stage and combine for the MoCE layer (plain PyTorch).
+"""Reference routing, dispatch and combine for the MoCE layer (plain PyTorch; the expert stage:
+:mod:`.expert_stage`).
 
 Conventions shared by every backend (see :mod:`moce_kernels.ops.routing`):
   slot ``s = b * k + j`` is image b's j-th choice; ``perm`` lists slots sorted by expert
@@ -8,17 +9,12 @@ Conventions shared by every backend (see :mod:`moce_kernels.ops.routing`):
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..backends import register
-from .grads import conv1x1_grads, cv_squared_grad, pointwise_depthwise_grads, silu_grad
-from . import expert_conv as conv
-from . import window_attention as wattn
-
-WEIGHTS_PER_EXPERT = 13
+from .grads import cv_squared_grad
 
 
 # ---------------------------------------------------------------- router
@@ -129,106 +125,6 @@ def dispatch(indices: torch.Tensor, num_experts: int):
 @register("moe_dispatch", "reference")
 def _dispatch(indices, num_experts):
     return dispatch(indices, num_experts)
-
-
-# ---------------------------------------------------------------- experts
-def expert_weights(weights: Sequence[torch.Tensor], e: int) -> Sequence[torch.Tensor]:
-    return weights[e * WEIGHTS_PER_EXPERT:(e + 1) * WEIGHTS_PER_EXPERT]
-
-
-def expert_step(x, shared, w: Sequence[torch.Tensor], window: int) -> torch.Tensor:
-    """One step of complexity expert: ``x + pw_2(body(pw_0(x)) * silu(pw_1(shared)))``.
-
-    ``w`` = [proj0, proj1, proj2, q, q_dw, q_dw_b, kv, kv_dw, kv_dw_b, norm_w, norm_b, out_w, out_b].
-    """
-    proj0, proj1, proj2, qw, qdw, qdb, kvw, kvdw, kvdb, nw, nb, ow, ob = w
-    z = F.conv2d(x, proj0)
-    q = conv.pointwise_depthwise_conv(z, qw, qdw, None, qdb)
-    k, v = conv.pointwise_depthwise_conv(z, kvw, kvdw, None, kvdb).chunk(2, dim=1)
-    body = F.conv2d(wattn.window_fft_attention(q, k, v, window, nw, nb), ow, ob)
-    return F.conv2d(body * F.silu(F.conv2d(shared, proj1)), proj2) + x
-
-
-def expert_forward(x, shared, w, window: int, depth: int) -> torch.Tensor:
-    """An expert of depth d chains its step d times."""
-    for _ in range(depth):
-        x = expert_step(x, shared, w, window)
-    return x
-
-
-def experts(x, shared, perm, offsets, k: int, weights, windows: Sequence[int], depths: Sequence[int]):
-    """(B*k, C, H, W): row r of expert e's segment is expert e applied to image perm[r] // k."""
-    bounds = offsets.tolist()  # host read: the reference backend is allowed to synchronise
-    images = torch.div(perm, k, rounding_mode="floor")
-    segments = []
-    for e in range(len(windows)):
-        idx = images[bounds[e]:bounds[e + 1]]
-        if idx.numel():
-            segments.append(expert_forward(x[idx], shared[idx], expert_weights(weights, e), windows[e], depths[e]))
-    return torch.cat(segments, dim=0)  # every slot belongs to exactly one expert, in expert order
-
-
-@register("moe_experts", "reference")
-def _experts(x, shared, perm, offsets, k, weights, windows, depths):
-    with torch.no_grad():
-        return experts(x, shared, perm, offsets, k, weights, windows, depths).contiguous()
-
-
-def expert_step_backward(g_out, x, shared, w: Sequence[torch.Tensor], window: int):
-    """Closed-form backward of :func:`expert_step`: (grad_x, grad_shared, [13 weight grads])."""
-    proj0, proj1, proj2, qw, qdw, qdb, kvw, kvdw, kvdb, nw, nb, ow, ob = w
-    z = F.conv2d(x, proj0)
-    q = conv.pointwise_depthwise_conv(z, qw, qdw, None, qdb)
-    k, v = conv.pointwise_depthwise_conv(z, kvw, kvdw, None, kvdb).chunk(2, dim=1)
-    a = wattn.window_fft_attention(q, k, v, window, nw, nb)
-    body = F.conv2d(a, ow, ob)
-    gate_pre = F.conv2d(shared, proj1)
-    gate = F.silu(gate_pre)
-    gy, g_proj2 = conv1x1_grads(g_out, body * gate, proj2)
-    g_body, g_gate_pre = gy * gate, gy * body * silu_grad(gate_pre)
-    g_shared, g_proj1 = conv1x1_grads(g_gate_pre, shared, proj1)
-    g_a, g_ow = conv1x1_grads(g_body, a, ow)
-    g_q, g_k, g_v, g_nw, g_nb = wattn.window_fft_attention_backward(g_a, q, k, v, window, nw, nb, 1e-5)
-    gz_q, g_qw, g_qdw, _, g_qdb = pointwise_depthwise_grads(g_q, z, qw, qdw, None)
-    gz_kv, g_kvw, g_kvdw, _, g_kvdb = pointwise_depthwise_grads(torch.cat([g_k, g_v], 1), z, kvw, kvdw, None)
-    gx, g_proj0 = conv1x1_grads(gz_q + gz_kv, x, proj0)
-    grads = [g_proj0, g_proj1, g_proj2, g_qw, g_qdw, g_qdb, g_kvw, g_kvdw, g_kvdb, g_nw, g_nb, g_ow,
-             g_body.sum((0, 2, 3))]
-    return gx + g_out, g_shared, grads
-
-
-def experts_backward(grad, x, shared, perm, offsets, k: int, weights, windows: Sequence[int], depths: Sequence[int]):
-    """Closed form: [grad_x, grad_shared, grad per weight] (zeros for experts without images)."""
-    gx, gs = torch.zeros_like(x), torch.zeros_like(shared)
-    gws = [torch.zeros_like(w) for w in weights]
-    bounds = offsets.tolist()
-    images = torch.div(perm, k, rounding_mode="floor")
-    for e in range(len(windows)):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi == lo:
-            continue
-        idx = images[lo:hi]
-        w = expert_weights(weights, e)
-        xs, ss = [x[idx]], shared[idx]
-        for _ in range(depths[e] - 1):
-            xs.append(expert_step(xs[-1], ss, w, windows[e]))
-        g = grad[lo:hi]
-        g_s_rows = torch.zeros_like(ss)
-        for x_in in reversed(xs):
-            g, g_s, g_w = expert_step_backward(g, x_in, ss, w, windows[e])
-            g_s_rows += g_s
-            for i, gw in enumerate(g_w):
-                gws[e * WEIGHTS_PER_EXPERT + i] += gw
-        gx.index_add_(0, idx, g)
-        gs.index_add_(0, idx, g_s_rows)
-    return [gx, gs] + gws
-
-
-@register("moe_experts_backward", "reference")
-def _experts_backward(grad, x, shared, perm, offsets, k, weights, windows, depths) -> List[torch.Tensor]:
-    with torch.no_grad():
-        grads = experts_backward(grad, x, shared, perm, offsets, k, weights, windows, depths)
-    return [g.contiguous() for g in grads]
 
 
 # ---------------------------------------------------------------- combine

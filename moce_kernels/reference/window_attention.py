@@ -83,3 +83,32 @@ def _backward(grad, q, k, v, window_size, norm_weight, norm_bias, eps) -> Tuple[
     with torch.no_grad():
         grads = window_fft_attention_backward(grad, q, k, v, window_size, norm_weight, norm_bias, eps)
     return tuple(g.contiguous() for g in grads)
+
+
+# ----------------------------------------------------------------------------- batch-row entry points
+def window_attention_rows(q, k, v, window_size: int, norm_weight, norm_bias, eps: float, out: torch.Tensor,
+                          rows: torch.Tensor) -> None:
+    """Writes rows [rows[0], rows[1]) of ``out`` (N, C, H, W) with the window attention of those rows.
+
+    The row-segment entry point of the Triton and CUDA backends, here for the float64 expert stage
+    of the Triton backend (whose window-attention kernels do not take float64). Reads ``rows`` on
+    the host (a synchronisation)."""
+    lo, hi = (int(t) for t in rows.tolist())
+    if hi > lo:
+        with torch.no_grad():
+            out[lo:hi] = window_fft_attention(q[lo:hi], k[lo:hi], v[lo:hi], window_size, norm_weight, norm_bias, eps)
+
+
+def window_attention_rows_backward(grad, q, k, v, window_size: int, norm_weight, norm_bias, eps: float,
+                                   grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor,
+                                   rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Writes rows [lo, hi) of grad_q/k/v; returns (grad_norm_weight, grad_norm_bias) over those rows."""
+    lo, hi = (int(t) for t in rows.tolist())
+    if hi <= lo:
+        return torch.zeros_like(norm_weight), torch.zeros_like(norm_bias)
+    gq, gk, gv, gw, gb = window_fft_attention_backward(grad[lo:hi], q[lo:hi], k[lo:hi], v[lo:hi], window_size,
+                                                       norm_weight, norm_bias, eps)
+    grad_q[lo:hi] = gq
+    grad_k[lo:hi] = gk
+    grad_v[lo:hi] = gv
+    return gw, gb

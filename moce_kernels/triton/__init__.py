@@ -1,7 +1,6 @@
 """Triton kernels, one module per op family; importing this package registers them as backend ``triton``."""
-from . import expert_conv  # noqa: F401
-from . import experts  # noqa: F401
-from . import norm_conv  # noqa: F401
-from . import window_attention  # noqa: F401
-from . import routing  # noqa: F401
 from . import channel_attention  # noqa: F401
+from . import expert_stage  # noqa: F401
+from . import norm_conv  # noqa: F401
+from . import routing  # noqa: F401
+from . import window_attention  # noqa: F401

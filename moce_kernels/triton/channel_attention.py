@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from ..backends import register
-from ..testing import new_output
+from ..outputs import new_output
 from .expert_conv import _mm
 
 BLOCK_N = 64        # pixels per tile, every pass

@@ -1,40 +1,72 @@
-"""Triton kernels for fused pointwise -> depthwise convolutions, plain, GELU-gated and grouped.
+"""Triton kernels of the expert stage's grouped convolutions, and their launchers.
 
 Every kernel here is *grouped*: rows ``n`` of the batch belong to expert ``e`` with
 ``offsets[e] <= n < offsets[e+1]`` (device tensor, read on the device), and each expert has its
-own channel counts, weight offsets into packed weight buffers and buffer bases, given by an
-int64 ``meta`` table (E, META_COLS) built on the host from host-known sizes (cached, so no
-host<->device synchronisation on the hot path). The plain ops are the case E = 1.
+own channel counts, weight offsets into packed weight buffers and buffer bases, given by an int64
+``meta`` table (E, META_ROW_WIDTH) built by the driver (:mod:`moce_kernels.expert_stage.driver`)
+in the layouts of :mod:`moce_kernels.expert_stage.layouts`, read here through the ``tl.constexpr``
+column indices below. The plain pointwise->depthwise ops are the case E = 1.
 
 Kernels:
-  _pwdw_kernel     fused 1x1 -> depthwise k x k (modes: plain forward, GELU-gated forward,
-                   gated backward-epilogue) with the 1x1 result for the tile and its halo kept in
-                   a small per-program scratch slot (persistent grid: the slots stay in L1/L2)
+  _pwdw_kernel     fused 1x1 -> depthwise k x k (modes ``PwDwMode``: plain forward, GELU-gated
+                   forward, gated backward-epilogue) with the 1x1 result for the tile and its halo
+                   kept in a small per-program scratch slot (persistent grid: the slots stay in L1/L2)
   _pwdw_bwd_kernel backward core: recompute the 1x1 halo, grad wrt the 1x1 output (gy),
                    grad of the depthwise weight and bias (atomics)
   _gemm_kernel     grouped 1x1: Y = W_e @ X (+ bias) (+ Y or a residual R), optional row gather
   _wgrad_kernel    grouped weight grad: dW_e += sum_{rows of e, pixels} G X^T (+ bias grad), atomics
-  _final_fwd / _final_bwd / _gather_sum_kernel: the expert-stage epilogue, see experts.py
-The 1x1 stages of _pwdw_kernel (_halo_pw) and of _gemm_kernel can apply a LayerNorm over the source's
-channels first (constexpr NORM, folded into the product by _ln_fold_step; used by norm_conv.py).
+The expert epilogue and the gather-sum are in :mod:`.expert_stage`. The 1x1 stages of _pwdw_kernel
+(_halo_pw) and of _gemm_kernel can apply a LayerNorm over the source's channels first (constexpr NORM,
+folded into the product by _ln_fold_step; used by :mod:`.norm_conv`).
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import register, triton_interpreted
+from ..backends import triton_interpreted
+from ..expert_stage.layouts import META_ROW_WIDTH, GemmCol, PwDwCol, PwDwMode, WgradCol
 
-from ..ops import grouped_conv as driver
-from ..ops.grouped_conv import META_COLS, meta_tensor  # noqa: F401  (shared with the driver)
-
-# _pwdw meta columns (the _gemm / _wgrad / _final columns are documented at their kernels)
-(PD_CIN, PD_COUT, PD_W, PD_DW, PD_PB, PD_DB, PD_SRC, PD_SRC_RS, PD_OUT, PD_OSPLIT, PD_OSPLIT_STRIDE, PD_OUT_RS,
- PD_GY, PD_GY_RS) = range(14)
+# The meta tables' layouts as Triton constexprs (Triton kernels read module globals only as constexprs).
+META_ROW = tl.constexpr(META_ROW_WIDTH)
+PD_C_IN = tl.constexpr(int(PwDwCol.C_IN))
+PD_C_OUT = tl.constexpr(int(PwDwCol.C_OUT))
+PD_PW_WEIGHT = tl.constexpr(int(PwDwCol.PW_WEIGHT))
+PD_DW_WEIGHT = tl.constexpr(int(PwDwCol.DW_WEIGHT))
+PD_PW_BIAS = tl.constexpr(int(PwDwCol.PW_BIAS))
+PD_DW_BIAS = tl.constexpr(int(PwDwCol.DW_BIAS))
+PD_SRC = tl.constexpr(int(PwDwCol.SRC))
+PD_SRC_ROW_STRIDE = tl.constexpr(int(PwDwCol.SRC_ROW_STRIDE))
+PD_OUT = tl.constexpr(int(PwDwCol.OUT))
+PD_OUT_SPLIT = tl.constexpr(int(PwDwCol.OUT_SPLIT))
+PD_OUT_SPLIT_STRIDE = tl.constexpr(int(PwDwCol.OUT_SPLIT_STRIDE))
+PD_OUT_ROW_STRIDE = tl.constexpr(int(PwDwCol.OUT_ROW_STRIDE))
+PD_GRAD_PW = tl.constexpr(int(PwDwCol.GRAD_PW))
+PD_GRAD_PW_ROW_STRIDE = tl.constexpr(int(PwDwCol.GRAD_PW_ROW_STRIDE))
+MM_C_IN = tl.constexpr(int(GemmCol.C_IN))
+MM_C_OUT = tl.constexpr(int(GemmCol.C_OUT))
+MM_WEIGHT = tl.constexpr(int(GemmCol.WEIGHT))
+MM_WEIGHT_OUT_STRIDE = tl.constexpr(int(GemmCol.WEIGHT_OUT_STRIDE))
+MM_WEIGHT_IN_STRIDE = tl.constexpr(int(GemmCol.WEIGHT_IN_STRIDE))
+MM_BIAS = tl.constexpr(int(GemmCol.BIAS))
+MM_SRC = tl.constexpr(int(GemmCol.SRC))
+MM_SRC_ROW_STRIDE = tl.constexpr(int(GemmCol.SRC_ROW_STRIDE))
+MM_OUT = tl.constexpr(int(GemmCol.OUT))
+MM_OUT_ROW_STRIDE = tl.constexpr(int(GemmCol.OUT_ROW_STRIDE))
+WG_C_OUT = tl.constexpr(int(WgradCol.C_OUT))
+WG_C_IN = tl.constexpr(int(WgradCol.C_IN))
+WG_GRAD_WEIGHT = tl.constexpr(int(WgradCol.GRAD_WEIGHT))
+WG_G = tl.constexpr(int(WgradCol.G))
+WG_G_ROW_STRIDE = tl.constexpr(int(WgradCol.G_ROW_STRIDE))
+WG_X = tl.constexpr(int(WgradCol.X))
+WG_X_ROW_STRIDE = tl.constexpr(int(WgradCol.X_ROW_STRIDE))
+WG_GRAD_BIAS = tl.constexpr(int(WgradCol.GRAD_BIAS))
+MODE_PLAIN = tl.constexpr(int(PwDwMode.PLAIN))
+MODE_GATED = tl.constexpr(int(PwDwMode.GATED))
 
 
 def _num_programs_cap(device: torch.device) -> int:
@@ -45,12 +77,6 @@ def _num_programs_cap(device: torch.device) -> int:
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of intermediate gradient buffers: the input dtype for 16-bit inputs (as the reference's
-    own autograd rounds them), else the accumulation dtype."""
-    return dtype if dtype in (torch.float16, torch.bfloat16) else _acc_dtype(dtype)
 
 
 def _ieee(dtype: torch.dtype) -> bool:
@@ -68,12 +94,13 @@ def _expert_of(offsets_ptr, n, E: tl.constexpr):
 
 
 @triton.jit
-def _src_offset(mrow, perm_ptr, n, kslots, GATHER: tl.constexpr):
-    """Offset of row n's source image: meta[6] + srow * meta[7], srow = perm[n] // kslots if GATHER else n."""
+def _src_offset(mrow, perm_ptr, n, kslots, GATHER: tl.constexpr, SRC: tl.constexpr, SRC_ROW_STRIDE: tl.constexpr):
+    """Offset of row n's source image: meta[SRC] + srow * meta[SRC_ROW_STRIDE], srow = perm[n] // kslots
+    if GATHER else n."""
     srow = n.to(tl.int64)
     if GATHER:
         srow = tl.load(perm_ptr + n) // kslots
-    return tl.load(mrow + 6) + srow * tl.load(mrow + 7)
+    return tl.load(mrow + SRC) + srow * tl.load(mrow + SRC_ROW_STRIDE)
 
 
 # Triton 3.9's interpreter computes bf16 tl.dot wrongly; there (only) bf16 operands go through fp32.
@@ -205,18 +232,38 @@ def _dw_from_slot(slot_ptr, dw_ptr, dw_off, ch, cmask, oy, ox, valid, K: tl.cons
 
 # ----------------------------------------------------------------------------- fused pw -> dw
 @triton.jit
+def _work_item(wi, n_cblk, n_tiles, n_tw, offsets_ptr, meta_ptr, E: tl.constexpr, TH: tl.constexpr,
+               TW: tl.constexpr):
+    """Work item ``wi`` of the persistent pw->dw grids: (row n, its meta row, channel block, tile origin y, x)."""
+    cb = wi % n_cblk
+    rest = wi // n_cblk
+    tile = rest % n_tiles
+    n = rest // n_tiles
+    mrow = meta_ptr + _expert_of(offsets_ptr, n, E) * META_ROW
+    return n, mrow, cb, (tile // n_tw) * TH, (tile % n_tw) * TW
+
+
+@triton.jit
+def _pwdw_out_offset(mrow, n, ch, HW):
+    """Offset of output channel ``ch`` of row n (``PwDwCol``: block ch // OUT_SPLIT, channel ch % OUT_SPLIT)."""
+    osplit = tl.load(mrow + PD_OUT_SPLIT)
+    return (tl.load(mrow + PD_OUT) + (ch // osplit) * tl.load(mrow + PD_OUT_SPLIT_STRIDE)
+            + n * tl.load(mrow + PD_OUT_ROW_STRIDE) + (ch % osplit) * HW)
+
+
+@triton.jit
 def _pwdw_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, db_ptr, out_ptr, g_ptr, gofull_ptr, scratch_ptr, offsets_ptr,
                  meta_ptr, perm_ptr, nw_ptr, nb_ptr, kslots, H, W, n_tw, n_tiles, n_cblk, total, eps,
                  E: tl.constexpr, MODE: tl.constexpr, GATHER: tl.constexpr, HAS_PB: tl.constexpr,
                  HAS_DB: tl.constexpr, NORM: tl.constexpr, K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                  BC: tl.constexpr, BK: tl.constexpr, BHC: tl.constexpr, BP: tl.constexpr, HSTRIDE: tl.constexpr,
                  IEEE: tl.constexpr):
-    """MODE 0: out = dw(pw(src)) (+biases); MODE 1: out = gelu(a) * b (a, b the channel halves);
-    MODE 2 (gated backward epilogue): gofull = d(gelu(a)*b)/d(a, b) * g, full C_out channels.
-    NORM > 0: pw of the LayerNorm of src (see _halo_pw)."""
+    """MODE (``PwDwMode``) PLAIN: out = dw(pw(src)) (+biases); GATED: out = gelu(a) * b (a, b the channel
+    halves); GATED_BACKWARD: gofull = d(gelu(a)*b)/d(a, b) * g, full C_out channels. NORM > 0: pw of the
+    LayerNorm of src (see _halo_pw)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    NB: tl.constexpr = 2 if MODE > 0 else 1
+    NB: tl.constexpr = 1 if MODE == MODE_PLAIN else 2
     slot = scratch_ptr + pid.to(tl.int64) * (NB * BC * HSTRIDE)
     HW = H * W
     i = tl.arange(0, BP)
@@ -224,28 +271,21 @@ def _pwdw_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, db_ptr, out_ptr, g_ptr, gofull_
     ox = i % TW
     ivalid = i < TH * TW
     for wi in range(pid, total, nprog):
-        cb = wi % n_cblk
-        rest = wi // n_cblk
-        tile = rest % n_tiles
-        n = rest // n_tiles
-        e = _expert_of(offsets_ptr, n, E)
-        mrow = meta_ptr + e * 16
-        cin = tl.load(mrow + 0).to(tl.int32)
-        cout = tl.load(mrow + 1).to(tl.int32)
+        n, mrow, cb, ty0, tx0 = _work_item(wi, n_cblk, n_tiles, n_tw, offsets_ptr, meta_ptr, E, TH, TW)
+        cin = tl.load(mrow + PD_C_IN).to(tl.int32)
+        cout = tl.load(mrow + PD_C_OUT).to(tl.int32)
         nch = cout // NB
         if cb * BC < nch:
-            w_off = tl.load(mrow + 2)
-            dw_off = tl.load(mrow + 3)
-            pb_off = tl.load(mrow + 4)
-            db_off = tl.load(mrow + 5)
-            src_off = _src_offset(mrow, perm_ptr, n, kslots, GATHER)
-            ty0 = (tile // n_tw) * TH
-            tx0 = (tile % n_tw) * TW
+            w_off = tl.load(mrow + PD_PW_WEIGHT)
+            dw_off = tl.load(mrow + PD_DW_WEIGHT)
+            pb_off = tl.load(mrow + PD_PW_BIAS)
+            db_off = tl.load(mrow + PD_DW_BIAS)
+            src_off = _src_offset(mrow, perm_ptr, n, kslots, GATHER, PD_SRC, PD_SRC_ROW_STRIDE)
             ch = cb * BC + tl.arange(0, BC)
             cmask = ch < nch
             _halo_pw(src_ptr, w_ptr, pb_ptr, nw_ptr, nb_ptr, slot, src_off, cin, w_off, pb_off, ch, cmask, ty0, tx0,
                      H, W, eps, HAS_PB, NORM, K, TH, TW, BC, BK, BHC, HSTRIDE, IEEE)
-            if MODE > 0:
+            if MODE != MODE_PLAIN:
                 _halo_pw(src_ptr, w_ptr, pb_ptr, nw_ptr, nb_ptr, slot + BC * HSTRIDE, src_off, cin, w_off, pb_off,
                          ch + nch, cmask, ty0, tx0, H, W, eps, HAS_PB, NORM, K, TH, TW, BC, BK, BHC, HSTRIDE, IEEE)
             tl.debug_barrier()
@@ -257,18 +297,16 @@ def _pwdw_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, db_ptr, out_ptr, g_ptr, gofull_
             a = _dw_from_slot(slot, dw_ptr, dw_off, ch, cmask, oy, ox, ivalid, K, TW, BC, BP, HSTRIDE)
             if HAS_DB:
                 a += tl.load(db_ptr + db_off + ch, mask=cmask, other=0.0).to(a.dtype)[:, None]
-            osplit = tl.load(mrow + 9)
-            o_off = (tl.load(mrow + 8) + (ch // osplit) * tl.load(mrow + 10) + n * tl.load(mrow + 11)
-                     + (ch % osplit) * HW)
+            o_off = _pwdw_out_offset(mrow, n, ch, HW)
             optrs = o_off[:, None] + pix[None, :]
-            if MODE == 0:
+            if MODE == MODE_PLAIN:
                 tl.store(out_ptr + optrs, a.to(out_ptr.dtype.element_ty), mask=m2)
             else:
                 b = _dw_from_slot(slot + BC * HSTRIDE, dw_ptr, dw_off, ch + nch, cmask, oy, ox, ivalid, K, TW, BC,
                                   BP, HSTRIDE)
                 if HAS_DB:
                     b += tl.load(db_ptr + db_off + ch + nch, mask=cmask, other=0.0).to(b.dtype)[:, None]
-                if MODE == 1:
+                if MODE == MODE_GATED:
                     tl.store(out_ptr + optrs, (_gelu(a) * b).to(out_ptr.dtype.element_ty), mask=m2)
                 else:
                     g = tl.load(g_ptr + optrs, mask=m2, other=0.0).to(a.dtype)
@@ -300,31 +338,23 @@ def _pwdw_bwd_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, go_ptr, gy_ptr, gdw_ptr, gd
     ivalid = i < TH * TW
     rc = tl.arange(0, BC)
     for wi in range(pid, total, nprog):
-        cb = wi % n_cblk
-        rest = wi // n_cblk
-        tile = rest % n_tiles
-        n = rest // n_tiles
-        e = _expert_of(offsets_ptr, n, E)
-        mrow = meta_ptr + e * 16
-        cin = tl.load(mrow + 0).to(tl.int32)
-        cout = tl.load(mrow + 1).to(tl.int32)
+        n, mrow, cb, ty0, tx0 = _work_item(wi, n_cblk, n_tiles, n_tw, offsets_ptr, meta_ptr, E, TH, TW)
+        cin = tl.load(mrow + PD_C_IN).to(tl.int32)
+        cout = tl.load(mrow + PD_C_OUT).to(tl.int32)
         if cb * BC < cout:
-            dw_off = tl.load(mrow + 3)
-            db_off = tl.load(mrow + 5)
-            src_off = _src_offset(mrow, perm_ptr, n, kslots, GATHER)
-            ty0 = (tile // n_tw) * TH
-            tx0 = (tile % n_tw) * TW
+            dw_off = tl.load(mrow + PD_DW_WEIGHT)
+            db_off = tl.load(mrow + PD_DW_BIAS)
+            src_off = _src_offset(mrow, perm_ptr, n, kslots, GATHER, PD_SRC, PD_SRC_ROW_STRIDE)
             ch = cb * BC + rc
             cmask = ch < cout
-            _halo_pw(src_ptr, w_ptr, pb_ptr, w_ptr, w_ptr, slot, src_off, cin, tl.load(mrow + 2), tl.load(mrow + 4),
-                     ch, cmask, ty0, tx0, H, W, 0.0, HAS_PB, 0, K, TH, TW, BC, BK, BHC, HSTRIDE, IEEE)
+            _halo_pw(src_ptr, w_ptr, pb_ptr, w_ptr, w_ptr, slot, src_off, cin, tl.load(mrow + PD_PW_WEIGHT),
+                     tl.load(mrow + PD_PW_BIAS), ch, cmask, ty0, tx0, H, W, 0.0, HAS_PB, 0, K, TH, TW, BC, BK, BHC,
+                     HSTRIDE, IEEE)
             tl.debug_barrier()
             py = ty0 + oy
             px = tx0 + ox
             pm = ivalid & (py < H) & (px < W)
-            osplit = tl.load(mrow + 9)
-            o_off = (tl.load(mrow + 8) + (ch // osplit) * tl.load(mrow + 10) + n * tl.load(mrow + 11)
-                     + (ch % osplit) * HW)
+            o_off = _pwdw_out_offset(mrow, n, ch, HW)
             go = tl.load(go_ptr + o_off[:, None] + (py * W + px)[None, :], mask=cmask[:, None] & pm[None, :],
                          other=0.0).to(slot.dtype.element_ty)
             if HAS_DB:
@@ -343,13 +373,40 @@ def _pwdw_bwd_kernel(src_ptr, w_ptr, dw_ptr, pb_ptr, go_ptr, gy_ptr, gdw_ptr, gd
                               other=0.0).to(gy.dtype)
                 wv = tl.load(dw_ptr + dw_off + ch * (K * K) + t, mask=cmask, other=0.0).to(gy.dtype)
                 gy += wv[:, None] * gsh
-            gy_off = tl.load(mrow + 12) + n * tl.load(mrow + 13) + ch.to(tl.int64) * HW
+            gy_off = (tl.load(mrow + PD_GRAD_PW) + n * tl.load(mrow + PD_GRAD_PW_ROW_STRIDE)
+                      + ch.to(tl.int64) * HW)
             tl.store(gy_ptr + gy_off[:, None] + (py * W + px)[None, :], gy.to(gy_ptr.dtype.element_ty),
                      mask=cmask[:, None] & pm[None, :])
             tl.debug_barrier()
 
 
 # ----------------------------------------------------------------------------- grouped 1x1 / weight grad
+@triton.jit
+def _acc_zeros(M: tl.constexpr, N: tl.constexpr, F64: tl.constexpr):
+    """A zero [M, N] accumulator: float64 for float64 inputs, else float32."""
+    if F64:
+        acc = tl.zeros([M, N], dtype=tl.float64)
+    else:
+        acc = tl.zeros([M, N], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _out_tile(cb, C, pt, HW, BC: tl.constexpr, BP: tl.constexpr, F64: tl.constexpr):
+    """Channel block cb (of C) and pixel tile pt (of HW): (channels, mask, pixels, mask, zero accumulator)."""
+    ch = cb * BC + tl.arange(0, BC)
+    p = pt * BP + tl.arange(0, BP)
+    return ch, ch < C, p, p < HW, _acc_zeros(BC, BP, F64)
+
+
+@triton.jit
+def _row_program(offsets_ptr, meta_ptr, n_pt, E: tl.constexpr):
+    """Grids (N * n_pt, ...): this program's (row n, pixel tile, meta row)."""
+    pid0 = tl.program_id(0)
+    n = pid0 // n_pt
+    return n, pid0 % n_pt, meta_ptr + _expert_of(offsets_ptr, n, E) * META_ROW
+
+
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, offsets_ptr, meta_ptr, perm_ptr, kslots, HW,
                  n_pt, eps, E: tl.constexpr, GATHER: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
@@ -358,27 +415,16 @@ def _gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, offsets_ptr,
     """Y[n, c, p] = sum_ci W_e[c, ci] X[srow, ci, p] (+ b_e[c]) (+ R[n, c, p] if ACC; R laid out as Y,
     r_ptr = y_ptr to accumulate into Y); srow = perm[n] // kslots if GATHER. NORM > 0: of the
     LayerNorm of X over its cin channels (weight nw, bias nb; 1 WithBias, 2 BiasFree; _ln_fold_step)."""
-    pid0 = tl.program_id(0)
+    n, pt, mrow = _row_program(offsets_ptr, meta_ptr, n_pt, E)
     cb = tl.program_id(1)
-    n = pid0 // n_pt
-    pt = pid0 % n_pt
-    e = _expert_of(offsets_ptr, n, E)
-    mrow = meta_ptr + e * 16
-    cin = tl.load(mrow + 0).to(tl.int32)
-    cout = tl.load(mrow + 1).to(tl.int32)
+    cin = tl.load(mrow + MM_C_IN).to(tl.int32)
+    cout = tl.load(mrow + MM_C_OUT).to(tl.int32)
     if cb * BC < cout:
-        w_off = tl.load(mrow + 2)
-        w_so = tl.load(mrow + 3)
-        w_si = tl.load(mrow + 4)
-        x_off = _src_offset(mrow, perm_ptr, n, kslots, GATHER)
-        ch = cb * BC + tl.arange(0, BC)
-        cm = ch < cout
-        p = pt * BP + tl.arange(0, BP)
-        pm = p < HW
-        if F64:
-            acc = tl.zeros([BC, BP], dtype=tl.float64)
-        else:
-            acc = tl.zeros([BC, BP], dtype=tl.float32)
+        w_off = tl.load(mrow + MM_WEIGHT)
+        w_so = tl.load(mrow + MM_WEIGHT_OUT_STRIDE)
+        w_si = tl.load(mrow + MM_WEIGHT_IN_STRIDE)
+        x_off = _src_offset(mrow, perm_ptr, n, kslots, GATHER, MM_SRC, MM_SRC_ROW_STRIDE)
+        ch, cm, p, pm, acc = _out_tile(cb, cout, pt, HW, BC, BP, F64)
         if NORM > 0:
             shift, s1, s2, u, v = _ln_fold_init(x_ptr + x_off, p, pm, acc)
         for k0 in range(0, cin, BK):
@@ -398,8 +444,8 @@ def _gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, offsets_ptr,
         if NORM > 0:
             acc = _ln_fold_finish(acc, s1, s2, u, v, shift, cin, eps, NORM)
         if HAS_B:
-            acc += tl.load(b_ptr + tl.load(mrow + 5) + ch, mask=cm, other=0.0).to(acc.dtype)[:, None]
-        y_off = tl.load(mrow + 8) + n * tl.load(mrow + 9) + ch.to(tl.int64) * HW
+            acc += tl.load(b_ptr + tl.load(mrow + MM_BIAS) + ch, mask=cm, other=0.0).to(acc.dtype)[:, None]
+        y_off = tl.load(mrow + MM_OUT) + n * tl.load(mrow + MM_OUT_ROW_STRIDE) + ch.to(tl.int64) * HW
         offs = y_off[:, None] + p[None, :]
         m2 = cm[:, None] & pm[None, :]
         if ACC:
@@ -418,16 +464,16 @@ def _wgrad_kernel(g_ptr, x_ptr, o_ptr, bo_ptr, offsets_ptr, meta_ptr, perm_ptr, 
     kb = tl.program_id(2)
     e = pid0 // n_split
     sp = pid0 % n_split
-    mrow = meta_ptr + e * 16
-    cout = tl.load(mrow + 0).to(tl.int32)
-    cin = tl.load(mrow + 1).to(tl.int32)
+    mrow = meta_ptr + e * META_ROW
+    cout = tl.load(mrow + WG_C_OUT).to(tl.int32)
+    cin = tl.load(mrow + WG_C_IN).to(tl.int32)
     if (cb * BC < cout) & (kb * BK < cin):
         lo = tl.load(offsets_ptr + e)
         hi = tl.load(offsets_ptr + e + 1)
-        g_base = tl.load(mrow + 3)
-        g_rs = tl.load(mrow + 4)
-        x_base = tl.load(mrow + 5)
-        x_rs = tl.load(mrow + 6)
+        g_base = tl.load(mrow + WG_G)
+        g_rs = tl.load(mrow + WG_G_ROW_STRIDE)
+        x_base = tl.load(mrow + WG_X)
+        x_rs = tl.load(mrow + WG_X_ROW_STRIDE)
         ch = cb * BC + tl.arange(0, BC)
         cm = ch < cout
         ks = kb * BK + tl.arange(0, BK)
@@ -451,30 +497,52 @@ def _wgrad_kernel(g_ptr, x_ptr, o_ptr, bo_ptr, offsets_ptr, meta_ptr, perm_ptr, 
                 acc += _mm(gt, xt.to(gt.dtype), False)
             if HAS_B:
                 bacc += tl.sum(gt.to(acc.dtype), axis=1)
-        o_off = tl.load(mrow + 2)
+        o_off = tl.load(mrow + WG_GRAD_WEIGHT)
         tl.atomic_add(o_ptr + o_off + ch[:, None] * cin + ks[None, :], acc, mask=cm[:, None] & km[None, :])
         if HAS_B:
             if kb == 0:
-                tl.atomic_add(bo_ptr + tl.load(mrow + 7) + ch, bacc, mask=cm)
+                tl.atomic_add(bo_ptr + tl.load(mrow + WG_GRAD_BIAS) + ch, bacc, mask=cm)
 
 
 # ----------------------------------------------------------------------------- launchers
 # 8 warps: the (BC, BP) fp32 tiles and their 64-bit pointer tensors need ~230-255 registers per
 # thread at 4 warps (spilling in the backward / gated kernels; benchmarks/static_report.py).
-PWDW_WARPS = int(os.environ.get("MOCE_PWDW_WARPS", "8"))
+PWDW_WARPS = 8
 
 
-def _tile_config(K: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int, int]:
-    """(TH, TW, BC, BK, BHC, BP) for the fused pw->dw kernels."""
-    TH, TW = (8, 16) if K <= 5 else (8, 16)
-    BC = 32
-    BK = 32 if dtype != torch.float64 else 16
-    return TH, TW, BC, BK, 64, 128
+def _pwdw_warps() -> int:
+    """Warps of the fused pw->dw kernels: ``MOCE_PWDW_WARPS`` (read at each launch), else PWDW_WARPS."""
+    return int(os.environ.get("MOCE_PWDW_WARPS", PWDW_WARPS))
 
 
-def _hstride(K: int, TH: int, TW: int, BHC: int) -> int:
-    halo = (TH + K - 1) * (TW + K - 1)
-    return triton.cdiv(halo, BHC) * BHC
+class _PwDwGrid(NamedTuple):
+    """Tiles and persistent grid of the fused pw->dw kernels for one launch."""
+    H: int
+    W: int
+    tiles_w: int    # tiles along W
+    tiles: int      # tiles per image
+    channel_blocks: int
+    total: int      # work items: N * tiles * channel_blocks
+    programs: int
+    scratch: int    # elements of one program's scratch slot per 1x1 half
+    constexprs: Dict[str, int]
+
+    def args(self) -> Tuple[int, ...]:
+        """The kernels' grid arguments after ``kslots``."""
+        return self.H, self.W, self.tiles_w, self.tiles, self.channel_blocks, self.total
+
+
+def _pwdw_grid(src: torch.Tensor, N: int, H: int, W: int, K: int, max_ch: int) -> _PwDwGrid:
+    """8 x 16 pixel tiles, 32 channels per block, for ``max_ch`` output channels per row."""
+    TH, TW, BC, BHC = 8, 16, 32, 64
+    hstride = triton.cdiv((TH + K - 1) * (TW + K - 1), BHC) * BHC  # the tile and its halo, padded
+    tiles_w, tiles = triton.cdiv(W, TW), triton.cdiv(W, TW) * triton.cdiv(H, TH)
+    blocks = triton.cdiv(max_ch, BC)
+    total = N * tiles * blocks
+    cx = dict(K=K, TH=TH, TW=TW, BC=BC, BK=16 if src.dtype == torch.float64 else 32, BHC=BHC, BP=128,
+              HSTRIDE=hstride)
+    return _PwDwGrid(H, W, tiles_w, tiles, blocks, total, max(1, min(total, _num_programs_cap(src.device))),
+                     BC * hstride, cx)
 
 
 # A LayerNorm over the source's channels before the 1x1: (weight, bias or None for BiasFree, eps).
@@ -485,62 +553,49 @@ def _norm_args(norm: Norm, dummy: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     """(norm weight, norm bias, eps, NORM) kernel arguments: NORM 0 none, 1 WithBias, 2 BiasFree."""
     if norm is None:
         return dummy, dummy, 0.0, 0
-    nw, nb, eps = norm
-    return nw, (nb if nb is not None else nw), float(eps), (1 if nb is not None else 2)
+    norm_w, norm_b, eps = norm
+    return norm_w, (norm_b if norm_b is not None else norm_w), float(eps), (1 if norm_b is not None else 2)
 
 
 def launch_pwdw(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Optional[torch.Tensor],
                 db: Optional[torch.Tensor], out: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor,
-                N: int, H: int, W: int, K: int, max_nch: int, mode: int = 0,
+                N: int, H: int, W: int, K: int, max_nch: int, mode: PwDwMode = PwDwMode.PLAIN,
                 perm: Optional[torch.Tensor] = None, kslots: int = 1,
                 g: Optional[torch.Tensor] = None, gofull: Optional[torch.Tensor] = None, norm: Norm = None) -> None:
-    """Grouped fused pw->dw over N rows; ``max_nch``: largest number of output channels per launch
-    (C_out, or C_out/2 for the gated modes) over the experts; ``norm``: of the LayerNorm of src."""
-    E = meta.shape[0]
-    TH, TW, BC, BK, BHC, BP = _tile_config(K, src.dtype)
-    hs = _hstride(K, TH, TW, BHC)
-    n_tw, n_th = triton.cdiv(W, TW), triton.cdiv(H, TH)
-    n_cblk = triton.cdiv(max_nch, BC)
-    total = N * n_th * n_tw * n_cblk
-    nprog = max(1, min(total, _num_programs_cap(src.device)))
-    nb = 2 if mode > 0 else 1
-    scratch = torch.empty(nprog * nb * BC * hs, dtype=_acc_dtype(src.dtype), device=src.device)
-    dummy = w
-    norm_w, norm_b, eps, norm_mode = _norm_args(norm, dummy)
-    _pwdw_kernel[(nprog,)](
-        src, w, dw, pb if pb is not None else dummy, db if db is not None else dummy, out,
+    """``ExpertStageKernels.pwdw``: grouped fused pw->dw over N rows (see _pwdw_kernel); ``norm``: of the
+    LayerNorm of src (the trunk's LN -> pw -> dw, :mod:`.norm_conv`)."""
+    grid = _pwdw_grid(src, N, H, W, K, max_nch)
+    halves = 1 if mode == PwDwMode.PLAIN else 2
+    scratch = torch.empty(grid.programs * halves * grid.scratch, dtype=_acc_dtype(src.dtype), device=src.device)
+    norm_w, norm_b, eps, norm_mode = _norm_args(norm, w)
+    _pwdw_kernel[(grid.programs,)](
+        src, w, dw, pb if pb is not None else w, db if db is not None else w, out,
         g if g is not None else out, gofull if gofull is not None else scratch, scratch, offsets, meta,
-        perm if perm is not None else offsets, norm_w, norm_b, kslots, H, W, n_tw, n_th * n_tw, n_cblk, total, eps,
-        E=E, MODE=mode, GATHER=perm is not None, HAS_PB=pb is not None, HAS_DB=db is not None, NORM=norm_mode, K=K,
-        TH=TH, TW=TW, BC=BC, BK=BK, BHC=BHC, BP=BP, HSTRIDE=hs, IEEE=_ieee(src.dtype), num_warps=PWDW_WARPS)
+        perm if perm is not None else offsets, norm_w, norm_b, kslots, *grid.args(), eps,
+        E=meta.shape[0], MODE=int(mode), GATHER=perm is not None, HAS_PB=pb is not None, HAS_DB=db is not None,
+        NORM=norm_mode, IEEE=_ieee(src.dtype), num_warps=_pwdw_warps(), **grid.constexprs)
 
 
-def launch_pwdw_bwd(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Optional[torch.Tensor],
-                    go: torch.Tensor, gy: torch.Tensor, gdw: torch.Tensor, gdb: Optional[torch.Tensor],
-                    offsets: torch.Tensor, meta: torch.Tensor, N: int, H: int, W: int, K: int, max_cout: int,
-                    perm: Optional[torch.Tensor] = None, kslots: int = 1) -> None:
-    """Backward core of the grouped fused pw->dw (see _pwdw_bwd_kernel)."""
-    E = meta.shape[0]
-    TH, TW, BC, BK, BHC, BP = _tile_config(K, src.dtype)
-    hs = _hstride(K, TH, TW, BHC)
-    n_tw, n_th = triton.cdiv(W, TW), triton.cdiv(H, TH)
-    n_cblk = triton.cdiv(max_cout, BC)
-    total = N * n_th * n_tw * n_cblk
-    nprog = max(1, min(total, _num_programs_cap(src.device)))
-    scratch = torch.empty(nprog * BC * hs, dtype=_acc_dtype(src.dtype), device=src.device)
-    _pwdw_bwd_kernel[(nprog,)](
+def launch_pwdw_backward(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Optional[torch.Tensor],
+                         go: torch.Tensor, gy: torch.Tensor, gdw: torch.Tensor, gdb: Optional[torch.Tensor],
+                         offsets: torch.Tensor, meta: torch.Tensor, N: int, H: int, W: int, K: int, max_cout: int,
+                         perm: Optional[torch.Tensor] = None, kslots: int = 1) -> None:
+    """``ExpertStageKernels.pwdw_backward`` (see _pwdw_bwd_kernel)."""
+    grid = _pwdw_grid(src, N, H, W, K, max_cout)
+    scratch = torch.empty(grid.programs * grid.scratch, dtype=_acc_dtype(src.dtype), device=src.device)
+    _pwdw_bwd_kernel[(grid.programs,)](
         src, w, dw, pb if pb is not None else w, go, gy, gdw, gdb if gdb is not None else gdw, scratch, offsets,
-        meta, perm if perm is not None else offsets, kslots, H, W, n_tw, n_th * n_tw, n_cblk, total,
-        E=E, GATHER=perm is not None, HAS_PB=pb is not None, HAS_DB=gdb is not None, K=K, TH=TH, TW=TW, BC=BC,
-        BK=BK, BHC=BHC, BP=BP, HSTRIDE=hs, IEEE=_ieee(src.dtype), num_warps=PWDW_WARPS)
+        meta, perm if perm is not None else offsets, kslots, *grid.args(),
+        E=meta.shape[0], GATHER=perm is not None, HAS_PB=pb is not None, HAS_DB=gdb is not None,
+        IEEE=_ieee(src.dtype), num_warps=_pwdw_warps(), **grid.constexprs)
 
 
 def launch_gemm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor,
                 offsets: torch.Tensor, meta: torch.Tensor, N: int, HW: int, max_cout: int,
                 perm: Optional[torch.Tensor] = None, kslots: int = 1, accumulate: bool = False,
                 residual: Optional[torch.Tensor] = None, norm: Norm = None) -> None:
-    """Grouped 1x1 (see _gemm_kernel): ``accumulate`` adds into y, ``residual`` (laid out as y) adds it
-    instead; ``norm``: of the LayerNorm of x."""
+    """``ExpertStageKernels.gemm`` (see _gemm_kernel): ``accumulate`` adds into y, ``residual`` (laid out as
+    y) adds it instead; ``norm``: of the LayerNorm of x."""
     if accumulate and residual is not None:
         raise ValueError("launch_gemm: accumulate into y or add a residual, not both")
     E = meta.shape[0]
@@ -558,7 +613,7 @@ def launch_gemm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: 
 def launch_wgrad(g: torch.Tensor, x: torch.Tensor, o: torch.Tensor, bo: Optional[torch.Tensor],
                  offsets: torch.Tensor, meta: torch.Tensor, HW: int, max_cout: int, max_cin: int, N: int,
                  perm: Optional[torch.Tensor] = None, kslots: int = 1) -> None:
-    """Grouped weight gradient (see _wgrad_kernel); o / bo are float32/64 accumulators."""
+    """``ExpertStageKernels.wgrad`` (see _wgrad_kernel); o / bo are float32/64 accumulators."""
     E = meta.shape[0]
     ieee = _ieee(g.dtype) or _ieee(x.dtype)
     BC, BK, BP = 32, 32, 64
@@ -568,27 +623,3 @@ def launch_wgrad(g: torch.Tensor, x: torch.Tensor, o: torch.Tensor, bo: Optional
     _wgrad_kernel[grid](g, x, o, bo if bo is not None else o, offsets, meta, perm if perm is not None else offsets,
                         kslots, HW, npc, n_split, GATHER=perm is not None, HAS_B=bo is not None, BC=BC, BK=BK,
                         BP=BP, IEEE=ieee, num_warps=4)
-
-
-# ----------------------------------------------------------------------------- the plain / gated ops
-CONV_KERNELS = driver.Kernels(pwdw=launch_pwdw, pwdw_bwd=launch_pwdw_bwd, gemm=launch_gemm, wgrad=launch_wgrad)
-
-
-@register("pointwise_depthwise_conv", "triton")
-def _fwd(x, pw_weight, dw_weight, pw_bias, dw_bias):
-    return driver.pwdw_forward(CONV_KERNELS, x, pw_weight, dw_weight, pw_bias, dw_bias, gated=False)
-
-
-@register("pointwise_depthwise_conv_gated", "triton")
-def _fwd_gated(x, pw_weight, dw_weight, pw_bias, dw_bias):
-    return driver.pwdw_forward(CONV_KERNELS, x, pw_weight, dw_weight, pw_bias, dw_bias, gated=True)
-
-
-@register("pointwise_depthwise_conv_backward", "triton")
-def _bwd(grad, x, pw_weight, dw_weight, pw_bias, dw_bias):
-    return driver.pwdw_backward(CONV_KERNELS, grad, x, pw_weight, dw_weight, pw_bias, dw_bias, gated=False)
-
-
-@register("pointwise_depthwise_conv_gated_backward", "triton")
-def _bwd_gated(grad, x, pw_weight, dw_weight, pw_bias, dw_bias):
-    return driver.pwdw_backward(CONV_KERNELS, grad, x, pw_weight, dw_weight, pw_bias, dw_bias, gated=True)

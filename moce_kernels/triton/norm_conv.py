@@ -14,7 +14,7 @@ The residual of ``pointwise_conv`` is added in ``_gemm_kernel``'s epilogue (its 
 
 Backward: ``LN(x)`` is materialised once (``_ln_fwd_kernel``: mean and variance in two passes over C,
 per-pixel mean/rstd kept for the LN backward); the existing pw->dw / 1x1 backward kernels run on it
-(``pwdw_backward`` of :mod:`..ops.grouped_conv`, ``_wgrad_kernel``, ``_gemm_kernel``); then
+(``pwdw_backward`` of :mod:`..expert_stage.driver`, ``_wgrad_kernel``, ``_gemm_kernel``); then
 ``_ln_bwd_kernel`` gives grad x and per-program partial sums of the LayerNorm's weight / bias grads,
 reduced in a fixed order (deterministic). The conv weight grads use the existing kernels' atomics.
 
@@ -46,7 +46,6 @@ moving ~37 C s. The caller that concatenates the decoder's two weights per call 
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import List, Optional, Tuple
 
@@ -55,10 +54,12 @@ import triton
 import triton.language as tl
 
 from ..backends import register
-from ..ops import grouped_conv as driver
-from ..ops.grouped_conv import meta_tensor
-from ..testing import new_output
+from ..expert_stage import driver
+from ..expert_stage.driver import accumulation_dtype, device_table, grad_dtype
+from ..expert_stage.layouts import GemmCol, WgradCol, meta_row
+from ..outputs import new_output
 from . import expert_conv as xc
+from .expert_stage import KERNELS, TritonExpertStage
 
 Tensor = torch.Tensor
 
@@ -171,10 +172,6 @@ def _ln_bwd_kernel(g_ptr, x_ptr, w_ptr, stats_ptr, gx_ptr, part_ptr, C, HW, n_pt
 LN_BC, LN_BP = 32, 64
 
 
-def _cdt(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _norm_mode(norm_bias: Optional[Tensor]) -> int:
     return 1 if norm_bias is not None else 2
 
@@ -185,7 +182,7 @@ def layer_norm_forward(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tenso
     B, C, H, W = x.shape
     HW = H * W
     n = torch.empty_like(x)
-    stats = torch.empty((B, 2, HW), dtype=_cdt(x.dtype), device=x.device)
+    stats = torch.empty((B, 2, HW), dtype=accumulation_dtype(x.dtype), device=x.device)
     n_pt = triton.cdiv(HW, LN_BP)
     _ln_fwd_kernel[(B * n_pt,)](x, norm_weight, norm_bias if norm_bias is not None else norm_weight, n, stats, C,
                                 HW, n_pt, float(eps), NORM=_norm_mode(norm_bias), BC=LN_BC, BP=LN_BP,
@@ -219,7 +216,7 @@ def layer_norm_backward(gn: Tensor, x: Tensor, norm_weight: Tensor, norm_bias: O
 
 def _chunk_offsets(B: int, chunks: int, device: torch.device) -> Tensor:
     """Row offsets [0, B, 2B, ..., chunks*B]: chunk e's rows are the B images (cached device table)."""
-    return meta_tensor([[e * B for e in range(chunks + 1)]], device)[0, :chunks + 1]
+    return device_table([[e * B for e in range(chunks + 1)]], device)[0]
 
 
 def pointwise_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, chunks: int = 1,
@@ -228,8 +225,11 @@ def pointwise_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Te
     LayerNorm of x (``norm``): one grouped _gemm_kernel launch, chunk e as expert e."""
     B, cin, H, W = x.shape
     HW, cp = H * W, weight.shape[0] // chunks
-    rows = [[cin, cp, e * cp * cin, cin, 1, e * cp, -e * B * cin * HW, cin * HW, 0, cp * HW] for e in range(chunks)]
-    xc.launch_gemm(x, weight, bias, out, _chunk_offsets(B, chunks, x.device), meta_tensor(rows, x.device),
+    # chunk e: weight rows e*cp.., output rows e*B + n, source row n (a base of -e*B rows)
+    rows = [meta_row(GemmCol, C_IN=cin, C_OUT=cp, WEIGHT=e * cp * cin, WEIGHT_OUT_STRIDE=cin, WEIGHT_IN_STRIDE=1,
+                     BIAS=e * cp, SRC=-e * B * cin * HW, SRC_ROW_STRIDE=cin * HW, OUT=0, OUT_ROW_STRIDE=cp * HW)
+            for e in range(chunks)]
+    xc.launch_gemm(x, weight, bias, out, _chunk_offsets(B, chunks, x.device), device_table(rows, x.device),
                    chunks * B, HW, cp, residual=residual, norm=norm)
 
 
@@ -240,30 +240,40 @@ def pointwise_backward(grad: Tensor, src: Tensor, weight: Tensor, has_bias: bool
     one 1x1 launch per chunk."""
     B, cin, H, W = src.shape
     HW, cout, dev = H * W, weight.shape[0], src.device
-    cp, cdt = cout // chunks, _cdt(src.dtype)
+    cp, cdt = cout // chunks, accumulation_dtype(src.dtype)
     gw = torch.zeros((cout, cin), dtype=cdt, device=dev)
     gb = torch.zeros((cout,), dtype=cdt, device=dev) if has_bias else None
-    rows = [[cp, cin, e * cp * cin, 0, cp * HW, -e * B * cin * HW, cin * HW, e * cp] for e in range(chunks)]
-    xc.launch_wgrad(grad, src, gw, gb, _chunk_offsets(B, chunks, dev), meta_tensor(rows, dev), HW, cp, cin,
+    rows = [meta_row(WgradCol, C_OUT=cp, C_IN=cin, GRAD_WEIGHT=e * cp * cin, G=0, G_ROW_STRIDE=cp * HW,
+                     X=-e * B * cin * HW, X_ROW_STRIDE=cin * HW, GRAD_BIAS=e * cp) for e in range(chunks)]
+    xc.launch_wgrad(grad, src, gw, gb, _chunk_offsets(B, chunks, dev), device_table(rows, dev), HW, cp, cin,
                     chunks * B)
     gsrc = new_output(src.shape, grad_src_dtype, dev)
     single = _chunk_offsets(B, 1, dev)
     for e in range(chunks):
-        meta = meta_tensor([[cp, cin, e * cp * cin, 1, cin, 0, e * B * cp * HW, cp * HW, 0, cin * HW]], dev)
+        meta = device_table([driver.gemm_t_row(cp, cin, e * cp * cin, e * B * cp * HW, cp * HW, 0, cin * HW)], dev)
         xc.launch_gemm(grad, weight, None, gsrc, single, meta, B, HW, cin, accumulate=e > 0)
     return gsrc, gw, gb
 
 
 # ----------------------------------------------------------------------------- the ops
+class _LayerNormFirst(TritonExpertStage):
+    """The Triton launchers, with a LayerNorm of the source folded into the fused pw->dw's 1x1."""
+
+    def __init__(self, norm: xc.Norm):
+        self.norm = norm
+
+    def pwdw(self, *args, **kwargs) -> None:
+        xc.launch_pwdw(*args, norm=self.norm, **kwargs)
+
+
 def _ln_pwdw_forward(gated: bool, x, norm_weight, norm_bias, pw_weight, dw_weight, pw_bias, dw_bias, eps):
-    kernels = dataclasses.replace(xc.CONV_KERNELS,
-                                  pwdw=functools.partial(xc.launch_pwdw, norm=(norm_weight, norm_bias, eps)))
+    kernels = _LayerNormFirst((norm_weight, norm_bias, eps))
     return driver.pwdw_forward(kernels, x, pw_weight, dw_weight, pw_bias, dw_bias, gated=gated)
 
 
 def _ln_pwdw_backward(gated: bool, grad, x, norm_weight, norm_bias, pw_weight, dw_weight, pw_bias, dw_bias, eps):
     n, stats = layer_norm_forward(x, norm_weight, norm_bias, eps)
-    gn, *conv = driver.pwdw_backward(xc.CONV_KERNELS, grad, n, pw_weight, dw_weight, pw_bias, dw_bias, gated=gated)
+    gn, *conv = driver.pwdw_backward(KERNELS, grad, n, pw_weight, dw_weight, pw_bias, dw_bias, gated=gated)
     return layer_norm_backward(gn, x, norm_weight, norm_bias, stats) + conv
 
 
@@ -284,7 +294,7 @@ def _ln_pw(x, norm_weight, norm_bias, weight, bias, eps, chunks):
 @register("layer_norm_pointwise_conv_backward", "triton")
 def _ln_pw_backward(grad, x, norm_weight, norm_bias, weight, bias, eps, chunks):
     n, stats = layer_norm_forward(x, norm_weight, norm_bias, eps)
-    gn, gw, gb = pointwise_backward(grad, n, weight, bias is not None, chunks, xc.grad_dtype(x.dtype))
+    gn, gw, gb = pointwise_backward(grad, n, weight, bias is not None, chunks, grad_dtype(x.dtype))
     out = layer_norm_backward(gn, x, norm_weight, norm_bias, stats) + [_as(gw, weight)]
     return out + ([_as(gb, bias)] if bias is not None else [])
 

@@ -11,7 +11,8 @@ Router pipeline (forward and backward):
      ``_route_head_bwd_kernel`` (one program): the same recomputation, then dlogits and the grads of
      the two linear maps, freq_emb and pooled.
   3. backward only: ``_broadcast_rows_kernel`` writes grad_x[b, c, :] = grad_pooled[b, c] / HW.
-float64 inputs are delegated to the reference (the kernels compute in fp32).
+Registered for float32, float16 and bfloat16 (the kernels compute in fp32); float64 calls run the
+reference (:func:`moce_kernels.backends.resolve`).
 """
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import register
-from ..reference import routing as ref
-from ..testing import new_output
+from ..backends import FP32_AND_16BIT, register
+from ..outputs import new_output
 
 _TARGET_PROGRAMS = 2048  # pool grid size to aim for (fills an H200's 132 SMs many times over)
 _POOL_BLOCK = 1024
@@ -200,12 +200,9 @@ def _check_head(B: int, E: int) -> None:
         raise ValueError(f"the triton router handles B <= 1024 images and E <= 256 experts, got B={B}, E={E}")
 
 
-@register("moe_route", "triton")
+@register("moe_route", "triton", dtypes=FP32_AND_16BIT)
 def route(x, freq_emb, gate_weight, freq_weight, complexity, noise, k, noise_std, compute_loss, use_complexity):
     """gates (B, k) fp32, indices (B, k) int64, logits (B, E) fp32, loss () fp32; see ops.routing.route."""
-    if x.dtype == torch.float64:
-        return ref._route(x, freq_emb, gate_weight, freq_weight, complexity, noise, k, noise_std, compute_loss,
-                          use_complexity)
     B, C, H, W = x.shape
     E, F = gate_weight.shape[0], freq_emb.shape[1]
     _check_head(B, E)
@@ -308,13 +305,10 @@ def _broadcast_rows_kernel(src_ptr, out_ptr, HW, BLOCK: tl.constexpr):
     tl.store(out_ptr + row.to(tl.int64) * HW + idx, vals.to(out_ptr.dtype.element_ty), mask=idx < HW)
 
 
-@register("moe_route_backward", "triton")
+@register("moe_route_backward", "triton", dtypes=FP32_AND_16BIT)
 def route_backward(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight, freq_weight, complexity, noise,
                    k, noise_std, compute_loss, use_complexity):
     """(grad_x, grad_freq_emb, grad_gate_weight, grad_freq_weight) in the inputs' dtypes."""
-    if x.dtype == torch.float64:
-        return ref._route_backward(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight, freq_weight,
-                                   complexity, noise, k, noise_std, compute_loss, use_complexity)
     B, C, H, W = x.shape
     E, F = gate_weight.shape[0], freq_emb.shape[1]
     _check_head(B, E)
@@ -409,11 +403,9 @@ def _combine_kernel(eo_ptr, gates_ptr, perm_ptr, out_ptr, N, NSLOT,
 _COMBINE_BLOCK = 1024
 
 
-@register("moe_combine", "triton")
+@register("moe_combine", "triton", dtypes=FP32_AND_16BIT)
 def combine(expert_out, gates, perm):
     """(B, C, H, W) gated sum of each image's k expert rows, in expert_out's dtype."""
-    if expert_out.dtype == torch.float64:
-        return ref._combine(expert_out, gates, perm)
     B, k = gates.shape
     N = expert_out[0].numel() if expert_out.shape[0] else 0
     out = new_output((B,) + tuple(expert_out.shape[1:]), expert_out.dtype, expert_out.device)
@@ -457,11 +449,9 @@ def _combine_bwd_gates_kernel(part_ptr, perm_ptr, ggates_ptr, NSLOT, NBLK, BLOCK
     tl.store(ggates_ptr + s, tl.sum(acc, axis=0).to(ggates_ptr.dtype.element_ty))
 
 
-@register("moe_combine_backward", "triton")
+@register("moe_combine_backward", "triton", dtypes=FP32_AND_16BIT)
 def combine_backward(grad, expert_out, gates, perm):
     """(grad_expert_out (B*k, C, H, W), grad_gates (B, k)) in the inputs' dtypes."""
-    if expert_out.dtype == torch.float64:
-        return ref._combine_backward(grad, expert_out, gates, perm)
     B, k = gates.shape
     nslot = B * k
     N = expert_out[0].numel() if nslot else 0

@@ -42,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import register, triton_interpreted
-from ..testing import new_output
+from ..backends import FP32_AND_16BIT, register_all, triton_interpreted
+from ..expert_stage.implementations import window_attention_implementations
 
 WINDOW_SIZES = (4, 8, 16, 32, 64)
 # Dot precision (all accumulate in fp32). fp32 inputs: "tf32x3" (three tf32 products per dot, about
@@ -53,7 +53,7 @@ WINDOW_SIZES = (4, 8, 16, 32, 64)
 # C > LOWP_SMALL_C, else "tf32x3": with few channels the LayerNorm's per-pixel variance is often tiny
 # and its 1/std amplifies the dots' rounding past the error rule (the seed scan in the notes: C = 3
 # fails in ~half the draws, C = 4 at 256 x 256 in half, C >= 6 in none).
-FP32_PRECISION = os.environ.get("MOCE_WFA_FP32_PRECISION", "tf32x3")
+FP32_PRECISION = "tf32x3"
 LOWP_SMALL_C = 5
 
 # Programs below which the channels are split into chunks (None: 2x the GPU's SM count; CPU: never).
@@ -123,7 +123,7 @@ def dft_matrices(p: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tens
 def precision(dtype: torch.dtype, C: int) -> str:
     """input_precision of the kernels' dots for inputs of ``dtype`` with C channels."""
     if dtype == torch.float32:
-        return FP32_PRECISION
+        return os.environ.get("MOCE_WFA_FP32_PRECISION", FP32_PRECISION)
     return "tf32x3" if C <= LOWP_SMALL_C else "tf32"
 
 
@@ -159,7 +159,7 @@ def _num_warps(p: int) -> int:
 # forward fits the level-2 experts of both presets (C = 6, 12, 24 at p = 4, 8, 16); the backward keeps
 # more tensors live (the spectrum, yh, gy, its transform) and spills above half that (sm_90,
 # benchmarks/static_report.py), so its limit is half. Larger C keep the multi-pass recompute.
-ONE_SHOT_ELEMS = int(os.environ.get("MOCE_WFA_ONE_SHOT_ELEMS", "8192"))
+ONE_SHOT_ELEMS = 8192  # MOCE_WFA_ONE_SHOT_ELEMS, read at each launch, overrides it
 ONE_SHOT_WARPS = 8
 
 
@@ -168,7 +168,8 @@ def one_shot_channels(p: int, C: int, backward: bool = False, prec: str = "tf32"
     does not fit (limits halved for the backward and for split-operand precisions)."""
     lay = layout(p)
     cb = triton.next_power_of_2(C)
-    limit = ONE_SHOT_ELEMS // (2 if backward else 1) // (2 if _wide(prec) else 1)
+    elems = int(os.environ.get("MOCE_WFA_ONE_SHOT_ELEMS", ONE_SHOT_ELEMS))
+    limit = elems // (2 if backward else 1) // (2 if _wide(prec) else 1)
     return cb if cb * lay.br * lay.bc <= limit else 0
 
 
@@ -182,7 +183,7 @@ def _constexprs(p: int, prec: str, C: int, cb: int = 0) -> dict:
 # Device helpers. Every per-channel tile is handled CB channels at a time as a (CB, BR, BC) block:
 # the right products (along the tile's columns) are one 2-D dot with CB*BR rows, the left products
 # (separable layout, along the rows) one batched 3-D dot, so each dot carries CB channels of work
-# instead of one 16 x 16 tile (version 1: a serial chain of tiny dots per channel, latency-bound).
+# instead of one 16 x 16 tile (a serial chain of tiny dots per channel would be latency-bound).
 # ----------------------------------------------------------------------------------------------
 
 # Triton's interpreter multiplies exactly whatever input_precision says; on the GPU a "tf32" dot
@@ -743,22 +744,5 @@ def window_attention_rows_backward(grad: torch.Tensor, q: torch.Tensor, k: torch
     return part[:, :, 0].sum((0, 1)), part[:, :, 1].sum((0, 1))
 
 
-def _all_rows(q: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([0, q.shape[0]], dtype=torch.int64, device=q.device)
-
-
-@register("window_fft_attention", "triton")
-def _forward(q, k, v, window_size, norm_weight, norm_bias, eps):
-    out = new_output(q.shape, q.dtype, q.device)
-    window_attention_rows(q, k, v, window_size, norm_weight, norm_bias, eps, out, _all_rows(q))
-    return out
-
-
-@register("window_fft_attention_backward", "triton")
-def _backward(grad, q, k, v, window_size, norm_weight, norm_bias, eps):
-    gq = new_output(q.shape, q.dtype, q.device)
-    gk = new_output(k.shape, k.dtype, k.device)
-    gv = new_output(v.shape, v.dtype, v.device)
-    gw, gb = window_attention_rows_backward(grad.contiguous(), q, k, v, window_size, norm_weight, norm_bias,
-                                            eps, gq, gk, gv, _all_rows(q))
-    return gq, gk, gv, gw.to(norm_weight.dtype), gb.to(norm_bias.dtype)
+register_all("triton", window_attention_implementations(window_attention_rows, window_attention_rows_backward),
+             dtypes=FP32_AND_16BIT)
