@@ -11,8 +11,9 @@ Backends:
 The choice comes, in this order, from the innermost ``with moce_kernels.backend(name):`` of the
 calling thread (context-local: a block in one thread, or one asyncio task, never changes what
 another runs), then the process-wide ``moce_kernels.set_backend(name)`` (``set_backend(None)``
-clears it), then the environment variable ``MOCE_BACKEND``, then ``auto``. An unknown name, or a
-backend that cannot run here, is an error that says why.
+clears it), then the environment variable ``MOCE_BACKEND``, then ``auto``. An op's backward runs with
+the choice that was in force for its forward (the autograd engine may run it on a thread of its own).
+An unknown name, or a backend that cannot run here, is an error that says why.
 """
 from __future__ import annotations
 

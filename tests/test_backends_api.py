@@ -170,3 +170,26 @@ def test_float64_runs_the_reference_under_a_backend_without_it(monkeypatch):
             out = moce_kernels.ops.moe_combine(rows, gates, perm)
         assert out.dtype == torch.float64
     assert calls == [1] * len(fast)
+
+
+def test_backward_runs_on_the_forwards_backend_choice(monkeypatch):
+    """The autograd engine runs the backward of CUDA tensors on threads of its own, where the caller's
+    ``backend()`` block is not in force: an op's backward follows the choice of its forward. Simulated
+    on the CPU by running the backward on another thread."""
+    ran = []
+    impl = backends.implementation("window_fft_attention_backward", "triton")
+
+    def recording(*args):
+        ran.append(threading.current_thread().name)
+        return impl(*args)
+
+    monkeypatch.setitem(backends._IMPLS["window_fft_attention_backward"], "triton", recording)
+    moce_kernels.set_backend("reference")
+    q = torch.randn(1, 2, 4, 4, requires_grad=True)
+    w, b = torch.ones(2), torch.zeros(2)
+    with moce_kernels.backend("triton"):
+        out = moce_kernels.ops.window_fft_attention(q, q, q, 4, w, b)
+    worker = threading.Thread(target=lambda: out.sum().backward(), name="autograd-like")
+    worker.start()
+    worker.join()
+    assert ran == ["autograd-like"] and q.grad is not None

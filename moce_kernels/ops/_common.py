@@ -107,6 +107,22 @@ def check_segments(name: str, offsets: torch.Tensor, rows: int) -> None:
         raise ValueError(f"{name} must rise from 0 to {rows} (one segment of rows per expert), got {o}")
 
 
+def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """``op.register_autograd(backward, setup_context=...)``, with the backward run under the backend
+    choice that was in force for the forward. Backend blocks are per thread, and the autograd engine
+    runs the backward of CUDA tensors on threads of its own, where the caller's block is not in force."""
+
+    def setup(ctx, inputs, output):
+        ctx.backend_choice = backends.get_backend()
+        setup_context(ctx, inputs, output)
+
+    def run(ctx, *grads):
+        with backends.backend(ctx.backend_choice):
+            return backward(ctx, *grads)
+
+    op.register_autograd(run, setup_context=setup)
+
+
 def define_op(name: str, params: Sequence[Tuple[str, str]], out_shape: Callable[..., Sequence[int]],
               passthrough: Optional[str] = None) -> Callable:
     """Define the custom op ``moce::{name}`` and its backward op ``moce::{name}_backward``.
@@ -158,5 +174,5 @@ def define_op(name: str, params: Sequence[Tuple[str, str]], out_shape: Callable[
             out.insert(at, grad if ctx.passthrough else None)
         return tuple(out)
 
-    fwd.register_autograd(backward, setup_context=setup)
+    register_autograd(fwd, backward, setup)
     return fwd

@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import FLOAT_DTYPES, call_impl, check_positive, check_same, check_tensor
+from ._common import FLOAT_DTYPES, call_impl, check_positive, check_same, check_tensor, register_autograd
 
 OP = "channel_attention"
 DEFAULT_EPS = 1e-12  # F.normalize's default, as in the model
@@ -72,7 +72,7 @@ def _backward(ctx, grad):
     return (gq, gk, gv, gt, gw, gb if ctx.has_bias else None, grad if ctx.has_residual else None, None)
 
 
-_channel_attention.register_autograd(_backward, setup_context=_setup)
+register_autograd(_channel_attention, _backward, _setup)
 
 
 def planes_contiguous(t: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ from typing import List, Sequence
 import torch
 
 from ..expert_stage.weights import PER_EXPERT, ExpertWeights, flatten, unflatten
-from ._common import call_impl, check_same, check_tensor
+from ._common import call_impl, check_same, check_tensor, register_autograd
 from .routing import check_routing
 
 
@@ -54,7 +54,7 @@ def _experts_bwd(ctx, grad):
     return grads[0], grads[1], None, None, None, list(grads[2:]), None, None
 
 
-_experts.register_autograd(_experts_bwd, setup_context=_experts_setup)
+register_autograd(_experts, _experts_bwd, _experts_setup)
 
 
 def check_expert_weights(experts: Sequence[Sequence[torch.Tensor]], C: int) -> List[ExpertWeights]:

@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 
 from ._common import (call_impl, check_index_tensor, check_permutation, check_positive, check_same, check_segments,
-                      check_tensor, debug_checks)
+                      check_tensor, debug_checks, register_autograd)
 
 
 # ---------------------------------------------------------------- router
@@ -74,7 +74,7 @@ def _route_bwd(ctx, g_gates, g_indices, g_logits, g_loss):
     return gx, gf, ggw, gfw, None, None, None, None, None, None
 
 
-_route.register_autograd(_route_bwd, setup_context=_route_setup)
+register_autograd(_route, _route_bwd, _route_setup)
 
 
 def route(x: torch.Tensor, freq_emb: torch.Tensor, gate_weight: torch.Tensor, freq_weight: torch.Tensor,
@@ -196,7 +196,7 @@ def _combine_bwd(ctx, grad):
     return g_eo, g_gates, None
 
 
-_combine.register_autograd(_combine_bwd, setup_context=_combine_setup)
+register_autograd(_combine, _combine_bwd, _combine_setup)
 
 
 def combine(expert_out: torch.Tensor, gates: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

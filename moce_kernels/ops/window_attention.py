@@ -11,7 +11,7 @@ from typing import Tuple
 
 import torch
 
-from ._common import FLOAT_DTYPES, call_impl, check_positive, check_same, check_tensor
+from ._common import FLOAT_DTYPES, call_impl, check_positive, check_same, check_tensor, register_autograd
 
 OP = "window_fft_attention"
 WINDOW_SIZES = (4, 8, 16, 32, 64)
@@ -54,7 +54,7 @@ def _backward(ctx, grad):
     return gq, gk, gv, None, gw, gb, None
 
 
-_window_fft_attention.register_autograd(_backward, setup_context=_setup)
+register_autograd(_window_fft_attention, _backward, _setup)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
