@@ -129,9 +129,9 @@ def _dispatch(indices, num_experts):
 
 # ---------------------------------------------------------------- combine
 def inverse_perm(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.zeros_like(perm)  # zeros, not empty: an invalid perm reads row 0, never past the buffer
-    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
-    return inv
+    """inv[perm[i]] = i (out of place, so it traces as a functional graph). Starts from zeros, not empty:
+    an invalid perm reads row 0, never past the buffer."""
+    return torch.zeros_like(perm).scatter(0, perm, torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype))
 
 
 def combine(expert_out, gates, perm) -> torch.Tensor:
