@@ -2,6 +2,7 @@
 from . import nvtx, ops
 from .backends import available_backends, backend, get_backend, set_backend
 from .model import MoCEIR
+from .restoration import restore
 
 __version__ = "0.1.0"
-__all__ = ["MoCEIR", "ops", "nvtx", "available_backends", "backend", "get_backend", "set_backend"]
+__all__ = ["MoCEIR", "ops", "nvtx", "restore", "available_backends", "backend", "get_backend", "set_backend"]
