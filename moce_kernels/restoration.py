@@ -274,7 +274,8 @@ def _progress_bar(enabled: bool):
 
 def restore(model: nn.Module, image: torch.Tensor, *, tile: Optional[int] = None, overlap: int = 32,
             routing: str = "image", progress: bool = False, tile_batch: Optional[int] = None) -> torch.Tensor:
-    """Restore ``image`` ((B, 3, H, W), RGB in [0, 1], any size) with ``model``; returns the same shape.
+    """Restore ``image`` ((B, 3, H, W), RGB in [0, 1], any size) with ``model``; returns the same shape
+    and dtype, on the image's device (the model's values, not clipped to [0, 1]).
 
     Args:
         model: a MoCEIR (or any module mapping (N, 3, h, w) to the same shape), in eval mode. It runs

@@ -180,16 +180,18 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: "str | os.Pat
 
     Written to a temporary file beside ``path`` and renamed, so a failed write leaves no partial file.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     try:
         meta = json.dumps(dict(config))
     except TypeError as e:
         raise ValueError(f"model configuration cannot be stored as JSON: {e}") from None
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    data = save(tensors, metadata={"format": "pt", SAFETENSORS_CONFIG_KEY: meta})
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", SAFETENSORS_CONFIG_KEY: meta})
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
