@@ -9,7 +9,8 @@ is applied by OpenCV's TIFF decoder. Other metadata (EXIF, ICC profiles) is not 
 
 Limits: OpenCV cannot write two-channel files, so gray with alpha is written as PNG by a small
 encoder here and as RGBA with equal colour channels in the other formats; 8-bit RGBA TIFFs come
-out of OpenCV's decoder with premultiplied colour.
+out of OpenCV's decoder with premultiplied colour; WebP's encoder drops the colour of fully
+transparent pixels.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+
+from ._files import write_atomic
 
 LOSSLESS_EXTENSIONS = (".png", ".tif", ".tiff")
 EXTENSIONS = LOSSLESS_EXTENSIONS + (".jpg", ".jpeg", ".webp")  # what moce-restore looks for in folders
@@ -282,12 +285,4 @@ def write_image(path: "str | os.PathLike", picture: Picture, quality: int = 95) 
     """Write ``picture`` to ``path`` (format from the extension, see :func:`encode_image`), atomically:
     to a temporary file beside it, then renamed, so a failure leaves no partial file."""
     path = os.fspath(path)
-    data = encode_image(picture, os.path.splitext(path)[1], quality)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, encode_image(picture, os.path.splitext(path)[1], quality))

@@ -86,7 +86,8 @@ def test_16_bit_gray_keeps_the_values_the_model_produced(tmp_path):
     gray = rng.integers(0, 65536, (30, 45), dtype=np.uint16)
     _write(tmp_path / "g.tif", gray)
     model = Pointwise()
-    restore_file(model, Job(str(tmp_path / "g.tif"), str(tmp_path / "out" / "g.tif")), RestoreOptions(tile=16, overlap=4))
+    job = Job(str(tmp_path / "g.tif"), str(tmp_path / "out" / "g.tif"))
+    restore_file(model, job, RestoreOptions(tile=16, overlap=4))
     x = torch.from_numpy(gray.astype(np.float32) / 65535).expand(1, 3, 30, 45)
     with torch.no_grad():
         y = model(x)[0].double().clamp(0, 1).numpy()

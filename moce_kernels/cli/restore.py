@@ -120,7 +120,8 @@ def collect_inputs(specs: Sequence[str], recursive: bool, out_dir: str) -> Tuple
     return found, missing
 
 
-def plan_jobs(inputs: Sequence[Tuple[str, str]], out_dir: str, suffix: str = "", ext: Optional[str] = None) -> List[Job]:
+def plan_jobs(inputs: Sequence[Tuple[str, str]], out_dir: str, suffix: str = "",
+              ext: Optional[str] = None) -> List[Job]:
     """Output path of every input below ``out_dir``: its path relative to the inputs' common folder, with
     ``suffix`` and ``ext``. Raises :class:`UsageError` if an output would overwrite an input or two
     inputs would write one output."""

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from .._files import write_atomic
 from .presets import PRESETS, preset_config
 
 _PREFIXES = ("net.", "model.", "module.", "_orig_mod.")
@@ -186,16 +187,7 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: "str | os.Pat
     except TypeError as e:
         raise ValueError(f"model configuration cannot be stored as JSON: {e}") from None
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    data = save(tensors, metadata={"format": "pt", SAFETENSORS_CONFIG_KEY: meta})
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, save(tensors, metadata={"format": "pt", SAFETENSORS_CONFIG_KEY: meta}))
 
 
 def read_safetensors(path: "str | os.PathLike", map_location="cpu") -> Tuple[Dict[str, torch.Tensor],
