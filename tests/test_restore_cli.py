@@ -112,7 +112,9 @@ def test_bad_options_are_refused_in_one_line(tmp_path, ckpt, capsys):
     base = [str(tmp_path / "x.png"), "--out", str(tmp_path / "out")]
     for extra, match in [(["--ckpt", str(tmp_path / "none.ckpt")], "not found"),
                          (["--ckpt", ckpt, "--dtype", "bf16", "--device", "cpu"], "needs a GPU"),
-                         (["--ckpt", ckpt, "--backend", "nope"], "nope")]:
+                         (["--ckpt", ckpt, "--backend", "nope"], "nope"),
+                         (["--ckpt", ckpt, "--tile", "100"], "multiple of 8"),
+                         (["--ckpt", ckpt, "--tile", "64", "--overlap", "40"], "--overlap")]:
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert match in err and len(err.strip().splitlines()) == 1, err

@@ -148,6 +148,16 @@ def plan_jobs(inputs: Sequence[Tuple[str, str]], out_dir: str, suffix: str = "",
 
 
 # ---------------------------------------------------------------- model and files
+def _check_tiling(args: argparse.Namespace, pad_multiple: int) -> None:
+    if args.tile is not None and (args.tile < 0 or args.tile % pad_multiple):
+        raise UsageError(f"--tile must be 0 (no tiling) or a positive multiple of {pad_multiple} for this model, "
+                         f"got {args.tile}")
+    if args.overlap < 0 or (args.tile and 2 * args.overlap > args.tile):
+        raise UsageError(f"--overlap must be in [0, tile/2], got {args.overlap}")
+    if args.tile_batch is not None and args.tile_batch < 1:
+        raise UsageError(f"--tile-batch must be positive, got {args.tile_batch}")
+
+
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The model the arguments ask for, in eval mode on its device and dtype (UsageError if impossible)."""
     import moce_kernels
@@ -165,6 +175,7 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         model = MoCEIR.from_checkpoint(args.ckpt, preset=args.preset)
     except (ValueError, RuntimeError, OSError) as e:
         raise UsageError(one_line(e)) from None
+    _check_tiling(args, model.pad_multiple)
     model = model.eval().to(device, DTYPES[args.dtype])
     if args.optimize:
         optimize = getattr(moce_kernels, "optimize", None)
