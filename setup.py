@@ -43,8 +43,11 @@ setup(
     description="Fast, exact MoCE-IR (all-in-one image restoration) with fused Triton and CUDA C++ kernels",
     packages=find_packages(include=["moce_kernels", "moce_kernels.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    # opencv: image files with 16-bit colour, alpha and EXIF orientation (moce-restore); tqdm: progress bars
+    install_requires=["torch>=2.4", "numpy", "opencv-python-headless>=5.1", "safetensors>=0.4", "tqdm>=4.60"],
     extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
+    entry_points={"console_scripts": ["moce-restore=moce_kernels.cli.restore:main",
+                                      "moce-convert-ckpt=moce_kernels.cli.convert:main"]},
     ext_modules=[ext] if ext is not None else [],
     cmdclass=cmdclass,
     zip_safe=False,

@@ -1,24 +1,33 @@
-"""Loading the authors' released checkpoints (Lightning ``.ckpt``) and plain state dicts, safely.
+"""Loading the authors' released checkpoints (Lightning ``.ckpt``) and plain state dicts, safely;
+reading and writing ``.safetensors`` files that keep the model's configuration.
 
 Files are read with ``torch.load(weights_only=True)``: no arbitrary pickled code runs. Lightning
-hyper-parameters that hold an ``argparse.Namespace`` are allowed explicitly.
+hyper-parameters that hold an ``argparse.Namespace`` are allowed explicitly. A ``.safetensors``
+file (recognised by its header, whatever its name) holds no code at all; the constructor arguments
+are a JSON string in its metadata under :data:`SAFETENSORS_CONFIG_KEY`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 import zlib
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from .._files import write_atomic
 from .presets import PRESETS, preset_config
 
 _PREFIXES = ("net.", "model.", "module.", "_orig_mod.")
+
+
+SAFETENSORS_CONFIG_KEY = "moce_kernels.config"
 
 
 class CheckpointError(ValueError):
@@ -50,6 +59,10 @@ def _verify_zip(path: str) -> None:
     if bad is not None:
         raise CheckpointError(f"{path} is corrupt: the data of its record {bad!r} does not match the record's "
                               "CRC-32 (a damaged or partly written file); re-download or re-save it")
+
+
+class AssumedConfigWarning(UserWarning):
+    """A checkpoint did not determine some constructor arguments; the loader assumed values for them."""
 
 
 def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Any:
@@ -178,16 +191,115 @@ def describe_mismatch(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) ->
     return out
 
 
+# ---------------------------------------------------------------- safetensors
+def is_safetensors(path: "str | os.PathLike") -> bool:
+    """Whether the file at ``path`` starts like a safetensors file (8-byte header length, then JSON)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    n = struct.unpack("<Q", head[:8])[0]
+    return head[8:9] == b"{" and 8 + n <= size
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: "str | os.PathLike",
+                     config: Mapping[str, Any]) -> None:
+    """Write ``state_dict`` and the constructor arguments ``config`` (JSON in the metadata) to ``path``.
+
+    Written to a temporary file beside ``path`` and renamed, so a failed write leaves no partial file.
+    """
+    from safetensors.torch import save
+    try:
+        meta = json.dumps(dict(config))
+    except TypeError as e:
+        raise ValueError(f"model configuration cannot be stored as JSON: {e}") from None
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    write_atomic(path, save(tensors, metadata={"format": "pt", SAFETENSORS_CONFIG_KEY: meta}))
+
+
+def read_safetensors(path: "str | os.PathLike", map_location="cpu") -> Tuple[Dict[str, torch.Tensor],
+                                                                             Optional[Dict[str, Any]]]:
+    """(state dict, stored constructor arguments or None) from a safetensors file, with clear errors."""
+    from safetensors import safe_open
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError besides OSError/ValueError
+        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): "
+                              f"{type(e).__name__}: {e}") from None
+    config = None
+    if SAFETENSORS_CONFIG_KEY in meta:
+        try:
+            config = json.loads(meta[SAFETENSORS_CONFIG_KEY])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: the stored model configuration is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: the stored model configuration is not a mapping: {config!r}")
+    if map_location not in (None, "cpu"):
+        sd = {k: v.to(map_location) for k, v in sd.items()}
+    return sd, config
+
+
+# ---------------------------------------------------------------- assumed configuration
+def assumed_arguments(cfg: Mapping[str, Any], determined: "set[str]") -> Dict[str, Any]:
+    """The constructor arguments in ``cfg`` that nothing in ``determined`` fixed (``rank`` only
+    where the rank type uses it)."""
+    out = {k: v for k, v in cfg.items() if k not in determined}
+    if cfg.get("rank_type") == "spread":
+        out.pop("rank", None)
+    return out
+
+
+def warn_assumed(path: "str | os.PathLike", assumed: Mapping[str, Any], source: str) -> None:
+    """Warn (:class:`AssumedConfigWarning`) naming each assumed argument and its value."""
+    if not assumed:
+        return
+    values = ", ".join(f"{k}={v!r}" for k, v in assumed.items())
+    warnings.warn(
+        f"{os.fspath(path)} does not store these constructor arguments and its tensor shapes cannot tell them; "
+        f"assumed {values} ({source}). Pass the right values as keyword arguments to from_checkpoint if they "
+        "differ; a .safetensors file written by save_checkpoint or moce-convert-ckpt stores them.",
+        AssumedConfigWarning, stacklevel=4)
+
+
+def _read_any(path, map_location) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Optional[Dict[str, Any]]]:
+    """(state dict, Lightning hyper-parameters, stored configuration or None) from any supported file."""
+    if is_safetensors(path):
+        sd, stored = read_safetensors(path, map_location)
+        return extract_state_dict(sd)[0], {}, stored
+    sd, hparams = extract_state_dict(read_checkpoint(path, map_location))
+    return sd, hparams, None
+
+
+def _build(cls, path, cfg: Mapping[str, Any], inferred: Mapping[str, Any]):
+    try:
+        return cls(**cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot build a model for this checkpoint ({e}); shapes suggest {inferred}")
+
+
 def load_model(cls, path, preset: Optional[str] = None, map_location="cpu", strict: bool = True, **kwargs):
     """Build a model for the checkpoint at ``path`` and load its weights.
 
-    The configuration comes from ``preset`` if given, else from the tensor shapes (the matching preset,
-    or the released routing settings with the inferred shapes), then any Lightning hyper-parameters
-    (``topk``, ``depth_type``, ...), then ``kwargs``: what shapes cannot tell (``topk``, depths) must come
-    from one of those.
+    A ``.safetensors`` file with a stored configuration is rebuilt from it (updated by ``kwargs``;
+    ``preset`` replaces it). Otherwise the configuration comes from ``preset`` if given, else from the
+    tensor shapes (the matching preset, or the released routing settings with the inferred shapes),
+    then any Lightning hyper-parameters (``topk``, ``depth_type``, ...), then ``kwargs``; what none of
+    these fixed (``topk``, depths, ... without a named preset) is assumed, with an
+    :class:`AssumedConfigWarning` naming each value.
     """
-    sd, hparams = extract_state_dict(read_checkpoint(path, map_location))
+    sd, hparams, stored = _read_any(path, map_location)
     inferred = infer_config(sd)
+    if stored is not None and preset is None:
+        model = _build(cls, path, dict(stored, **kwargs), inferred)
+        _load_weights(model, sd, strict, f"{path}: the tensors do not fit the configuration stored in the file")
+        return model
     looks_like = matching_preset(inferred)
     if preset is not None:
         cfg = preset_config(preset)
@@ -199,14 +311,19 @@ def load_model(cls, path, preset: Optional[str] = None, map_location="cpu", stri
         cfg.update(inferred)
     cfg.update(_from_hparams(hparams))
     cfg.update(kwargs)
-    try:
-        model = cls(**cfg)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot build a model for this checkpoint ({e}); shapes suggest {inferred}")
+    if preset is None:
+        source = (f"the values of preset {looks_like!r}, whose shapes it has" if looks_like
+                  else "the released presets' values")
+        warn_assumed(path, assumed_arguments(cfg, set(inferred) | set(_from_hparams(hparams)) | set(kwargs)), source)
+    model = _build(cls, path, cfg, inferred)
+    hint = f"it looks like preset {looks_like!r}" if looks_like else f"its shapes suggest {inferred}"
+    asked = f"preset {preset!r}" if preset else "the inferred configuration"
+    _load_weights(model, sd, strict, f"{path} does not fit {asked}; {hint}")
+    return model
+
+
+def _load_weights(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], strict: bool, intro: str) -> None:
     problems = describe_mismatch(model, sd)
     if problems and strict:
-        hint = f"it looks like preset {looks_like!r}" if looks_like else f"its shapes suggest {inferred}"
-        asked = f"preset {preset!r}" if preset else "the inferred configuration"
-        raise CheckpointError(f"{path} does not fit {asked}; {hint}.\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{intro}.\n  " + "\n  ".join(problems))
     model.load_state_dict(sd, strict=strict)
-    return model

@@ -1,14 +1,18 @@
 """MoCE-IR: the 4-level asymmetric U-Net with mixture-of-complexity-experts decoders."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+import contextlib
+import inspect
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nvtx import annotate
+from . import fixed_routing
 from .blocks import DecoderResidualGroup, EncoderResidualGroup
+from .fixed_routing import Route, Routes
 from .layers import Downsample, FFTAttention, FrequencyEmbedding, OverlapPatchEmbed, Upsample
 from .moe import AdapterLayer, ExpertUsage
 from .presets import preset_config
@@ -25,6 +29,14 @@ def _pad_reflect(x: torch.Tensor, mult: int) -> torch.Tensor:
             x = F.pad(x, pad, mode="reflect" if size > 1 else "replicate")
             need -= step
     return x
+
+
+def _constructor_config(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """The constructor's arguments from its local variables, JSON-ready (lists, no classes)."""
+    names = [n for n in inspect.signature(MoCEIR.__init__).parameters if n != "self"]
+    cfg = {n: list(values[n]) if isinstance(values[n], tuple) else values[n] for n in names}
+    cfg["expert_layer"] = None  # FFTAttention, the only expert layer, is the default
+    return cfg
 
 
 def _check_list(name: str, value: Sequence[int], n: int) -> List[int]:
@@ -101,6 +113,7 @@ class MoCEIR(nn.Module):
         self.output = nn.Conv2d(dim, out_channels, kernel_size=3, padding=1, bias=bias)
         self.total_loss: torch.Tensor = torch.zeros(())
         self._adapters: Tuple[AdapterLayer, ...] = tuple(self.adapters())
+        self.config: Dict[str, Any] = _constructor_config(locals())  # what save_checkpoint stores
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -113,10 +126,18 @@ class MoCEIR(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, preset: Optional[str] = None, map_location="cpu", strict: bool = True,
                         **kwargs) -> "MoCEIR":
-        """Load a released Lightning ``.ckpt`` or a plain state dict (``weights_only``); see
-        :func:`moce_kernels.model.checkpoint.load_model`."""
+        """Load a ``.safetensors`` file written by :meth:`save_checkpoint` (its stored configuration,
+        updated by ``kwargs``), a released Lightning ``.ckpt`` or a plain state dict (``weights_only``);
+        see :func:`moce_kernels.model.checkpoint.load_model`."""
         from .checkpoint import load_model
         return load_model(cls, path, preset=preset, map_location=map_location, strict=strict, **kwargs)
+
+    def save_checkpoint(self, path) -> None:
+        """Write the weights and the constructor arguments (``self.config``, with the current
+        ``routing_noise``) to a ``.safetensors`` file; :meth:`from_checkpoint` needs nothing else to
+        rebuild the model."""
+        from .checkpoint import save_safetensors
+        save_safetensors(self.state_dict(), path, dict(self.config, routing_noise=self.routing_noise))
 
     # ------------------------------------------------------------ routing noise
     def adapters(self) -> List[AdapterLayer]:
@@ -130,6 +151,21 @@ class MoCEIR(nn.Module):
     def routing_noise(self, mode: str) -> None:
         for a in self.adapters():
             a.routing_noise = mode
+
+    # ------------------------------------------------------------ fixed routing
+    def record_routes(self, groups: Optional[torch.Tensor] = None,
+                      num_groups: Optional[int] = None) -> "contextlib.AbstractContextManager[Routes]":
+        """``with model.record_routes() as routes: model(x)`` records each MoCE layer's route
+        (gates, indices, logits per image); with ``groups``, rows of a group share one route decided
+        from their mean router input. See :mod:`moce_kernels.model.fixed_routing`."""
+        return fixed_routing.record_routes(self, groups, num_groups)
+
+    def fixed_routes(self, routes: Mapping[str, Route],
+                     rows: Optional[torch.Tensor] = None) -> "contextlib.AbstractContextManager[None]":
+        """``with model.fixed_routes(routes, rows): model(x)`` runs every MoCE layer with the given
+        routes (row b takes entry ``rows[b]``) instead of its router; sync-free.
+        See :mod:`moce_kernels.model.fixed_routing`."""
+        return fixed_routing.fixed_routes(self, routes, rows)
 
     # ------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:

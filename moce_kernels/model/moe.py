@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -152,6 +152,9 @@ class AdapterLayer(nn.Module):
     load-balancing loss in every case. After a training forward, ``self.loss`` is the auxiliary loss.
     """
 
+    # set only inside the blocks of moce_kernels.model.fixed_routing: called as route_override(self, x, freq_emb)
+    route_override: Optional[Callable] = None
+
     def __init__(self, dim: int, rank: int, num_experts: int = 4, top_k: int = 2, stage_depth: int = 1,
                  depth_type: Union[str, int] = "lin", rank_type: str = "constant", freq_dim: int = 128,
                  with_complexity: bool = False, complexity_scale: str = "min", routing_noise: str = "train"):
@@ -201,7 +204,18 @@ class AdapterLayer(nn.Module):
         return [e.weights() for e in self.expert_modules()]
 
     def route(self, x: torch.Tensor, freq_emb: torch.Tensor):
-        """gates (B, k), indices (B, k), noise-free logits (B, E), aux loss () (0 in eval)."""
+        """gates (B, k), indices (B, k), noise-free logits (B, E), aux loss () (0 in eval).
+
+        The layer's own :meth:`router`, unless a block of
+        :func:`~moce_kernels.model.fixed_routing.record_routes` or ``fixed_routes`` has installed
+        ``route_override`` (recorded, shared or fixed routes; see that module).
+        """
+        if self.route_override is not None:
+            return self.route_override(self, x, freq_emb)
+        return self.router(x, freq_emb)
+
+    def router(self, x: torch.Tensor, freq_emb: torch.Tensor):
+        """The per-row router: gates (B, k), indices (B, k), noise-free logits (B, E), aux loss ()."""
         r = self.routing
         return ops.moe_route(x, freq_emb, r.gate[2].weight, r.freq_gate.weight, r.complexity, self._noise(x),
                              self.top_k, r.noise_std, self.training, r.use_complexity_bias)

@@ -1,0 +1,1 @@
+"""Console scripts: ``moce-restore`` (:mod:`.restore`) and ``moce-convert-ckpt`` (:mod:`.convert`)."""

@@ -1,0 +1,32 @@
+"""What the console scripts share: one-line messages and warnings."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from typing import Iterator
+
+
+class UsageError(Exception):
+    """A problem with the command line or the run as a whole: reported in one line, exit status 2."""
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (the message alone for ValueError-like errors that name their file)."""
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    if isinstance(error, OSError) and error.strerror:
+        first = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return first if isinstance(error, (ValueError, UsageError)) else f"{type(error).__name__}: {first}"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
+@contextlib.contextmanager
+def plain_warnings() -> Iterator[None]:
+    """Inside the block, warnings print as ``warning: message``, without the source line."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        yield

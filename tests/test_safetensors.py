@@ -1,0 +1,95 @@
+"""Checkpoints that keep their configuration: save_checkpoint / from_checkpoint with .safetensors,
+the warning for files that do not store it, and moce-convert-ckpt."""
+import warnings
+
+import pytest
+import torch
+
+from moce_kernels import MoCEIR
+from moce_kernels.cli.convert import main as convert_main
+from moce_kernels.model.checkpoint import AssumedConfigWarning, CheckpointError
+
+CONFIGS = [  # far from the defaults and from the presets: nothing may come back by accident
+    dict(dim=8, num_blocks=[1, 1, 1, 1], num_dec_blocks=[1, 2, 1], heads=[1, 2, 1, 2], topk=2, depth_type="lin",
+         stage_depth=[2, 1, 1], rank_type="constant", rank=3, with_complexity=False, complexity_scale="min",
+         LayerNorm_type="BiasFree", bias=True, ffn_expansion_factor=1.5, num_refinement_blocks=2,
+         routing_noise="never"),
+    dict(dim=12, levels=3, heads=[1, 1, 2], num_blocks=[1, 1, 2], num_dec_blocks=[1, 1], stage_depth=[1, 2],
+         depth_type=2, rank_type="spread", num_experts=3, topk=3, with_complexity=True, routing_noise="always"),
+]
+
+
+def _same_model(a: MoCEIR, b: MoCEIR) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    a.routing_noise = b.routing_noise = "never"
+    x = torch.rand(1, 3, 16, 24)
+    with torch.no_grad():
+        assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["levels4", "levels3"])
+def test_safetensors_round_trip_keeps_the_configuration(tmp_path, config):
+    torch.manual_seed(0)
+    model = MoCEIR(**config)
+    path = tmp_path / "model.bin"  # recognised by its header, not its name
+    model.save_checkpoint(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is assumed
+        loaded = MoCEIR.from_checkpoint(path)
+    assert loaded.config == model.config
+    for key, value in config.items():
+        assert loaded.config[key] == value, key
+    _same_model(loaded, model)
+
+
+def test_corrupt_safetensors_is_a_clear_error(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    MoCEIR(**CONFIGS[1]).save_checkpoint(path)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) - 100])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        MoCEIR.from_checkpoint(path)
+
+
+def test_plain_state_dict_warns_naming_each_assumed_argument(tmp_path):
+    torch.manual_seed(0)
+    model = MoCEIR(**CONFIGS[0])
+    path = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), path)
+    with pytest.warns(AssumedConfigWarning) as record:
+        MoCEIR.from_checkpoint(path, strict=False)
+    message = str(record[0].message)
+    for assumed in ("topk=1", "depth_type='constant'", "stage_depth=[1, 1, 1]", "with_complexity=True",
+                    "complexity_scale='max'"):
+        assert assumed in message, (assumed, message)
+    given = dict(topk=2, depth_type="lin", stage_depth=[2, 1, 1], with_complexity=False, complexity_scale="min",
+                 rank=3)
+    with pytest.warns(AssumedConfigWarning) as record:
+        MoCEIR.from_checkpoint(path, topk=2)
+    assert "topk" not in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = MoCEIR.from_checkpoint(path, **given)
+    _same_model(loaded, model)
+
+
+def test_convert_command_writes_a_self_describing_file(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = MoCEIR(**CONFIGS[0])
+    src = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"net." + k: v for k, v in model.state_dict().items()}, "epoch": 1}, src)
+    dst = tmp_path / "converted.safetensors"
+    sets = ["--set", "topk=2", "--set", "depth_type=lin", "--set", "stage_depth=[2,1,1]", "--set",
+            "with_complexity=false", "--set", "complexity_scale=min", "--set", "rank=3"]
+    assert convert_main([str(src), str(dst)] + sets) == 0
+    assert "wrote" in capsys.readouterr().out
+    _same_model(MoCEIR.from_checkpoint(dst), model)
+    assert convert_main([str(src), str(dst)]) == 2, "an existing output needs --force"
+    assert "exists" in capsys.readouterr().err
+    assert convert_main([str(dst), str(dst), "--force"]) == 2, "never over its own input"
+    assert convert_main([str(tmp_path / "missing.ckpt"), str(tmp_path / "x.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err
