@@ -1,19 +1,24 @@
-"""Whole-model speed: MoCE-IR and MoCE-IR-S per backend, reporting megapixels/s.
+"""Whole-model speed: MoCE-IR and MoCE-IR-S per backend, reporting megapixels/s, and the op census.
 
 Run: ``pytest benchmarks/bench_model.py --benchmark-only``.
 - GPU: 256, 512 and 1024 px; batch 1 and 8 (1024 px at batch 1); fp32 and bf16; every available
-  backend, plus ``torch.compile`` of the reference (MoCE-IR-S, 256 px) and, at batch 1, a CUDA
-  graph replay of the fastest backend. Each case records the median time of
-  ``triton.testing.do_bench`` and megapixels/s in ``extra_info``.
-- CPU: MoCE-IR-S at 64 px, batch 1, reference backend; with ``MOCE_AUTHORS_CODE=/path/moce_ir.py``
-  (the authors' file, kept outside this repository) also their model with the same weights, so the
-  two are timed side by side in one run.
+  backend and ``auto``, plus ``torch.compile`` of the reference and ``moce_kernels.optimize`` (256 and
+  512 px) and, at batch 1, a CUDA graph replay of the fastest backend. Each case records the median
+  time of ``triton.testing.do_bench`` and megapixels/s in ``extra_info``.
+- CPU: MoCE-IR-S at 64 px, batch 1, fp32: the reference eager path (on a CPU every op runs its
+  reference), ``torch.compile`` of the reference (``_baselines.compile_reference``: the authors' math
+  visible to Inductor) and ``optimize()`` (Inductor around our opaque ops), side by side. With
+  ``MOCE_AUTHORS_CODE=/path/moce_ir.py`` (the authors' file, kept outside this repository) also their
+  model with the same weights.
+- Both: ``test_op_census`` prints the ops and the analytic bytes of a forward per op family, the fused
+  path beside the eager ops it replaces and the fused floor (``moce_kernels.census``).
 Eval mode, no gradients, deterministic routing (their eval noise switched off for the comparison).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import time
 from typing import Callable, List, Tuple
 
@@ -21,7 +26,10 @@ import pytest
 import torch
 
 import moce_kernels
-from moce_kernels import MoCEIR
+from moce_kernels import MoCEIR, census
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _baselines import compile_reference, reference_decompositions  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -97,17 +105,45 @@ def test_model_forward(benchmark, backend, preset, px, batch, dtype):
         _record(benchmark, _sync(lambda: model(x)), px, batch, backend=backend, preset=preset, dtype=str(dtype))
 
 
-@pytest.mark.skipif(not GPU, reason="torch.compile timing is a GPU benchmark")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_model_forward_compiled_reference(benchmark, dtype):
-    model = _model("MoCE_IR_S", dtype)
-    x = torch.rand(1, 3, 256, 256, device=DEVICE, dtype=dtype)
-    with moce_kernels.backend("reference"):
-        compiled = torch.compile(model)
-        with torch.no_grad():
-            compiled(x)
-        _record(benchmark, _sync(lambda: compiled(x)), 256, 1, backend="compile(reference)", preset="MoCE_IR_S",
-                dtype=str(dtype))
+# (preset, px, dtype) of the compiled variants: each compiles the whole model once per shape
+COMPILED = ([(p, px, torch.bfloat16) for p in ("MoCE_IR_S", "MoCE_IR") for px in (256, 512)] if GPU
+            else [("MoCE_IR_S", 64, torch.float32)])
+
+
+@pytest.mark.parametrize("variant", ["compile(reference)", "optimize"])
+@pytest.mark.parametrize("preset,px,dtype", COMPILED,
+                         ids=[f"{p}-{px}px-{str(d).split('.')[-1]}" for p, px, d in COMPILED])
+def test_model_forward_compiled(benchmark, variant, preset, px, dtype):
+    """``torch.compile`` of the reference (the baseline) and ``moce_kernels.optimize`` (the fast path)."""
+    model = _model(preset, dtype)
+    x = torch.rand(1, 3, px, px, device=DEVICE, dtype=dtype)
+    backend = "reference" if variant == "compile(reference)" else "auto"
+    with moce_kernels.backend(backend), torch.no_grad():
+        fn = compile_reference(model) if variant == "compile(reference)" else moce_kernels.optimize(model)
+        t0 = time.perf_counter()
+        fn(x)  # compilation (and on a GPU the CUDA-graph capture)
+        first_s = time.perf_counter() - t0
+        _record(benchmark, _sync(lambda: fn(x)), px, 1, backend=variant, preset=preset, dtype=str(dtype),
+                first_call_s=first_s)
+
+
+def test_op_census(benchmark):
+    """Ops and analytic bytes of one MoCE-IR forward per op family: the fused path, the eager ops it
+    replaces (our ops expanded into their references) and the fused floor. Counts, not timings."""
+    model = _model("MoCE_IR", torch.float32 if not GPU else torch.bfloat16)
+    x = torch.rand(1, 3, 256, 256, device=DEVICE, dtype=next(model.parameters()).dtype)
+    fused = census.census(model, x)
+    eager = census.census(model, x, expand=reference_decompositions())
+    rows = ["| family | eager ops | fused ops | eager MB | fused MB | floor MB |", "|---|---:|---:|---:|---:|---:|"]
+    for fam in sorted(eager.families, key=lambda f: -eager.families[f].bytes):
+        e, f = eager.families[fam], fused.families.get(fam, census.FamilyStats())
+        rows.append(f"| {fam} | {e.ops} | {f.ops} | {e.bytes / 1e6:.1f} | {f.bytes / 1e6:.1f} | {e.floor / 1e6:.1f} |")
+    rows.append(f"| all | {eager.total_ops} | {fused.total_ops} | {eager.total_bytes / 1e6:.1f} | "
+                f"{fused.total_bytes / 1e6:.1f} | {eager.total_floor / 1e6:.1f} |")
+    print("\nMoCE-IR, 256 px, batch 1, one forward:\n" + "\n".join(rows))
+    benchmark.extra_info.update(eager_ops=eager.total_ops, fused_ops=fused.total_ops, eager_bytes=eager.total_bytes,
+                                fused_bytes=fused.total_bytes, floor_bytes=eager.total_floor)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")

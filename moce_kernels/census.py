@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -128,9 +128,11 @@ class Census:
 class _Recorder(TorchDispatchMode):
     """Counts ops and tracks which call site produced each storage (for the floor)."""
 
-    def __init__(self, modules: List[Tuple[str, int]]):
+    def __init__(self, modules: List[Tuple[str, int]], expand: Mapping[Any, Callable]):
         super().__init__()
         self.modules = modules  # stack of (class name, id) of the modules being run
+        self.expand = expand
+        self.expanding: List[str] = []  # families of the expanded ops being run
         self.result = Census()
         self.producer: Dict[int, Tuple[str, int]] = {}  # storage -> call site that wrote it
         self.seen_in: Set[Tuple[Tuple[str, int], Tuple]] = set()  # (site, view) already counted as an input
@@ -139,13 +141,21 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = func._schema.name
+        if func in self.expand:  # count what its eager equivalent runs, charged to the op's family
+            self.expanding.append(family_of(name, None))
+            try:
+                with self:
+                    return self.expand[func](*args, **kwargs)
+            finally:
+                self.expanding.pop()
+        out = func(*args, **kwargs)
         ns, _, short = name.partition("::")
         if ns == "aten" and (_is_view(func) or short in _NO_WORK):
             return out
         module = self.modules[-1] if self.modules else ("", 0)
-        fam = family_of(name, module[0], args[1].shape if short == "convolution" else None)
+        fam = (self.expanding[-1] if self.expanding
+               else family_of(name, module[0], args[1].shape if short == "convolution" else None))
         site = (fam, module[1])
         stats = self.result.families.setdefault(fam, FamilyStats())
         stats.ops += 1
@@ -199,10 +209,14 @@ def _module_stack(model: nn.Module, stack: List[Tuple[str, int]]) -> Iterator[No
             h.remove()
 
 
-def census(model: nn.Module, *inputs: Any) -> Census:
-    """Run ``model(*inputs)`` once (no gradients) and return its :class:`Census`."""
+def census(model: nn.Module, *inputs: Any, expand: Optional[Mapping[Any, Callable]] = None) -> Census:
+    """Run ``model(*inputs)`` once (no gradients) and return its :class:`Census`.
+
+    ``expand``: op overloads -> functions to run in their place (e.g. our ops' eager references), whose
+    ops are then counted instead, charged to the replaced op's family and call site: the census of the
+    eager path that the fused op replaces."""
     stack: List[Tuple[str, int]] = []
-    rec = _Recorder(stack)
+    rec = _Recorder(stack, expand or {})
     with torch.no_grad(), _module_stack(model, stack), rec:
         out = model(*inputs)
     rec.finish(out)
