@@ -74,7 +74,8 @@ gpu_tests() {  # the GPU-only checks, bounded: build must have run
   MOCE_FAIL_LOG="$OUT/failures.log" timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -n ${JOBS:-12} \
     -p no:cacheprovider -m gpu -k "${TEST_K:-not inductor_whole_model}" \
     tests/test_window_attention_backends.py tests/test_expert_conv_backends.py tests/test_experts_backends.py \
-    tests/test_routing_backends.py tests/test_compile_graph.py tests/test_model_backends.py > "$OUT/gpu_tests.log" 2>&1
+    tests/test_routing_backends.py tests/test_compile_graph.py tests/test_model_backends.py \
+    tests/test_channel_attention.py tests/test_norm_conv.py tests/test_optimize.py > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -30
 }
 

@@ -195,10 +195,20 @@ def _load(backend_name: str) -> None:
 # cuDNN's convolutions beat both fused pw->dw kernels. Ops not listed take the default order; the
 # expert stage keeps it although the per-expert loop is faster in eager mode, because the loop reads
 # the routing on the host, which would make ``auto`` impossible to capture in a CUDA graph.
+# The fused trunk ops (channel attention, the LayerNorm-folded convolutions, the 1x1 with its residual)
+# are not timed yet: Triton first, by count (a MoCE-IR forward at 256 px: 317 ops moving 5.4 GB by the
+# analytic model, against 1,773 ops and 21.3 GB for the eager ops they replace; bench_model.py's
+# test_op_census); `gpu_run.sh profile` times them.
+_TRUNK_ORDER = ("triton", "reference")
 _FASTEST_ON_CUDA: Dict[str, Tuple[str, ...]] = {
     "window_fft_attention": ("triton", "reference", "cuda"),
     "pointwise_depthwise_conv": ("reference", "cuda", "triton"),
     "pointwise_depthwise_conv_gated": ("reference", "cuda", "triton"),
+    "channel_attention": _TRUNK_ORDER,
+    "layer_norm_pointwise_depthwise_conv": _TRUNK_ORDER,
+    "layer_norm_pointwise_depthwise_conv_gated": _TRUNK_ORDER,
+    "layer_norm_pointwise_conv": _TRUNK_ORDER,
+    "pointwise_conv": _TRUNK_ORDER,
 }
 _DEFAULT_CUDA_ORDER = ("cuda", "triton", "reference")
 
@@ -235,12 +245,23 @@ def resolve(op: str, device: torch.device, name: Optional[str] = None, dtypes: I
     floating-point tensor arguments).
 
     The backend in force (``name``, else :func:`get_backend`); for ``auto``, the fastest available
-    one that implements ``op`` on ``device``. Then the declaration rule: when that backend's
-    implementation does not declare each of ``dtypes`` (:func:`register`), the reference runs the
-    call (the oracle takes every dtype; e.g. float64, which most Triton and CUDA kernels do not take).
-    A backend named explicitly that cannot run here, or not on ``device``, is an error.
+    one that implements ``op`` on ``device``. A backend named explicitly that cannot run here, or not
+    on ``device``, is an error; one that has no implementation of ``op`` at all (the cuda backend has
+    none for the fused trunk ops) leaves the op to ``auto``'s choice. Then the declaration rule: when
+    the backend's implementation does not declare each of ``dtypes`` (:func:`register`), the reference
+    runs the call (the oracle takes every dtype; e.g. float64, which most Triton and CUDA kernels do
+    not take). The NVTX range of each call names the backend that ran it.
     """
     name = get_backend() if name is None else _check_name(name)
+    if name != "auto":
+        _require(name)
+        _load(name)
+        if op in _IMPLS and name not in _IMPLS[op]:
+            name = "auto"
+        else:
+            why = _device_error(op, name, device)
+            if why is not None:
+                raise BackendUnavailableError(why)
     if name == "auto":
         name = "reference"
         for cand in _auto_order(op, device):
@@ -249,12 +270,6 @@ def resolve(op: str, device: torch.device, name: Optional[str] = None, dtypes: I
                 if cand in _IMPLS.get(op, {}) and _device_error(op, cand, device) is None:
                     name = cand
                     break
-    else:
-        _require(name)
-        _load(name)
-        why = _device_error(op, name, device)
-        if why is not None:
-            raise BackendUnavailableError(why)
     support = _SUPPORT.get(op, {}).get(name)
     if support is not None and not support.dtypes.issuperset(dtypes):
         return "reference"

@@ -1,14 +1,10 @@
 """Channel ("transposed") attention with the output 1x1 and the residual (MDTA, CrossAttention): every
 backend that implements it against the model's eager formula in float64, under the error rule of
 DESIGN.md (outputs poisoned), forward and backward, q/k/v as views of one packed tensor, opcheck,
-gradcheck of the reference, errors. Without a GPU, Triton runs in its interpreter.
-
-Every test draws fresh inputs from a seed printed as ``MOCE_TEST_SEED=...`` (shown with a failure);
-set that variable to replay it."""
+gradcheck of the reference, errors. Without a GPU, Triton runs in its interpreter. Seeded per test by
+tests/conftest.py (the seed is printed with a failure; MOCE_TEST_SEED replays it)."""
 from __future__ import annotations
 
-import os
-import time
 from typing import List, NamedTuple, Optional, Tuple
 
 import pytest
@@ -38,13 +34,6 @@ BACKENDS = [b for b in moce_kernels.available_backends() if _implements(b)]
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
 # the rule's "small atol", relative to the largest reference magnitude
 REL_ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    seed = int(os.environ.get("MOCE_TEST_SEED", time.time_ns() % 2 ** 31))
-    print(f"MOCE_TEST_SEED={seed}")
-    torch.manual_seed(seed)
 
 
 class Case(NamedTuple):
@@ -371,3 +360,15 @@ def test_split_paths_covered():
     full = {tca.splits(cs.B * blocks(cs.c_out or cs.heads * cs.c) * blocks(cs.heads * cs.c), cs.H * cs.W,
                        torch.device(DEV))[0] > 1 for cs in CASES}
     assert diag == {False, True} and full == {False, True}
+
+
+# the model's shapes on a GPU: MoCE-IR's levels (c = 48) and MoCE-IR-S's (c = 32), batch 2, 64 x 48
+GPU_CASES = [Case(2, h, c, 64, 48, 0, bias, True, True) for c in (48, 32) for h, bias in ((1, True), (8, False))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_model_shapes(backend, dtype, case):
+    _check(backend, case, dtype)

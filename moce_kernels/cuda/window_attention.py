@@ -21,8 +21,8 @@ WINDOW_SIZES = (4, 8, 16, 32)
 def _check(q: torch.Tensor, window_size: int, rows: torch.Tensor, *like: torch.Tensor) -> None:
     """Python-side checks mirroring the Triton entry points (the C++ op checks again)."""
     if window_size not in WINDOW_SIZES:
-        raise ValueError(f"the cuda backend's window attention takes window sizes {WINDOW_SIZES}, got "
-                         f"{window_size!r}; run this op with backend 'triton' or 'reference'")
+        raise ValueError(f"window_size {window_size!r}: the cuda backend's window attention takes "
+                         f"{WINDOW_SIZES}; run this op with backend 'triton' or 'reference'")
     for t in like:
         if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device or not t.is_contiguous():
             raise ValueError("all (N, C, H, W) tensors must match q in shape, dtype and device and be contiguous")
