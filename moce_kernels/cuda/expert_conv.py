@@ -25,26 +25,26 @@ def launch_pwdw(src: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, pb: Option
                 N: int, H: int, W: int, K: int, max_nch: int, mode: int = 0,
                 perm: Optional[torch.Tensor] = None, kslots: int = 1,
                 g: Optional[torch.Tensor] = None, gofull: Optional[torch.Tensor] = None) -> None:
-    _ops.xc_pwdw(src, w, dw, pb, db, out, offsets, meta, perm, kslots, N, H, W, K, max_nch, mode, g,
-                 gofull if gofull is not None else out)
+    _ops.grouped_pwdw(src, w, dw, pb, db, out, offsets, meta, perm, kslots, N, H, W, K, max_nch, mode, g,
+                      gofull if gofull is not None else out)
 
 
 def launch_pwdw_bwd(src, w, dw, pb, go, gy, gdw, gdb, offsets, meta, N: int, H: int, W: int, K: int, max_cout: int,
                     perm: Optional[torch.Tensor] = None, kslots: int = 1) -> None:
-    _ops.xc_pwdw_bwd(src, w, dw, pb, go, gy, gdw, gdb if gdb is not None else gdw, gdb is not None, offsets, meta,
-                     perm, kslots, N, H, W, K, max_cout)
+    _ops.grouped_pwdw_backward(src, w, dw, pb, go, gy, gdw, gdb if gdb is not None else gdw, gdb is not None,
+                               offsets, meta, perm, kslots, N, H, W, K, max_cout)
 
 
 def launch_gemm(x, w, b, y, offsets, meta, N: int, HW: int, max_cout: int, perm: Optional[torch.Tensor] = None,
                 kslots: int = 1, accumulate: bool = False) -> None:
-    _ops.xc_gemm(x, w, b, y, offsets, meta, perm, kslots, N, HW, max_cout, accumulate)
+    _ops.grouped_gemm(x, w, b, y, offsets, meta, perm, kslots, N, HW, max_cout, accumulate)
 
 
 def launch_wgrad(g, x, o, bo, offsets, meta, HW: int, max_cout: int, max_cin: int, N: int,
                  perm: Optional[torch.Tensor] = None, kslots: int = 1) -> None:
     n_split = max(1, min(N * ((HW + 31) // 32), 128))
-    _ops.xc_wgrad(g, x, o, bo if bo is not None else o, bo is not None, offsets, meta, perm, kslots, HW, max_cout,
-                  max_cin, n_split)
+    _ops.grouped_wgrad(g, x, o, bo if bo is not None else o, bo is not None, offsets, meta, perm, kslots, HW,
+                       max_cout, max_cin, n_split)
 
 
 CONV_KERNELS = driver.Kernels(pwdw=launch_pwdw, pwdw_bwd=launch_pwdw_bwd, gemm=launch_gemm, wgrad=launch_wgrad)

@@ -21,16 +21,16 @@ _ops = torch.ops.moce_C
 
 def launch_final_fwd(xs, shared, attn, w, out, offsets, meta, perm, kslots: int, N: int, C: int, HW: int,
                      x_gather: bool, max_r: int) -> None:
-    _ops.xc_final_fwd(xs, shared, attn, w, out, offsets, meta, perm, kslots, N, C, HW, x_gather, max_r)
+    _ops.expert_epilogue(xs, shared, attn, w, out, offsets, meta, perm, kslots, N, C, HW, x_gather, max_r)
 
 
 def launch_final_bwd(g, shared, attn, w, gt, gu, h, offsets, meta, perm, kslots: int, N: int, C: int, HW: int,
                      max_r: int) -> None:
-    _ops.xc_final_bwd(g, shared, attn, w, gt, gu, h, offsets, meta, perm, kslots, N, C, HW, max_r)
+    _ops.expert_epilogue_backward(g, shared, attn, w, gt, gu, h, offsets, meta, perm, kslots, N, C, HW, max_r)
 
 
 def launch_gather_sum(src: torch.Tensor, inv: torch.Tensor, out: torch.Tensor, kslots: int) -> None:
-    _ops.xc_gather_sum(src.to(torch.float32).contiguous(), inv, out, kslots)
+    _ops.gather_sum(src.to(torch.float32).contiguous(), inv, out, kslots)
 
 
 def _attention_api():
