@@ -1,6 +1,6 @@
 """Issue cost of the CUDA fused pw->dw forward, read from its sm_90 SASS (no GPU needed).
 
-METHOD.md's second number for `csrc/expert_conv/pwdw_forward.cu`: lane-instructions per output
+METHOD.md's second number for `csrc/grouped_conv/pwdw_forward.cu`: lane-instructions per output
 element (one output channel at one pixel), against the budget that the memory floor leaves. The file
 is compiled for sm_90 with line information and disassembled with Triton's nvdisasm; in each kernel
 the script finds four loops and weights each body by its trip count per block (Geo in
@@ -42,8 +42,8 @@ from typing import Dict, List, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_instruction_floor import _INSTR, COPY_BW, ISSUE_RATE, MANGLED, ROOT, _cuobjdump, cached, table  # noqa: E402
 
-SOURCE = ROOT / "csrc" / "expert_conv" / "pwdw_forward.cu"
-TILE = ROOT / "csrc" / "expert_conv" / "pwdw_tile.cuh"
+SOURCE = ROOT / "csrc" / "grouped_conv" / "pwdw_forward.cu"
+TILE = ROOT / "csrc" / "grouped_conv" / "pwdw_tile.cuh"
 PATCH_LINE = re.compile(r"y\[32 \* u\] = from_f<Y>\(0\.f\)")
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 

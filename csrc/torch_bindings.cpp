@@ -5,13 +5,15 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "expert_conv/ops.h"
+#include "expert_stage/ops.h"
+#include "grouped_conv/ops.h"
 #include "routing/ops.h"
 #include "window_attention/ops.h"
 
 TORCH_LIBRARY(moce_C, m) {
   moce::register_window_attention(m);
-  moce::register_expert_conv(m);
+  moce::register_grouped_conv(m);
+  moce::register_expert_stage(m);
   moce::register_routing(m);
 }
 

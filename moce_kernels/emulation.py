@@ -29,7 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 BUILD_DIR = os.path.join(ROOT, "build", "cuda_emulation")
-FAMILIES = ("window_attention", "expert_conv", "routing")
+FAMILIES = ("window_attention", "grouped_conv", "expert_stage", "routing")
 
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;")
 # kernel name (optionally with template arguments, which may hold one level of parentheses), the

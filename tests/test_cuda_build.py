@@ -25,7 +25,7 @@ def test_cmake_builds_kernels_for_sm80_and_sm90(tmp_path):
     assert "archs: 80;90" in out
     _run(["cmake", "--build", str(tmp_path), "-j", str(max(2, os.cpu_count() or 2))])
     libs = sorted(f for f in os.listdir(tmp_path) if f.endswith(".a"))
-    for family in ("window_attention", "expert_conv", "routing"):
+    for family in ("window_attention", "grouped_conv", "expert_stage", "routing"):
         if any(f.endswith(".cu") for f in os.listdir(os.path.join(ROOT, "csrc", family))):
             assert f"libmoce_{family}.a" in libs
 

@@ -1,4 +1,4 @@
-"""The expert_conv kernels' device math (csrc/expert_conv/device_common.cuh), compiled for the CPU
+"""The grouped-convolution kernels' device math (csrc/common/device_math.cuh), compiled for the CPU
 emulation, against float64: the exact (erf) GELU and the cheaper one of the 16-bit epilogues.
 
 The emulation computes sfu<kEx2> and sfu<kRcp> exactly; on a GPU they are the special-function

@@ -81,7 +81,7 @@ def _listing(unroll: int = 1, pairs: bool = False, copies=("LDG.E.U16 R8, desc[U
 
     def ins(text, line=10):
         nonlocal a
-        out.append(f'\t//## File "/r/csrc/expert_conv/pwdw_tile.cuh", line {line}')
+        out.append(f'\t//## File "/r/csrc/grouped_conv/pwdw_tile.cuh", line {line}')
         out.append(f"        /*{a:04x}*/                   {text} ;")
         a += 0x10
 
@@ -116,7 +116,7 @@ def _listing(unroll: int = 1, pairs: bool = False, copies=("LDG.E.U16 R8, desc[U
         ins("@!P0 BRA `(.L_x_5)")                                       # 20 + 5 + 1 = 26
     ins("EXIT")
     ins("BRA.DIV UR4, `(.L_x_2)")                                        # fallback: not a loop
-    name = "_ZN4moce11expert_conv4_GLOBAL__N_15pwdw_fwd_kernelI13__nv_bfloat16Li3ELi0EEEvNS0_10PwdwParamsEiii"
+    name = "_ZN4moce12grouped_conv4_GLOBAL__N_15pwdw_fwd_kernelI13__nv_bfloat16Li3ELi0EEEvNS0_10PwdwParamsEiii"
     return f"\n//--------------------- .text.{name} ----\n" + "\n".join(out) + "\n"
 
 

@@ -10,8 +10,7 @@
 //    kernel sums them in a fixed order (deterministic, no atomics anywhere).
 #include "routing/kernels.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "common/dtype.h"
 
 namespace moce {
 namespace routing {
@@ -24,19 +23,6 @@ constexpr int kDispatchThreads = 1024;
 constexpr int kDispatchWarps = kDispatchThreads / 32;
 constexpr int kMaxGridY = 65535;
 constexpr unsigned kFull = 0xffffffffu;
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
@@ -137,6 +123,13 @@ __device__ int take_best(const double* v, int E, unsigned long long& taken) {
   return best;
 }
 
+// The k largest of v[0..E) in the routing order: f(j, e) for the j-th largest, v[e].
+template <typename F>
+__device__ __forceinline__ void top_k(const double* v, int E, int k, F&& f) {
+  unsigned long long taken = 0ull;
+  for (int j = 0; j < k; ++j) f(j, take_best(v, E, taken));
+}
+
 // Index of the (j+1)-th largest of v[0..E) in the routing order.
 __device__ int kth_largest(const double* v, int E, int j) {
   unsigned long long taken = 0ull;
@@ -232,12 +225,10 @@ __global__ void __launch_bounds__(kThreads) route_head_kernel(RouteParams p, flo
       noisy[e] = s.logits[b * E + e] + static_cast<double>(p.noise[b * E + e]);
     }
     softmax_row(noisy, prob, E);
-    unsigned long long taken = 0ull;
-    for (int j = 0; j < k; ++j) {
-      const int best = take_best(prob, E, taken);
-      gates[b * k + j] = static_cast<float>(prob[best]);
-      indices[b * k + j] = best;
-    }
+    top_k(prob, E, k, [&](int j, int e) {
+      gates[b * k + j] = static_cast<float>(prob[e]);
+      indices[b * k + j] = e;
+    });
     if (p.compute_loss) loss_rows(p, s, b, noisy);
   }
   __syncthreads();
@@ -279,11 +270,7 @@ __global__ void __launch_bounds__(kThreads) route_head_backward_kernel(
       dp[e] = 0.0;
     }
     softmax_row(noisy, prob, E);
-    unsigned long long taken = 0ull;
-    for (int j = 0; j < k; ++j) {
-      const int best = take_best(prob, E, taken);
-      dp[best] += static_cast<double>(grad_gates[b * k + j]);
-    }
+    top_k(prob, E, k, [&](int j, int e) { dp[e] += static_cast<double>(grad_gates[b * k + j]); });
     double dot = 0.0;
     for (int e = 0; e < E; ++e) dot += dp[e] * prob[e];
     for (int e = 0; e < E; ++e)
@@ -346,6 +333,29 @@ __global__ void __launch_bounds__(kThreads) route_head_backward_kernel(
 }
 
 // ---------------------------------------------------------------- dispatch
+// The bucket of slot sidx: its expert idx[sidx], E for an index outside [0, E), or -1 (none) past n.
+__device__ __forceinline__ int bucket_of(const int64_t* __restrict__ idx, int64_t sidx, int64_t n, int E) {
+  int key = -1;
+  if (sidx < n) {
+    const int64_t v = idx[sidx];
+    key = (v >= 0 && v < E) ? static_cast<int>(v) : E;
+  }
+  return key;
+}
+
+// row[bk] = (ADD: +=) the number of this warp's lanes whose key is bk, for every bucket bk < NB (lane 0
+// writes).
+template <bool ADD>
+__device__ __forceinline__ void count_warp(int key, int NB, int lane, int64_t* row) {
+  for (int bk = 0; bk < NB; ++bk) {
+    const unsigned m = __ballot_sync(kFull, key == bk);
+    if (lane == 0) {
+      if (ADD) row[bk] += __popc(m);
+      else row[bk] = __popc(m);
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kDispatchThreads) dispatch_kernel(const int64_t* __restrict__ idx, int64_t n, int E,
                                                                     int64_t* __restrict__ counts,
                                                                     int64_t* __restrict__ offsets,
@@ -359,18 +369,8 @@ __global__ void __launch_bounds__(kDispatchThreads) dispatch_kernel(const int64_
     tile[i / (kMaxExperts + 1)][i % (kMaxExperts + 1)] = 0;
   __syncthreads();
   // pass 1: per-warp bucket totals
-  for (int64_t t0 = 0; t0 < n; t0 += kDispatchThreads) {
-    const int64_t sidx = t0 + threadIdx.x;
-    int key = -1;
-    if (sidx < n) {
-      const int64_t v = idx[sidx];
-      key = (v >= 0 && v < E) ? static_cast<int>(v) : E;
-    }
-    for (int bk = 0; bk < NB; ++bk) {
-      const unsigned m = __ballot_sync(kFull, key == bk);
-      if (lane == 0) tile[warp][bk] += __popc(m);
-    }
-  }
+  for (int64_t t0 = 0; t0 < n; t0 += kDispatchThreads)
+    count_warp<true>(bucket_of(idx, t0 + threadIdx.x, n, E), NB, lane, tile[warp]);
   __syncthreads();
   if (threadIdx.x == 0) {
     int64_t acc = 0;
@@ -390,17 +390,10 @@ __global__ void __launch_bounds__(kDispatchThreads) dispatch_kernel(const int64_
   // pass 2: stable placement, one tile of kDispatchThreads slots at a time
   for (int64_t t0 = 0; t0 < n; t0 += kDispatchThreads) {
     const int64_t sidx = t0 + threadIdx.x;
-    int key = -1;
-    if (sidx < n) {
-      const int64_t v = idx[sidx];
-      key = (v >= 0 && v < E) ? static_cast<int>(v) : E;
-    }
+    const int key = bucket_of(idx, sidx, n, E);
     const unsigned same = __match_any_sync(kFull, key);
     const int rank = __popc(same & lt);
-    for (int bk = 0; bk < NB; ++bk) {
-      const unsigned m = __ballot_sync(kFull, key == bk);
-      if (lane == 0) tile[warp][bk] = __popc(m);
-    }
+    count_warp<false>(key, NB, lane, tile[warp]);
     __syncthreads();
     for (int bk = threadIdx.x; bk < NB; bk += blockDim.x) {
       int64_t acc = run[bk];
@@ -508,16 +501,6 @@ __global__ void __launch_bounds__(kThreads) combine_bwd_gates_kernel(const float
   }
 }
 
-template <typename F>
-cudaError_t by_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------- launchers
@@ -537,8 +520,8 @@ cudaError_t launch_pool_partial(const void* x, DType dtype, int64_t rows, int64_
   if (rows <= 0) return cudaSuccess;
   if (split < 1 || split > kMaxGridY) return cudaErrorInvalidValue;
   const int64_t chunk = cdiv(cdiv(hw, split), kTile) * kTile;
-  return by_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
+  return MOCE_DISPATCH_FLOATING_TYPES(dtype, [&] {
+    using T = scalar_t;
     pool_partial_kernel<T><<<dim3(static_cast<unsigned>(rows), split), kThreads, 0, stream>>>(
         static_cast<const T*>(x), hw, chunk, split, part);
     return cudaGetLastError();
@@ -570,8 +553,8 @@ cudaError_t launch_broadcast_rows(const float* src, void* out, DType dtype, int6
   if (rows <= 0 || hw <= 0) return cudaSuccess;
   const int64_t tiles = cdiv(hw, kTile);
   const unsigned gy = static_cast<unsigned>(tiles < kMaxGridY ? tiles : kMaxGridY);
-  return by_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
+  return MOCE_DISPATCH_FLOATING_TYPES(dtype, [&] {
+    using T = scalar_t;
     broadcast_rows_kernel<T><<<dim3(static_cast<unsigned>(rows), gy), kThreads, 0, stream>>>(src, static_cast<T*>(out),
                                                                                            hw);
     return cudaGetLastError();
@@ -590,8 +573,8 @@ cudaError_t launch_combine(const void* expert_out, const float* gates, const int
   if (B <= 0 || N <= 0) return cudaSuccess;
   if (k < 1 || k > kMaxTopK || B > kMaxGridY) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(cdiv(N, kTile)), static_cast<unsigned>(B));
-  return by_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
+  return MOCE_DISPATCH_FLOATING_TYPES(dtype, [&] {
+    using T = scalar_t;
     combine_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(expert_out), gates, perm,
                                                      static_cast<T*>(out), k, N);
     return cudaGetLastError();
@@ -610,8 +593,8 @@ cudaError_t launch_combine_backward(const void* grad, const void* expert_out, co
   if (nslot <= 0) return cudaSuccess;
   if (k < 1 || nslot > kMaxGridY || N <= 0) return cudaErrorInvalidValue;
   const int64_t nblk = cdiv(N, kTile);
-  cudaError_t err = by_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
+  cudaError_t err = MOCE_DISPATCH_FLOATING_TYPES(dtype, [&] {
+    using T = scalar_t;
     combine_bwd_rows_kernel<T><<<dim3(static_cast<unsigned>(nblk), static_cast<unsigned>(nslot)), kThreads, 0,
                                  stream>>>(static_cast<const T*>(grad), static_cast<const T*>(expert_out), gates, perm,
                                            static_cast<T*>(grad_expert_out), scratch, k, nslot, N);

@@ -14,10 +14,10 @@
 
 #include <cuda_runtime.h>
 
+#include "common/dtype.h"
+
 namespace moce {
 namespace routing {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kMaxExperts = 64;  // router and dispatch limit (one bit per expert in a uint64 mask)
 constexpr int kMaxTopK = 64;

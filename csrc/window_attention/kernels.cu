@@ -1,4 +1,4 @@
-// Window FFT attention CUDA kernels, version 2.2: exact fp32 FFTs in registers, a window per lane group.
+// Window FFT attention CUDA kernels: exact fp32 FFTs in registers, a window per lane group.
 //
 // A warp owns 32 / p windows of one image, a lane one row of one window. For each channel the lane
 // loads its row of z = q + i k, and the window's 2-D DFT is two p-point radix-2 FFTs in registers
@@ -18,10 +18,10 @@
 // reached by every warp of a block (none returns early).
 #include "window_attention/kernels.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include <type_traits>
 
 #include "common/device_attr.h"
+#include "common/dtype.h"
 
 // Analysis builds (benchmarks/cuda_instruction_floor.py) fix the cache choice at compile time so
 // that each channel loop holds one path; production builds choose per launch.
@@ -34,24 +34,6 @@
 namespace moce {
 namespace wfa {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ float to_f(T x);
-template <>
-__device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // cos / sin (2 pi m / 32), m < 16: the twiddles of every radix-2 stage of a p <= 32 FFT.
 __constant__ float kCos32[16] = {1.0f,           9.807852804e-01f, 9.238795325e-01f, 8.314696123e-01f,
@@ -172,9 +154,11 @@ struct Lane {
   __device__ __forceinline__ float* yrow(int c) const { return ycache + (int64_t)(c - c0) * P * 32 + lane; }
 };
 
+// This lane's work, its buffers carved out of the block's dynamic shared memory (smem_bytes).
 template <int P>
-__device__ __forceinline__ Lane<P> make_lane(const Shape& s, int S, bool cache, float* smem) {
+__device__ __forceinline__ Lane<P> make_lane(const Shape& s, int S, bool cache) {
   using C = Cfg<P>;
+  extern __shared__ __align__(16) float smem[];
   Lane<P> L;
   L.lane = threadIdx.x % 32;
   L.warp = threadIdx.x / 32;
@@ -342,15 +326,14 @@ __device__ void ln_stats(Lane<P>& L, const Shape& s, const T* q, const T* k, int
 
 template <typename T, int P>
 __global__ void __launch_bounds__(Cfg<P>::THREADS) fwd_kernel(FwdArgs a, int S, int cache) {
-  extern __shared__ __align__(16) float smem[];
   const Shape s = a.s;
   const int64_t n = blockIdx.y;
   if (a.rows != nullptr && (n < a.rows[0] || n >= a.rows[1])) return;  // uniform over the block
-  Lane<P> L = make_lane<P>(s, S, WFA_CACHED(cache != 0), smem);
+  T* out = static_cast<T*>(a.out);
+  Lane<P> L = make_lane<P>(s, S, WFA_CACHED(cache != 0));
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
-  T* out = static_cast<T*>(a.out);
   const int64_t HW = s.H * s.W, plane0 = n * s.C * HW;
   ln_stats<T, P>(L, s, q, k, plane0, HW);
   for (int c = L.c0; c < L.c1; ++c) {
@@ -372,12 +355,11 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 template <typename T, int P>
 __global__ void __launch_bounds__(Cfg<P>::THREADS) bwd_kernel(BwdArgs a, int S, int cache, int64_t n_groups) {
-  extern __shared__ __align__(16) float smem[];
   const Shape s = a.s;
   const int64_t n = blockIdx.y;
   if (a.rows != nullptr && (n < a.rows[0] || n >= a.rows[1])) return;  // uniform over the block
-  Lane<P> L = make_lane<P>(s, S, WFA_CACHED(cache != 0), smem);
   const T* g = static_cast<const T*>(a.grad);
+  Lane<P> L = make_lane<P>(s, S, WFA_CACHED(cache != 0));
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
@@ -576,29 +558,18 @@ cudaError_t launch_bwd(const BwdArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t dispatch_fwd(const FwdArgs& a, cudaStream_t stream) {
-  switch (a.s.p) {
-    case 4: return launch_fwd<T, 4>(a, stream);
-    case 8: return launch_fwd<T, 8>(a, stream);
-    case 16: return launch_fwd<T, 16>(a, stream);
-    default: return launch_fwd<T, 32>(a, stream);
-  }
-}
-
-template <typename T>
-cudaError_t dispatch_bwd(const BwdArgs& a, cudaStream_t stream) {
-  switch (a.s.p) {
-    case 4: return launch_bwd<T, 4>(a, stream);
-    case 8: return launch_bwd<T, 8>(a, stream);
-    case 16: return launch_bwd<T, 16>(a, stream);
-    default: return launch_bwd<T, 32>(a, stream);
+// f(std::integral_constant<int, p>{}) for the window size p of the shape.
+template <typename F>
+cudaError_t with_window(const Shape& s, F&& f) {
+  switch (s.p) {
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 16: return f(std::integral_constant<int, 16>{});
+    default: return f(std::integral_constant<int, 32>{});
   }
 }
 
 }  // namespace
-
-int tile_size(int p) { return p; }
 
 int64_t backward_workspace_floats(const Shape& s) { return s.N * n_groups(s) * 2 * s.C; }
 
@@ -613,22 +584,16 @@ const char* check_shape(const Shape& s) {
 
 cudaError_t forward(const FwdArgs& a, cudaStream_t stream) {
   if (check_shape(a.s) != nullptr) return cudaErrorInvalidValue;
-  switch (a.dtype) {
-    case DType::kFloat32: return dispatch_fwd<float>(a, stream);
-    case DType::kFloat16: return dispatch_fwd<__half>(a, stream);
-    case DType::kBFloat16: return dispatch_fwd<__nv_bfloat16>(a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return MOCE_DISPATCH_FLOATING_TYPES(a.dtype, [&] {
+    return with_window(a.s, [&](auto p) { return launch_fwd<scalar_t, decltype(p)::value>(a, stream); });
+  });
 }
 
 cudaError_t backward(const BwdArgs& a, cudaStream_t stream) {
   if (check_shape(a.s) != nullptr) return cudaErrorInvalidValue;
-  switch (a.dtype) {
-    case DType::kFloat32: return dispatch_bwd<float>(a, stream);
-    case DType::kFloat16: return dispatch_bwd<__half>(a, stream);
-    case DType::kBFloat16: return dispatch_bwd<__nv_bfloat16>(a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return MOCE_DISPATCH_FLOATING_TYPES(a.dtype, [&] {
+    return with_window(a.s, [&](auto p) { return launch_bwd<scalar_t, decltype(p)::value>(a, stream); });
+  });
 }
 
 }  // namespace wfa

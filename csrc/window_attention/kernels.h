@@ -8,10 +8,10 @@
 
 #include <cuda_runtime.h>
 
+#include "common/dtype.h"
+
 namespace moce {
 namespace wfa {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 struct Shape {
   int64_t N, C, H, W;
@@ -19,7 +19,8 @@ struct Shape {
   float eps;   // LayerNorm epsilon
 };
 
-struct FwdArgs {
+// What forward and backward both read.
+struct Inputs {
   Shape s;
   DType dtype;
   const void* q;
@@ -27,30 +28,23 @@ struct FwdArgs {
   const void* v;
   const float* weight;  // (C,)
   const float* bias;    // (C,)
-  void* out;
   const int64_t* rows;  // device [begin, end) or nullptr for all rows
 };
 
-struct BwdArgs {
-  Shape s;
-  DType dtype;
+struct FwdArgs : Inputs {
+  void* out;
+};
+
+struct BwdArgs : Inputs {
   const void* grad;
-  const void* q;
-  const void* k;
-  const void* v;
-  const float* weight;
-  const float* bias;
   void* grad_q;
   void* grad_k;
   void* grad_v;
   float* workspace;     // backward_workspace_floats(s) floats, scratch
   float* grad_weight;   // (C,) float32, sum over the rows in range (overwritten)
   float* grad_bias;     // (C,) float32
-  const int64_t* rows;
 };
 
-// Pixel tile edge of the kernels for window p (a multiple of p, >= 16).
-int tile_size(int p);
 // Number of float32 elements of backward scratch (per-tile weight/bias partials).
 int64_t backward_workspace_floats(const Shape& s);
 // Validates the shape (window size, grid limits); returns nullptr or a static error message.

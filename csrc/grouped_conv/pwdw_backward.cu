@@ -1,6 +1,6 @@
 // Backward core of the fused pointwise -> depthwise conv, grouped over experts (kernels.h:
 // PwdwBwdParams): from go = dL/d(dw output) it writes gy = dL/d(pw output) and accumulates the
-// depthwise weight and bias gradients. Version 3, the forward's tile machinery (pwdw_tile.cuh).
+// depthwise weight and bias gradients, on the forward's tile machinery (pwdw_tile.cuh).
 //
 // One block per (row n, 8 x 32 tile, 32 pw output channels): the 1x1 result over the tile plus halo
 // is recomputed into shared memory (x read once per 32 channels), go over the same halo is staged
@@ -9,10 +9,10 @@
 //   grad dw[t] = sum over the tile of go * y shifted by t: k*k partials per lane, reduced across the
 //   warp through a padded shared-memory scratch (one store and one column sum per partial, no
 //   per-tap shuffles), then one atomic per tap and channel per block (grad db likewise).
-#include "expert_conv/pwdw_tile.cuh"
+#include "grouped_conv/pwdw_tile.cuh"
 
 namespace moce {
-namespace expert_conv {
+namespace grouped_conv {
 namespace {
 
 using namespace tile;
@@ -97,20 +97,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
     }
 #pragma unroll
     for (int t = 0; t < KK; ++t) acc[t] = 0.f;
-#pragma unroll
-    for (int ri = 0; ri < G::HH; ++ri) {
-      float v[K];
-#pragma unroll
-      for (int dx = 0; dx < K; ++dx) v[dx] = yq[ri * G::RS + G::C0 + lane + dx];
-#pragma unroll
-      for (int dy = 0; dy < K; ++dy) {
-        const int oy = ri - dy;
-        if (oy >= 0 && oy < kTH) {
-#pragma unroll
-          for (int dx = 0; dx < K; ++dx) acc[dy * K + dx] += gcol[oy] * v[dx];
-        }
-      }
-    }
+    for_each_tap<G>(yq, lane, [&](int oy, int t, float v) { acc[t] += gcol[oy] * v; });
 #pragma unroll
     for (int t = 0; t < KK; ++t) red[t * B::kRedLd + lane] = acc[t];
     red[KK * B::kRedLd + lane] = sgo;
@@ -144,13 +131,12 @@ cudaError_t launch_t(const PwdwBwdParams& p, cudaStream_t stream) {
 
 cudaError_t launch_pwdw_bwd(DType dt, const PwdwBwdParams& p, cudaStream_t stream) {
   if ((p.K != 3 && p.K != 5 && p.K != 7) || (int64_t)p.H * p.W > INT32_MAX) return cudaErrorInvalidValue;
-  return with_type(dt, [&](auto tag) -> cudaError_t {
-    using T = decltype(tag);
-    if (p.K == 3) return launch_t<T, 3>(p, stream);
-    if (p.K == 5) return launch_t<T, 5>(p, stream);
-    return launch_t<T, 7>(p, stream);
+  return MOCE_DISPATCH_FLOATING_TYPES(dt, [&] {
+    if (p.K == 3) return launch_t<scalar_t, 3>(p, stream);
+    if (p.K == 5) return launch_t<scalar_t, 5>(p, stream);
+    return launch_t<scalar_t, 7>(p, stream);
   });
 }
 
-}  // namespace expert_conv
+}  // namespace grouped_conv
 }  // namespace moce

@@ -1,5 +1,5 @@
 // Fused pointwise -> depthwise forward (plain, GELU-gated, gated-backward epilogue), grouped over
-// experts (kernels.h: PwdwParams, meta columns). Version 3.7; design, counts and history in
+// experts (kernels.h: PwdwParams, meta columns). Design and measured counts in
 // benchmarks/notes/expert_conv.md.
 //
 // One block per (row n, 8 x 32 output tile, group of CG = 64 pw output channels; 32 for fp32 at
@@ -18,10 +18,10 @@
 // The halo is zeroed outside the image (the depthwise conv pads the 1x1 *output*; blocks whose halo
 // lies inside skip it). Registers <= 128 (__launch_bounds__) and <= ~110 KB of shared memory: two
 // blocks per SM.
-#include "expert_conv/pwdw_tile.cuh"
+#include "grouped_conv/pwdw_tile.cuh"
 
 namespace moce {
-namespace expert_conv {
+namespace grouped_conv {
 namespace {
 
 using namespace tile;
@@ -209,21 +209,20 @@ cudaError_t launch_t(const PwdwParams& p, cudaStream_t stream) {
 cudaError_t launch_pwdw(DType dt, const PwdwParams& p, cudaStream_t stream) {
   if (p.mode < 0 || p.mode > 2 || (p.K != 3 && p.K != 5 && p.K != 7)) return cudaErrorInvalidValue;
   if ((int64_t)p.H * p.W > INT32_MAX) return cudaErrorInvalidValue;  // pixel offsets are 32-bit
-  return with_type(dt, [&](auto tag) -> cudaError_t {
-    using T = decltype(tag);
+  return MOCE_DISPATCH_FLOATING_TYPES(dt, [&] {
     switch (p.K * 10 + p.mode) {
-      case 30: return launch_t<T, 3, 0>(p, stream);
-      case 31: return launch_t<T, 3, 1>(p, stream);
-      case 32: return launch_t<T, 3, 2>(p, stream);
-      case 50: return launch_t<T, 5, 0>(p, stream);
-      case 51: return launch_t<T, 5, 1>(p, stream);
-      case 52: return launch_t<T, 5, 2>(p, stream);
-      case 70: return launch_t<T, 7, 0>(p, stream);
-      case 71: return launch_t<T, 7, 1>(p, stream);
-      default: return launch_t<T, 7, 2>(p, stream);
+      case 30: return launch_t<scalar_t, 3, 0>(p, stream);
+      case 31: return launch_t<scalar_t, 3, 1>(p, stream);
+      case 32: return launch_t<scalar_t, 3, 2>(p, stream);
+      case 50: return launch_t<scalar_t, 5, 0>(p, stream);
+      case 51: return launch_t<scalar_t, 5, 1>(p, stream);
+      case 52: return launch_t<scalar_t, 5, 2>(p, stream);
+      case 70: return launch_t<scalar_t, 7, 0>(p, stream);
+      case 71: return launch_t<scalar_t, 7, 1>(p, stream);
+      default: return launch_t<scalar_t, 7, 2>(p, stream);
     }
   });
 }
 
-}  // namespace expert_conv
+}  // namespace grouped_conv
 }  // namespace moce

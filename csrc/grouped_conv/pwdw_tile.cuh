@@ -8,13 +8,29 @@
 #include <type_traits>
 
 #include "common/async_copy.cuh"
+#include "common/device_math.cuh"
+#include "common/dtype.h"
 #include "common/warp_mma.cuh"
-#include "expert_conv/device_common.cuh"
-#include "expert_conv/kernels.h"
+#include "grouped_conv/kernels.h"
 
 namespace moce {
-namespace expert_conv {
+namespace grouped_conv {
 namespace tile {
+
+// The bits of an element type, for copies that need no conversion (a 16-bit zero is then just a zero
+// register; fp32 0.0f is all-zero bits too).
+template <typename T> struct RawBits { using type = unsigned short; };
+template <> struct RawBits<float> { using type = unsigned int; };
+
+// p, hidden from the optimiser's integer reassociation: indexing it then costs one IMAD.WIDE per
+// element (base register + offset) instead of a 64-bit index sum rescaled and rebased per element.
+template <typename P>
+__device__ __forceinline__ P* opaque(P* p) {
+#ifdef __CUDA_ARCH__
+  asm("" : "+l"(p));
+#endif
+  return p;
+}
 
 constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kTH = 8, kTW = 32;  // output tile: 8 rows x 32 columns (a lane per column)
@@ -497,6 +513,27 @@ struct Pw<float, K, CG, WIN, false> {
   }
 };
 
+// f(oy, t, v) for every output row oy < kTH of this lane's column and tap t = dy * k + dx of the
+// k x k window, v = y(oy + dy, lane + dx) of a channel's halo (layout G; each value read once).
+template <typename G, typename F>
+__device__ __forceinline__ void for_each_tap(const float* y, int lane, F&& f) {
+  constexpr int K = 2 * G::P + 1;
+#pragma unroll
+  for (int ri = 0; ri < G::HH; ++ri) {
+    float v[K];
+#pragma unroll
+    for (int dx = 0; dx < K; ++dx) v[dx] = y[ri * G::RS + G::C0 + lane + dx];
+#pragma unroll
+    for (int dy = 0; dy < K; ++dy) {
+      const int oy = ri - dy;
+      if (oy >= 0 && oy < kTH) {
+#pragma unroll
+        for (int dx = 0; dx < K; ++dx) f(oy, dy * K + dx, v[dx]);
+      }
+    }
+  }
+}
+
 // Depthwise k x k of one channel's 1x1 result (sy row in layout G) for this lane's column: out[0..8).
 // wk: the k*k weights, row-major; FLIP: use them rotated by 180 degrees (the correlation of the
 // backward).
@@ -509,20 +546,7 @@ __device__ __forceinline__ void dw_column(const float* __restrict__ y, const flo
   for (int t = 0; t < K * K; ++t) wr[t] = wk[FLIP ? K * K - 1 - t : t];
 #pragma unroll
   for (int oy = 0; oy < kTH; ++oy) out[oy] = 0.f;
-#pragma unroll
-  for (int ri = 0; ri < G::HH; ++ri) {
-    float v[K];
-#pragma unroll
-    for (int dx = 0; dx < K; ++dx) v[dx] = y[ri * G::RS + G::C0 + lane + dx];
-#pragma unroll
-    for (int dy = 0; dy < K; ++dy) {
-      const int oy = ri - dy;
-      if (oy >= 0 && oy < kTH) {
-#pragma unroll
-        for (int dx = 0; dx < K; ++dx) out[oy] += wr[dy * K + dx] * v[dx];
-      }
-    }
-  }
+  for_each_tap<G>(y, lane, [&](int oy, int t, float v) { out[oy] += wr[t] * v; });
 }
 
 // Depthwise k x k of one channel on tensor cores (16-bit T, window layout G): each row shift dy is a
@@ -703,5 +727,5 @@ __device__ __forceinline__ void stage_dw(const Params& p, const int64_t* m, int 
 }
 
 }  // namespace tile
-}  // namespace expert_conv
+}  // namespace grouped_conv
 }  // namespace moce

@@ -1,8 +1,0 @@
-// Torch-facing declarations of the expert_conv family (implemented in ops.cpp, registered by
-// csrc/torch_bindings.cpp).
-#pragma once
-#include <torch/library.h>
-
-namespace moce {
-void register_expert_conv(torch::Library& m);
-}  // namespace moce
