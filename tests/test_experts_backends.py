@@ -17,7 +17,12 @@ from moce_kernels.testing import assert_within_rule, poison_outputs
 BACKENDS = moce_kernels.available_backends()
 FAST = [b for b in BACKENDS if b != "reference"]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# fp32: the window attention's own atol (tests/test_window_attention_backends.py): an expert of rank 2 or 3
+# normalises its window attention over 2 or 3 channels, whose variance is near zero at some pixel in some
+# draws, and 1/std amplifies the kernels' DFT-by-matmul rounding there. At 2e-5 the test failed now and then
+# by up to 1.2x (MOCE_TEST_SEED=1572474489 test_top2_fp32[cuda]: grad_proj_out of the rank-2 expert, 3.4e-5;
+# also seen on triton), while seeds 0-7 used 0.02-0.4 of that bound on both backends.
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 def make_weights(C: int, ranks: Sequence[int], dtype, device=DEV, kq: int = 3, kkv: int = 7) -> List[ExpertWeights]:
