@@ -2,11 +2,13 @@
 header) and the ExpertWeights named tuple."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from moce_kernels import emulation
 from moce_kernels.expert_stage import layouts
 from moce_kernels.expert_stage.weights import PER_EXPERT, ExpertWeights, flatten, unflatten
 
@@ -57,6 +59,21 @@ def test_triton_constexprs_are_the_enums():
                 seen += 1
     assert seen == sum(len(t) for t in layouts.TABLES), "every column has its constexpr"
     assert expert_conv.META_ROW.value == layouts.META_ROW_WIDTH
+
+
+@pytest.mark.skipif(emulation.why_unavailable() is not None,
+                    reason=f"CUDA emulation unavailable: {emulation.why_unavailable()}")
+def test_cpp_wrappers_take_rows_of_the_row_width():
+    """The C++ ops check meta against the header's kRowWidth: a row one column short names the width."""
+    emulation.load()
+    x, w, y = torch.zeros(2, 3, 4), torch.zeros(3, 3), torch.zeros(2, 3, 4)
+    offsets, width = torch.tensor([0, 2]), layouts.META_ROW_WIDTH - 1
+    meta = torch.tensor([layouts.meta_row(layouts.GemmCol, C_IN=3, C_OUT=3, WEIGHT=0, WEIGHT_OUT_STRIDE=3,
+                                          WEIGHT_IN_STRIDE=1, BIAS=0, SRC=0, SRC_ROW_STRIDE=12, OUT=0,
+                                          OUT_ROW_STRIDE=12)[:width]])
+    expected = f"meta must be (E, {layouts.META_ROW_WIDTH}), got [1, {width}]"
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        torch.ops.moce_C.grouped_gemm(x, w, None, y, offsets, meta, None, 1, 2, 4, 3, False)
 
 
 def test_expert_weights_shapes_and_flat_form():

@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "common/dtype.h"
+#include "common/expert_stage_meta.h"
 #include "common/group_args.h"
 #include "common/torch_device.h"
 
@@ -61,13 +62,14 @@ struct Checks {
     return (int)v;
   }
 
-  // The grouping of a grouped op's rows: offsets (E+1,) and meta (E, 16) int64, perm (N,) int64 or
+  // The grouping of a grouped op's rows: offsets (E+1,) and meta (E, kRowWidth) int64, perm (N,) int64 or
   // none, kslots >= 1; all on like's device.
   GroupArgs group(const at::Tensor& offsets, const at::Tensor& meta, const std::optional<at::Tensor>& perm,
                   int64_t kslots, const at::Tensor& like) const {
     typed(meta, "meta", like, at::kLong);
     typed(offsets, "offsets", like, at::kLong);
-    TORCH_CHECK(meta.dim() == 2 && meta.size(1) == 16, who, ": meta must be (E, 16)");
+    TORCH_CHECK(meta.dim() == 2 && meta.size(1) == moce_meta::kRowWidth, who, ": meta must be (E, ",
+                moce_meta::kRowWidth, "), got ", meta.sizes());
     TORCH_CHECK(offsets.numel() == meta.size(0) + 1, who, ": offsets must have E+1 entries");
     if (perm.has_value()) typed(*perm, "perm", like, at::kLong);
     TORCH_CHECK(kslots >= 1, who, ": kslots must be >= 1");

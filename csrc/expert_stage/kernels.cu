@@ -6,6 +6,7 @@
 
 #include "common/device_attr.h"
 #include "common/device_math.cuh"
+#include "common/expert_stage_meta.h"
 #include "common/tile_mm.cuh"
 
 namespace moce {
@@ -13,6 +14,7 @@ namespace expert_stage {
 namespace {
 
 using namespace row_tile;
+namespace col = moce_meta::epilogue_col;  // the columns of an expert's meta row
 
 // t = W_o attn + b_o and u = W_1 shared for ranks r0 .. r0+31 (rows ty*8+i of this thread, pixel tx).
 template <typename T>
@@ -29,13 +31,13 @@ __device__ __forceinline__ void expert_tu(float (&t)[8], float (&u)[8], const T*
     const int64_t px = p0 + pp;
     return px < HW ? to_f(sh[(int64_t)k * HW + px]) : 0.f;
   };
-  tile_mm(t, w, m[1], r, 1, r0, r, r, load_a, sW, sX);
-  tile_mm(u, w, m[3], C, 1, r0, r, C, load_s, sW, sX);
+  tile_mm(t, w, m[col::PROJ_OUT], r, 1, r0, r, r, load_a, sW, sX);
+  tile_mm(u, w, m[col::PROJ1], C, 1, r0, r, C, load_s, sW, sX);
   const int ty = threadIdx.x / kMmP;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int j = r0 + ty * 8 + i;
-    if (j < r) t[i] += to_f(w[m[2] + j]);
+    if (j < r) t[i] += to_f(w[m[col::PROJ_OUT_BIAS] + j]);
   }
 }
 
@@ -59,8 +61,9 @@ struct EpilogueRow {
   const T *w, *attn, *sh, *xs;
   T* out;
   __device__ __forceinline__ EpilogueRow(const EpilogueParams& p, int64_t n, int pt)
-      : m(p.meta + 16 * expert_of(p.offsets, n, p.E)), r((int)m[0]), C(p.C), HW(p.HW), p0((int64_t)pt * kMmP),
-        w(static_cast<const T*>(p.w)), attn(static_cast<const T*>(p.attn) + m[5] + n * r * HW) {
+      : m(p.meta + moce_meta::kRowWidth * expert_of(p.offsets, n, p.E)), r((int)m[col::RANK]), C(p.C), HW(p.HW),
+        p0((int64_t)pt * kMmP), w(static_cast<const T*>(p.w)),
+        attn(static_cast<const T*>(p.attn) + m[col::ATTN] + n * r * HW) {
     const int64_t img = p.perm[n] / p.kslots;
     sh = static_cast<const T*>(p.shared) + img * C * HW;
     xs = static_cast<const T*>(p.xs) + (p.x_gather ? img : n) * C * HW;
@@ -98,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueParams p, in
   // tile_mm_smem's first barrier orders the h rows before they are read
   for (int cb = 0; cb * kMmC < p.C; ++cb) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    tile_mm_smem(acc, row.w, row.m[4], row.r, 1, cb * kMmC, p.C, row.r, sH, sW);
+    tile_mm_smem(acc, row.w, row.m[col::PROJ2], row.r, 1, cb * kMmC, p.C, row.r, sH, sW);
     row.store(acc, cb);
   }
 }
@@ -118,7 +121,8 @@ __global__ void __launch_bounds__(kThreads) epilogue_split_kernel(EpilogueParams
   for (int r0 = 0; r0 < row.r; r0 += kMmC) {
     row.h_chunk(sH, r0, sm.sw(), sm.sx());
     __syncthreads();
-    tile_mm_smem(acc, row.w, row.m[4] + r0, row.r, 1, cb * kMmC, p.C, min(kMmC, row.r - r0), sH, sm.sw());
+    tile_mm_smem(acc, row.w, row.m[col::PROJ2] + r0, row.r, 1, cb * kMmC, p.C, min(kMmC, row.r - r0), sH,
+                 sm.sw());
   }
   row.store(acc, cb);
 }
@@ -130,13 +134,13 @@ __global__ void __launch_bounds__(kThreads) epilogue_bwd_kernel(EpilogueBwdParam
   const int64_t n = blockIdx.x / n_pt;
   const int pt = (int)(blockIdx.x % n_pt), r0 = blockIdx.y * kMmC;
   if (n >= p.N) return;
-  const int64_t* m = p.meta + 16 * expert_of(p.offsets, n, p.E);
-  const int r = (int)m[0], C = p.C;
+  const int64_t* m = p.meta + moce_meta::kRowWidth * expert_of(p.offsets, n, p.E);
+  const int r = (int)m[col::RANK], C = p.C;
   if (r0 >= r) return;
   const int64_t HW = p.HW, p0 = (int64_t)pt * kMmP;
   const int64_t img = p.perm[n] / p.kslots;
   const T* w = static_cast<const T*>(p.w);
-  const int64_t a_off = m[5] + n * r * HW;
+  const int64_t a_off = m[col::ATTN] + n * r * HW;
   const T* attn = static_cast<const T*>(p.attn) + a_off;
   const T* sh = static_cast<const T*>(p.shared) + img * C * HW;
   const TG* g = static_cast<const TG*>(p.g) + n * C * HW;
@@ -146,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) epilogue_bwd_kernel(EpilogueBwdParam
     const int64_t px = p0 + pp;
     return px < HW ? to_f(g[(int64_t)k * HW + px]) : 0.f;
   };
-  tile_mm(gh, w, m[4], 1, r, r0, r, C, load_g, sW, sX);  // W_2^T: element (j, c) at c*r + j
+  tile_mm(gh, w, m[col::PROJ2], 1, r, r0, r, C, load_g, sW, sX);  // W_2^T: element (j, c) at c*r + j
   const int tx = threadIdx.x % kMmP, ty = threadIdx.x / kMmP;
   const int64_t px = p0 + tx;
   if (px >= HW) return;

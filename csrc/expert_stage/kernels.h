@@ -16,8 +16,9 @@ namespace expert_stage {
 
 // Expert epilogue of row n (expert e of rank r): t = W_o attn[n] + b_o, u = W_1 shared[img] (img =
 // perm[n] / kslots, perm required), h = t * silu(u).
-// meta: 0 r (0: expert inactive, out = xs) 1 W_o offset 2 b_o offset 3 W_1 offset 4 W_2 offset
-//       5 base of the expert's (N, r, HW) block in attn (and gt/gu/h); weights packed in w.
+// meta: moce_meta::epilogue_col: RANK r (0: expert inactive, out = xs), the offsets of W_o (PROJ_OUT),
+//       b_o (PROJ_OUT_BIAS), W_1 (PROJ1), W_2 (PROJ2) in the packed weights w, and ATTN, the base of the
+//       expert's rows in attn (and in gt/gu/h, laid out alike): row n at ATTN + n*r*HW.
 struct EpilogueArgs : GroupArgs {
   const void* shared;  // (B, C, HW)
   const void* attn;    // the experts' (N, r, HW) blocks

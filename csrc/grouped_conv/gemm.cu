@@ -5,6 +5,7 @@
 #include "grouped_conv/kernels.h"
 
 #include "common/device_math.cuh"
+#include "common/expert_stage_meta.h"
 #include "common/tile_mm.cuh"
 
 namespace moce {
@@ -19,18 +20,20 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p, int n_pt) 
   const int64_t n = blockIdx.x / n_pt;
   const int pt = (int)(blockIdx.x % n_pt), cb = blockIdx.y;
   if (n >= p.N) return;
-  const int64_t* m = p.meta + 16 * expert_of(p.offsets, n, p.E);
-  const int cin = (int)m[0], cout = (int)m[1];
+  namespace col = moce_meta::gemm_col;
+  const int64_t* m = p.meta + moce_meta::kRowWidth * expert_of(p.offsets, n, p.E);
+  const int cin = (int)m[col::C_IN], cout = (int)m[col::C_OUT];
   if (cb * kMmC >= cout) return;
   const int64_t srow = p.perm != nullptr ? p.perm[n] / p.kslots : n;
-  const T* x = static_cast<const T*>(p.x) + m[6] + srow * m[7];
+  const T* x = static_cast<const T*>(p.x) + m[col::SRC] + srow * m[col::SRC_ROW_STRIDE];
   const int64_t HW = p.HW, p0 = (int64_t)pt * kMmP;
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   auto loadx = [&](int k, int pp) -> float {
     const int64_t px = p0 + pp;
     return px < HW ? to_f(x[(int64_t)k * HW + px]) : 0.f;
   };
-  tile_mm(acc, static_cast<const T*>(p.w), m[2], m[3], m[4], cb * kMmC, cout, cin, loadx, sm.sw(), sm.sx());
+  tile_mm(acc, static_cast<const T*>(p.w), m[col::WEIGHT], m[col::WEIGHT_OUT_STRIDE], m[col::WEIGHT_IN_STRIDE],
+          cb * kMmC, cout, cin, loadx, sm.sw(), sm.sx());
   const int tx = threadIdx.x % kMmP, ty = threadIdx.x / kMmP;
   const int64_t px = p0 + tx;
   if (px >= HW) return;
@@ -40,8 +43,8 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p, int n_pt) 
   for (int i = 0; i < 8; ++i) {
     const int c = cb * kMmC + ty * 8 + i;
     if (c >= cout) break;
-    float v = acc[i] + (b != nullptr ? to_f(b[m[5] + c]) : 0.f);
-    const int64_t o = m[8] + n * m[9] + (int64_t)c * HW + px;
+    float v = acc[i] + (b != nullptr ? to_f(b[m[col::BIAS] + c]) : 0.f);
+    const int64_t o = m[col::OUT] + n * m[col::OUT_ROW_STRIDE] + (int64_t)c * HW + px;
     if (p.accumulate) v += to_f(y[o]);
     y[o] = from_f<TY>(v);
   }
@@ -53,8 +56,9 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(WgradParams p, int npc)
   __shared__ float sG[32][BP + 1], sX[32][BP + 1];
   const int e = blockIdx.x / p.n_split, sp = blockIdx.x % p.n_split, cb = blockIdx.y, kb = blockIdx.z;
   if (e >= p.E) return;
-  const int64_t* m = p.meta + 16 * e;
-  const int cout = (int)m[0], cin = (int)m[1];
+  namespace col = moce_meta::wgrad_col;
+  const int64_t* m = p.meta + moce_meta::kRowWidth * e;
+  const int cout = (int)m[col::C_OUT], cin = (int)m[col::C_IN];
   if (cb * 32 >= cout || kb * 32 >= cin) return;
   const int64_t lo = p.offsets[e], hi = p.offsets[e + 1], HW = p.HW;
   const TG* g = static_cast<const TG*>(p.g);
@@ -69,8 +73,8 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(WgradParams p, int npc)
       const int r = i / BP, pp = i % BP;
       const int64_t px = p0 + pp;
       const int c = cb * 32 + r, k = kb * 32 + r;
-      sG[r][pp] = (c < cout && px < HW) ? to_f(g[m[3] + n * m[4] + (int64_t)c * HW + px]) : 0.f;
-      sX[r][pp] = (k < cin && px < HW) ? to_f(x[m[5] + srow * m[6] + (int64_t)k * HW + px]) : 0.f;
+      sG[r][pp] = (c < cout && px < HW) ? to_f(g[m[col::G] + n * m[col::G_ROW_STRIDE] + (int64_t)c * HW + px]) : 0.f;
+      sX[r][pp] = (k < cin && px < HW) ? to_f(x[m[col::X] + srow * m[col::X_ROW_STRIDE] + (int64_t)k * HW + px]) : 0.f;
     }
     __syncthreads();
 #pragma unroll 8
@@ -87,9 +91,9 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(WgradParams p, int npc)
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int k = kb * 32 + tk + j;
-    if (k < cin && total > 0) atomicAdd(p.o + m[2] + (int64_t)c * cin + k, acc[j]);
+    if (k < cin && total > 0) atomicAdd(p.o + m[col::GRAD_WEIGHT] + (int64_t)c * cin + k, acc[j]);
   }
-  if (p.bo != nullptr && kb == 0 && tk == 0 && total > 0) atomicAdd(p.bo + m[7] + c, bacc);
+  if (p.bo != nullptr && kb == 0 && tk == 0 && total > 0) atomicAdd(p.bo + m[col::GRAD_BIAS] + c, bacc);
 }
 
 }  // namespace

@@ -1,10 +1,10 @@
 // Torch-free CUDA kernels of the grouped convolutions: the fused pointwise -> depthwise convolution
 // (plain, GELU-gated, and the gated backward's epilogue) forward and its backward core, the grouped 1x1
 // and its weight gradient. Grouped over the experts of a batch (common/group_args.h: the rows of expert
-// e, the meta table, the row permutation); the trunk's convolutions are the one-group case. The meta
-// columns each kernel reads are listed with its parameters below. Grids depend only on N, H, W and the
-// largest channel counts, never on the routing. Every launcher runs on the given stream, never
-// synchronises, and returns cudaGetLastError().
+// e, the meta table, the row permutation); the trunk's convolutions are the one-group case. Each
+// kernel's meta table (its columns named in common/expert_stage_meta.h) is given with its parameters
+// below. Grids depend only on N, H, W and the largest channel counts, never on the routing. Every
+// launcher runs on the given stream, never synchronises, and returns cudaGetLastError().
 //
 // dtypes: activations and weights float, half or bfloat16 (one dtype T per launch), fp32 accumulation;
 // weight-gradient accumulators are fp32 (atomics). "F32" flags mark buffers that are fp32 whatever T is.
@@ -19,11 +19,10 @@
 namespace moce {
 namespace grouped_conv {
 
-// meta columns of the fused pw->dw launches:
-//  0 c_in  1 c_out (pw output channels)  2 pw weight offset ([c_out, c_in])  3 dw weight offset ([c_out, k*k])
-//  4 pw bias offset  5 dw bias offset  6 src base  7 src row stride  8 out base  9 out split (channels per
-//  split)  10 split stride  11 out row stride  12 gy base  13 gy row stride
-//  src(row, ci, p) = src[6] + row*[7] + ci*HW + p; out(n, c, p) = [8] + (c/[9])*[10] + n*[11] + (c%[9])*HW + p
+// meta of the fused pw->dw launches: moce_meta::pw_dw_col (C_OUT: pw output channels; the pw weight
+// [C_OUT, C_IN] at PW_WEIGHT, the dw weight [C_OUT, k*k] at DW_WEIGHT, the biases at PW_BIAS, DW_BIAS);
+//  src(row, ci, p) = SRC + row*SRC_ROW_STRIDE + ci*HW + p;
+//  out(n, c, p) = OUT + (c/OUT_SPLIT)*OUT_SPLIT_STRIDE + n*OUT_ROW_STRIDE + (c%OUT_SPLIT)*HW + p
 struct PwdwParams : GroupArgs {
   const void* src;       // T
   const void* w;         // T, packed pw weights
@@ -37,8 +36,8 @@ struct PwdwParams : GroupArgs {
 };
 cudaError_t launch_pwdw(DType dt, const PwdwParams& p, cudaStream_t stream);
 
-// Backward core: recompute the 1x1 halo; gy = dL/d(pw output) (T, base/row stride meta 12/13);
-// gdw / gdb (fp32, same packing as dw weights / dw bias) += per-tile partials (atomics).
+// Backward core: recompute the 1x1 halo; gy = dL/d(pw output) (T, at GRAD_PW + n*GRAD_PW_ROW_STRIDE);
+// gdw / gdb (fp32, same packing as dw weights / dw bias: DW_WEIGHT, DW_BIAS) += per-tile partials (atomics).
 struct PwdwBwdParams : GroupArgs {
   const void* src;
   const void* w;
@@ -53,8 +52,8 @@ struct PwdwBwdParams : GroupArgs {
 cudaError_t launch_pwdw_bwd(DType dt, const PwdwBwdParams& p, cudaStream_t stream);
 
 // Grouped 1x1: Y[n, c, p] (+)= sum_ci W[c*so + ci*si] X[row, ci, p] (+ b[c]).
-// meta: 0 c_in 1 c_out 2 w offset 3 w stride (out) 4 w stride (in) 5 bias offset 6 x base 7 x row stride
-//       8 y base 9 y row stride
+// meta: moce_meta::gemm_col (W at WEIGHT, so = WEIGHT_OUT_STRIDE, si = WEIGHT_IN_STRIDE; b at BIAS;
+//       X at SRC + row*SRC_ROW_STRIDE, Y at OUT + n*OUT_ROW_STRIDE)
 struct GemmParams : GroupArgs {
   const void* x;  // T
   const void* w;  // T
@@ -66,7 +65,8 @@ struct GemmParams : GroupArgs {
 cudaError_t launch_gemm(DType dt, const GemmParams& p, cudaStream_t stream);
 
 // Grouped weight gradient: o[c*c_in + ci] += sum_{n in segment e, p} G[n, c, p] X[row, ci, p]; bo[c] += sum G.
-// meta: 0 c_out 1 c_in 2 o offset 3 g base 4 g row stride 5 x base 6 x row stride 7 bias-grad offset
+// meta: moce_meta::wgrad_col (o at GRAD_WEIGHT, bo at GRAD_BIAS; G at G + n*G_ROW_STRIDE, X at
+//       X + row*X_ROW_STRIDE)
 struct WgradParams : GroupArgs {
   const void* g;  // T, or fp32 when g_f32
   const void* x;  // T

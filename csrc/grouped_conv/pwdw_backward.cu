@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
   TileWork w;
   if (!tile_work(p, n_tw, n_tiles, n_cblk, w)) return;  // uniform over the block
   const auto& [cb, ty0, tx0, n, srow, m] = w;
-  const int cout = (int)m[1];
+  const int cout = (int)m[col::C_OUT];
   if (cb * CG >= cout) return;  // uniform over the block
   const int64_t HW = (int64_t)p.H * p.W;
   stage_dw<T, K, CG, 1, float>(p, m, cb, cout, sdw);
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
     const float* gq = sg + q * G::LD;
     float gy[kTH];
     dw_column<G, true>(gq, sdw + q * KK, lane, gy);
-    T* gyp = static_cast<T*>(p.gy) + m[12] + n * m[13] + (int64_t)c * HW;
+    T* gyp = static_cast<T*>(p.gy) + m[col::GRAD_PW] + n * m[col::GRAD_PW_ROW_STRIDE] + (int64_t)c * HW;
 #pragma unroll
     for (int oy = 0; oy < kTH; ++oy)
       if (ty0 + oy < p.H && px < p.W) gyp[(int64_t)(ty0 + oy) * p.W + px] = from_f<T>(gy[oy]);
@@ -105,8 +105,8 @@ __global__ void __launch_bounds__(kThreads) pwdw_bwd_kernel(PwdwBwdParams p, int
     for (int t = lane; t <= KK; t += 32) {
       float s = 0.f;
       for (int l = 0; l < 32; ++l) s += red[t * B::kRedLd + l];
-      if (t < KK) atomicAdd(p.gdw + m[3] + (int64_t)c * KK + t, s);
-      else if (p.gdb != nullptr) atomicAdd(p.gdb + m[5] + c, s);
+      if (t < KK) atomicAdd(p.gdw + m[col::DW_WEIGHT] + (int64_t)c * KK + t, s);
+      else if (p.gdb != nullptr) atomicAdd(p.gdb + m[col::DW_BIAS] + c, s);
     }
     __syncwarp();
   }

@@ -53,8 +53,9 @@ struct Epilogue {
   const OutAddr oa;
 
   __device__ __forceinline__ Epilogue(const PwdwParams& p_, const int64_t* m, int64_t n_)
-      : p(p_), nch((int)m[1] / NB), warp(threadIdx.x / 32), lane(threadIdx.x % 32), n(n_), cout(m[1]),
-        HW((int64_t)p_.H * p_.W), db_off(m[5]), db(static_cast<const T*>(p_.db)), oa(m, n_, HW) {}
+      : p(p_), nch((int)m[col::C_OUT] / NB), warp(threadIdx.x / 32), lane(threadIdx.x % 32), n(n_),
+        cout(m[col::C_OUT]), HW((int64_t)p_.H * p_.W), db_off(m[col::DW_BIAS]), db(static_cast<const T*>(p_.db)),
+        oa(m, n_, HW) {}
 
   // dw bias of output channel oc (h = 0) or of its b half (h = 1)
   __device__ __forceinline__ float bias(int oc, int h) const {
@@ -173,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, 2) pwdw_fwd_kernel(PwdwParams p, int
   TileWork w;
   if (!tile_work(p, n_tw, n_tiles, n_cblk, w)) return;  // uniform over the block
   const auto& [cb, ty0, tx0, n, srow, m] = w;
-  const int nch = (int)m[1] / NB;
+  const int nch = (int)m[col::C_OUT] / NB;
   if (cb * OUT_PER_BLOCK >= nch) return;  // uniform over the block
   stage_dw<T, K, CG, NB, D>(p, m, cb, nch, sdw);
   pw_halo<T, K, CG, NB, Y, WIN>(p, m, srow, cb, nch, ty0, tx0, sy, sx, sw);

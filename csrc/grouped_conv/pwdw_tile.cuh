@@ -10,6 +10,7 @@
 #include "common/async_copy.cuh"
 #include "common/device_math.cuh"
 #include "common/dtype.h"
+#include "common/expert_stage_meta.h"
 #include "common/warp_mma.cuh"
 #include "grouped_conv/kernels.h"
 
@@ -31,6 +32,8 @@ __device__ __forceinline__ P* opaque(P* p) {
 #endif
   return p;
 }
+
+namespace col = moce_meta::pw_dw_col;  // the meta columns of every pw->dw kernel (kernels.h)
 
 constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kTH = 8, kTW = 32;  // output tile: 8 rows x 32 columns (a lane per column)
@@ -89,20 +92,21 @@ __device__ __forceinline__ bool tile_work(const Params& p, int n_tw, int n_tiles
   const int tile = (int)(rest % n_tiles);
   w.n = rest / n_tiles;
   if (w.n >= p.N) return false;
-  w.m = p.meta + 16 * expert_of(p.offsets, w.n, p.E);
+  w.m = p.meta + moce_meta::kRowWidth * expert_of(p.offsets, w.n, p.E);
   w.srow = p.perm != nullptr ? p.perm[w.n] / p.kslots : w.n;
   w.ty0 = (tile / n_tw) * kTH;
   w.tx0 = (tile % n_tw) * kTW;
   return true;
 }
 
-// Element offsets of row n's output channels in the pw->dw output layout (meta columns 8-11: base,
-// channels per split, split stride, row stride), read once per block: oa(c) + pixel index.
+// Element offsets of row n's output channels in the pw->dw output layout (meta columns OUT,
+// OUT_SPLIT, OUT_SPLIT_STRIDE, OUT_ROW_STRIDE), read once per block: oa(c) + pixel index.
 struct OutAddr {
   int64_t base, split_stride, HW;
   int split;
   __device__ __forceinline__ OutAddr(const int64_t* m, int64_t n, int64_t HW_)
-      : base(m[8] + n * m[11]), split_stride(m[10]), HW(HW_), split((int)m[9]) {}
+      : base(m[col::OUT] + n * m[col::OUT_ROW_STRIDE]), split_stride(m[col::OUT_SPLIT_STRIDE]), HW(HW_),
+        split((int)m[col::OUT_SPLIT]) {}
   __device__ __forceinline__ int64_t operator()(int c) const {
     const unsigned uc = (unsigned)c, us = (unsigned)split;  // both >= 0: unsigned division is cheaper
     return base + (int64_t)(uc / us) * split_stride + (int64_t)(uc % us) * HW;
@@ -627,14 +631,14 @@ template <typename T, int K, int CG, int NB, typename Y, bool WIN, typename Para
 __device__ __forceinline__ void pw_halo(const Params& p, const int64_t* m, int64_t srow, int cb, int nch, int ty0,
                                         int tx0, Y* sy, T* sx, T* sw) {
   using G = GeoOf<T, K, CG, WIN>;
-  const int cin = (int)m[0];
+  const int cin = (int)m[col::C_IN];
   const int64_t HW = (int64_t)p.H * p.W;
-  const int64_t src_off = m[6] + srow * m[7];
+  const int64_t src_off = m[col::SRC] + srow * m[col::SRC_ROW_STRIDE];
   Stager<T, K, CG, NB, WIN> st;
-  st.init_weights(static_cast<const T*>(p.w), m[2], cin, cb, nch);
+  st.init_weights(static_cast<const T*>(p.w), m[col::PW_WEIGHT], cin, cb, nch);
   st.init_x(static_cast<const T*>(p.src), src_off, HW, cin, p.W);
   Pw<T, K, CG, WIN> pw;
-  pw.template set_bias<NB>(static_cast<const T*>(p.pb), m[4], cb, nch);
+  pw.template set_bias<NB>(static_cast<const T*>(p.pb), m[col::PW_BIAS], cb, nch);
   const T* src = static_cast<const T*>(p.src);
   auto parts = [&](auto mode) {
     constexpr int MODE = decltype(mode)::value;  // Stager::copy_bytes()
@@ -722,7 +726,7 @@ __device__ __forceinline__ void stage_dw(const Params& p, const int64_t* m, int 
   const T* dw = static_cast<const T*>(p.dw);
   for (int i = threadIdx.x; i < CG * K * K; i += kThreads) {
     const int row = pw_row<CG, NB>(i / (K * K), cb, nch);
-    sdw[i] = from_f<D>(row >= 0 ? to_f(dw[m[3] + (int64_t)row * K * K + i % (K * K)]) : 0.f);
+    sdw[i] = from_f<D>(row >= 0 ? to_f(dw[m[col::DW_WEIGHT] + (int64_t)row * K * K + i % (K * K)]) : 0.f);
   }
 }
 

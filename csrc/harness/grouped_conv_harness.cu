@@ -10,11 +10,13 @@
 #include <string>
 #include <vector>
 
+#include "common/expert_stage_meta.h"
 #include "common/harness_common.h"
 #include "grouped_conv/kernels.h"
 
 using moce::DType;
 using namespace moce::harness;
+using namespace moce_meta;  // kRowWidth and the meta tables' columns
 
 int main(int argc, char** argv) {
   const int B = argc > 1 ? std::atoi(argv[1]) : 8;
@@ -48,16 +50,23 @@ int main(int argc, char** argv) {
   float* gpw = device_alloc<float>((int64_t)cout * cin);
   float* gpb = device_alloc<float>(cout);
   int64_t* offsets = device_copy<int64_t>({0, B});
-  std::vector<int64_t> m(16, 0);
-  m[0] = cin; m[1] = cout; m[7] = cin * HW; m[9] = nout; m[11] = nout * HW; m[13] = cout * HW;
+  // meta rows (common/expert_stage_meta.h), unnamed columns 0: the pw->dw forward's, then its backward's
+  // (go has all c_out channels), the weight gradient's, and the data gradient's gx = W^T gy
+  std::vector<int64_t> m(kRowWidth, 0);
+  m[pw_dw_col::C_IN] = cin; m[pw_dw_col::C_OUT] = cout; m[pw_dw_col::SRC_ROW_STRIDE] = cin * HW;
+  m[pw_dw_col::OUT_SPLIT] = nout; m[pw_dw_col::OUT_ROW_STRIDE] = nout * HW;
+  m[pw_dw_col::GRAD_PW_ROW_STRIDE] = cout * HW;
   int64_t* meta_fwd = device_copy(m);
-  m[9] = cout; m[11] = cout * HW;
+  m[pw_dw_col::OUT_SPLIT] = cout; m[pw_dw_col::OUT_ROW_STRIDE] = cout * HW;
   int64_t* meta_bwd = device_copy(m);
-  std::vector<int64_t> mw(16, 0);
-  mw[0] = cout; mw[1] = cin; mw[4] = cout * HW; mw[6] = cin * HW;
+  std::vector<int64_t> mw(kRowWidth, 0);
+  mw[wgrad_col::C_OUT] = cout; mw[wgrad_col::C_IN] = cin;
+  mw[wgrad_col::G_ROW_STRIDE] = cout * HW; mw[wgrad_col::X_ROW_STRIDE] = cin * HW;
   int64_t* meta_wg = device_copy(mw);
-  std::vector<int64_t> mg(16, 0);
-  mg[0] = cout; mg[1] = cin; mg[3] = 1; mg[4] = cin; mg[7] = cout * HW; mg[9] = cin * HW;
+  std::vector<int64_t> mg(kRowWidth, 0);
+  mg[gemm_col::C_IN] = cout; mg[gemm_col::C_OUT] = cin;
+  mg[gemm_col::WEIGHT_OUT_STRIDE] = 1; mg[gemm_col::WEIGHT_IN_STRIDE] = cin;
+  mg[gemm_col::SRC_ROW_STRIDE] = cout * HW; mg[gemm_col::OUT_ROW_STRIDE] = cin * HW;
   int64_t* meta_gm = device_copy(mg);
   cudaStream_t s = nullptr;
   // every row in one group, read in place (no gather)
