@@ -7,7 +7,8 @@ same constexprs, num_warps, num_stages) and *not run*. For each compiled kernel 
 spill/local bytes, shared memory and static SASS instruction counts (tensor-core ops, global load
 widths, local-memory traffic, barriers), read from the cubin with Triton's own cuobjdump/nvdisasm.
 
-Usage:  python benchmarks/static_report.py [--json FILE] [--family window_attention|expert_conv|norm_conv|model]
+Usage:  python benchmarks/static_report.py [--json FILE] [--family window_attention|expert_conv|norm_conv|
+        channel_attention|model]
 Outputs from the kernels are meaningless (nothing runs); only the compilation is real.
 """
 from __future__ import annotations
@@ -181,6 +182,23 @@ def norm_conv_cases(dtype: torch.dtype) -> List[Callable[[], Any]]:
             lambda: run(ops.pointwise_conv, (C, C, 1, 1), (C,), (8, C, H, W))]
 
 
+def channel_attention_cases(dtype: torch.dtype) -> List[Callable[[], Any]]:
+    """Channel attention with projection and residual at the models' head widths: c = 32 (MoCE-IR-S,
+    tile 32) and c = 48 (MoCE-IR, tile 64), one head (level 1) and eight (level 4)."""
+    from moce_kernels import ops
+    cases = []
+    for (c, heads) in [(32, 1), (32, 8), (48, 1), (48, 8)]:
+        def fwd_bwd(C=c * heads, heads=heads):
+            q, k, v = (_rand(8, C, 64, 64, dtype=dtype).requires_grad_() for _ in range(3))
+            t = torch.ones(heads, 1, 1, dtype=dtype, requires_grad=True)
+            w = (_rand(C, C, 1, 1, dtype=dtype) * 0.1).requires_grad_()
+            b, res = torch.zeros(C, dtype=dtype, requires_grad=True), _rand(8, C, 64, 64, dtype=dtype)
+            out = ops.channel_attention(q, k, v, t, w, b, res)
+            out.backward(torch.randn_like(out))
+        cases.append(fwd_bwd)
+    return cases
+
+
 def model_cases(dtype: torch.dtype) -> List[Callable[[], Any]]:
     from moce_kernels import MoCEIR
 
@@ -195,7 +213,7 @@ def model_cases(dtype: torch.dtype) -> List[Callable[[], Any]]:
 
 
 FAMILIES = {"window_attention": window_attention_cases, "expert_conv": expert_conv_cases, "norm_conv": norm_conv_cases,
-            "model": model_cases}
+            "channel_attention": channel_attention_cases, "model": model_cases}
 
 
 def main(argv: List[str] | None = None) -> int:

@@ -35,14 +35,15 @@ def records(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "static_report.py"), "--dtype", "bfloat16",
-                          "--family", "window_attention", "--family", "expert_conv", "--family", "model", "--json", str(out)],
+                          "--family", "window_attention", "--family", "expert_conv", "--family", "channel_attention",
+                          "--family", "model", "--json", str(out)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     recs = json.loads(out.read_text())
     names = {r["kernel"] for r in recs}
     assert {"_wfa_fwd_kernel", "_wfa_bwd_kernel", "_wfa_fwd_oneshot_kernel", "_wfa_bwd_oneshot_kernel",
             "_pwdw_kernel", "_pwdw_bwd_kernel", "_epilogue_bwd_kernel", "_route_head_bwd_kernel", "_combine_kernel",
-            "_gemm_kernel"} <= names, names
+            "_gemm_kernel", "_attn_fwd_kernel", "_attn_bwd_kernel", "_qk_grad_kernel"} <= names, names
     assert "stopped" not in res.stdout, res.stdout[-3000:]
     return recs
 

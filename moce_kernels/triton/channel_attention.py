@@ -43,9 +43,12 @@ tests) it splits as finely as CPU_TARGET_PROGRAMS allows so that the two-stage r
 
 Stride contract: q, k, v, residual and grad need contiguous (H, W) planes; batch and channel
 strides are free (channel chunks of one packed tensor are read in place). Outputs are contiguous.
-Precision: 16-bit inputs multiply on tensor cores with fp32 accumulation (M, and D's one-sided
-scalings, are rounded to the input dtype for the pixel-sized products); the softmax and everything
-c x c is fp32; fp32 and fp64 inputs use exact ("ieee") dots throughout.
+Precision: 16-bit inputs multiply on tensor cores with fp32 accumulation. The pixel-sized products
+take 16-bit operands (M, and D's one-sided scalings, are rounded to the input dtype); the softmax and
+everything c x c stays fp32, and the small products with fp32 operands (the fold W_o A, gA, grad_W)
+run as three bfloat16 products of their hi/lo halves (_mm_small, about 16 significant bits). fp32
+and fp64 inputs use exact ("ieee") dots throughout, on FMA units, in blocks of FMA_BLOCK rows or
+pixels where 64 would spill.
 """
 from __future__ import annotations
 
@@ -59,10 +62,11 @@ from ..backends import register
 from ..outputs import new_output
 from .expert_conv import _mm
 
-BLOCK_N = 64        # pixels per tile, every pass
-BLOCK_O = 64        # rows per block of the GEMM and of the fold
+BLOCK_N = 64        # pixels per tile of the Gram and GEMM passes, and of the q, k gradient on tensor cores
+BLOCK_O = 64        # rows per block of the GEMM, and of the fold, gA and grad_W on tensor cores
 BLOCK_K = 32        # reduction step of the GEMM
 BLOCK_F = 64        # square tile of the full-mode Gram g v^T
+FMA_BLOCK = 16      # BLOCK_O and the q, k gradient's BLOCK_N for exact (FMA) dots
 MIN_SPLIT_PIXELS = 4096
 CPU_TARGET_PROGRAMS = 16
 
@@ -73,6 +77,18 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _ieee(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64)
+
+
+def _dot_block(dtype: torch.dtype, block: int) -> int:
+    """``block`` where the dots run on tensor cores (16-bit inputs); FMA_BLOCK for the exact FMA dots of
+    fp32 and fp64 inputs, whose operand layouts hold whole rows per thread and spill at 64 on sm_90
+    (benchmarks/static_report.py --family channel_attention --dtype float32)."""
+    return FMA_BLOCK if _ieee(dtype) else block
+
+
+def _warps(blk: int) -> int:
+    """Warps for a program holding several blk x blk fp32 tiles: 8 past 32, so that they fit in registers."""
+    return 8 if blk > 32 else 4
 
 
 def head_block(c: int) -> int:
@@ -97,6 +113,29 @@ def splits(groups: int, N: int, device: torch.device) -> Tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _split_bf16(x):
+    """An fp32 tile as hi + lo, two bfloat16 tiles (hi = x rounded, lo = the rest rounded): about 16
+    significant bits of x, with fp32's range."""
+    hi = x.to(tl.bfloat16)
+    return hi, (x - hi.to(x.dtype)).to(tl.bfloat16)
+
+
+@triton.jit
+def _mm_small(a, b, IEEE: tl.constexpr):
+    """``a @ b`` for the fp32 (fp64) operands of the c x c-sized products (the fold, gA, grad_W): exact
+    dots when IEEE, else on tensor cores as three bfloat16 products with fp32 accumulation,
+    ``hi_a hi_b + (hi_a lo_b + lo_a hi_b)`` (Triton's "bf16x3", written out so that the interpreter
+    computes the same roundings): a relative error near 2^-16, far below the 16-bit rounding of
+    the results."""
+    if IEEE:
+        return _mm(a, b, True)
+    else:
+        ah, al = _split_bf16(a)
+        bh, bl = _split_bf16(b)
+        return _mm(ah, bh, False) + (_mm(ah, bl, False) + _mm(al, bh, False))
+
 
 @triton.jit
 def _gram_kernel(x_ptr, y_ptr, part_ptr, sums_ptr, R, C, N, chunk, sxb, sxc, syb, syc, n_rb, n_cb, step,
@@ -199,7 +238,7 @@ def _head_weight(w_ptr, o0, h, c, C, C_out, dtype, BO: tl.constexpr, BC: tl.cons
 
 @triton.jit
 def _attn_fwd_kernel(part_ptr, sums_ptr, t_ptr, w_ptr, m_ptr, S, heads, c, C, C_out, eps,
-                     BC: tl.constexpr, BO: tl.constexpr):
+                     BC: tl.constexpr, BO: tl.constexpr, IEEE: tl.constexpr):
     """Per (b, h): A from the partials, then ``M[b, :, head] = W_o[:, head] A`` (M: (B, C_out, C), in the
     inputs' dtype: the GEMMs multiply it at that precision)."""
     pid = tl.program_id(0)
@@ -209,7 +248,8 @@ def _attn_fwd_kernel(part_ptr, sums_ptr, t_ptr, w_ptr, m_ptr, S, heads, c, C, C_
     i = tl.arange(0, BC)
     for o0 in range(0, C_out, BO):
         o, m2, w = _head_weight(w_ptr, o0, h, c, C, C_out, a.dtype, BO, BC)
-        tl.store(m_ptr + _head_cols(b * C_out + o, h, c, C, i), _mm(w, a, True).to(m_ptr.dtype.element_ty), mask=m2)
+        m = _mm_small(w, a, IEEE)
+        tl.store(m_ptr + _head_cols(b * C_out + o, h, c, C, i), m.to(m_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -245,7 +285,7 @@ def _gemm_kernel(m_ptr, x_ptr, bias_ptr, res_ptr, out_ptr, R, K, N, smb, smr, sm
 
 @triton.jit
 def _attn_bwd_kernel(part_ptr, sums_ptr, t_ptr, w_ptr, ppart_ptr, pred_ptr, dq_ptr, dk_ptr, scale_ptr, a_ptr, gt_ptr,
-                     S, S2, heads, c, C, C_out, eps, BC: tl.constexpr, BO: tl.constexpr):
+                     S, S2, heads, c, C, C_out, eps, BC: tl.constexpr, BO: tl.constexpr, IEEE: tl.constexpr):
     """Per (b, h): P_b[:, head] = sum of the S2 partials of g v^T (stored to pred (B, C_out, C)),
     ``gA = W_o[:, head]^T P_b[:, head]``, ``dS = A * (gA - rowsum(gA * A))``; stores D = t dS r s^T and A
     ((B, heads, BC, BC), zero-padded) as ``Dq = t dS diag(s)`` and ``Dk = t dS^T diag(r)`` (so that
@@ -254,16 +294,17 @@ def _attn_bwd_kernel(part_ptr, sums_ptr, t_ptr, w_ptr, ppart_ptr, pred_ptr, dq_p
     pid = tl.program_id(0)
     b = pid // heads
     h = pid % heads
-    a, gh, r, sk, vq, vk, t = _attention(part_ptr, sums_ptr, t_ptr, b, h, S, heads, c, eps, BC)
     i = tl.arange(0, BC)
-    ga = tl.zeros([BC, BC], dtype=a.dtype)
-    for o0 in range(0, C_out, BO):
-        o, m2, w = _head_weight(w_ptr, o0, h, c, C, C_out, a.dtype, BO, BC)
-        p = tl.zeros([BO, BC], dtype=a.dtype)
+    ACC = part_ptr.dtype.element_ty
+    ga = tl.zeros([BC, BC], dtype=ACC)
+    for o0 in range(0, C_out, BO):  # gA first: A's tiles are not live across this loop
+        o, m2, w = _head_weight(w_ptr, o0, h, c, C, C_out, ACC, BO, BC)
+        p = tl.zeros([BO, BC], dtype=ACC)
         for si in range(S2):
             p += tl.load(ppart_ptr + _head_cols((b * S2 + si) * C_out + o, h, c, C, i), mask=m2, other=0.0)
         tl.store(pred_ptr + _head_cols(b * C_out + o, h, c, C, i), p, mask=m2)
-        ga += _mm(tl.trans(w), p, True)
+        ga += _mm_small(tl.trans(w), p, IEEE)
+    a, gh, r, sk, vq, vk, t = _attention(part_ptr, sums_ptr, t_ptr, b, h, S, heads, c, eps, BC)
     ds = a * (ga - tl.sum(ga * a, 1)[:, None])
     e = t * ds * gh
     base = b * heads + h
@@ -281,7 +322,7 @@ def _attn_bwd_kernel(part_ptr, sums_ptr, t_ptr, w_ptr, ppart_ptr, pred_ptr, dq_p
 
 @triton.jit
 def _wgrad_kernel(pred_ptr, a_ptr, bsum_ptr, gtp_ptr, gw_ptr, gb_ptr, gt_ptr, B, S2, heads, c, C, C_out,
-                  BC: tl.constexpr, BO: tl.constexpr):
+                  BC: tl.constexpr, BO: tl.constexpr, IEEE: tl.constexpr):
     """Per (C_out block, head): ``grad_W[o, head] = sum_b P_b[o, head] A_bh^T``; head 0 also sums the
     row-sum partials into grad_bias, block 0 the temperature partials into grad_t (fixed orders)."""
     ob = tl.program_id(0)
@@ -295,7 +336,7 @@ def _wgrad_kernel(pred_ptr, a_ptr, bsum_ptr, gtp_ptr, gw_ptr, gb_ptr, gt_ptr, B,
     for b in range(B):
         p = tl.load(pred_ptr + _head_cols(b * C_out + o, h, c, C, i), mask=m2, other=0.0)
         a = tl.load(a_ptr + ((b * heads + h) * BC + i[:, None]) * BC + i[None, :])
-        acc += _mm(p, tl.trans(a), True)
+        acc += _mm_small(p, tl.trans(a), IEEE)
     tl.store(gw_ptr + _head_cols(o, h, c, C, i), acc.to(gw_ptr.dtype.element_ty), mask=m2)
     if h == 0:
         gb = tl.zeros([BO], dtype=ACC)
@@ -356,16 +397,16 @@ def _fold(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor, w2d: torc
     B, C, H, W = q.shape
     heads, c_out, N = temperature.shape[0], w2d.shape[0], H * W
     c = C // heads
-    acc, dev = _acc_dtype(q.dtype), q.device
+    bc, acc, ieee, dev = head_block(c), _acc_dtype(q.dtype), _ieee(q.dtype), q.device
     S, chunk = splits(B * heads, N, dev)
     part = new_output((B, S, heads, c, c), acc, dev)
     sums = new_output((B, S, heads, 2, c), acc, dev)
     _gram_kernel[(B * heads, S)](q, k, part, sums, C, C, N, chunk, q.stride(0), q.stride(1), k.stride(0),
-                                 k.stride(1), heads, 1, c, DIAG=True, BLK=head_block(c), BN=BLOCK_N,
-                                 IEEE=_ieee(q.dtype))
-    m = new_output((B, c_out, C), acc if _ieee(q.dtype) else q.dtype, dev)
-    _attn_fwd_kernel[(B * heads,)](part, sums, temperature, w2d, m, S, heads, c, C, c_out, float(eps),
-                                   BC=head_block(c), BO=BLOCK_O)
+                                 k.stride(1), heads, 1, c, DIAG=True, BLK=bc, BN=BLOCK_N, IEEE=ieee,
+                                 num_warps=_warps(bc) if ieee else 4)
+    m = new_output((B, c_out, C), acc if ieee else q.dtype, dev)
+    _attn_fwd_kernel[(B * heads,)](part, sums, temperature, w2d, m, S, heads, c, C, c_out, float(eps), BC=bc,
+                                   BO=_dot_block(q.dtype, BLOCK_O), IEEE=ieee)
     return m, part, sums, S
 
 
@@ -397,7 +438,8 @@ def _backward(grad, q, k, v, temperature, proj_weight, eps):
     _check_planes(grad=grad, q=q, k=k, v=v)
     B, C, H, W = q.shape
     heads, c_out, N, dev = temperature.shape[0], proj_weight.shape[0], H * W, q.device
-    c, bc, acc = C // heads, head_block(C // heads), _acc_dtype(q.dtype)
+    c, bc, acc, ieee = C // heads, head_block(C // heads), _acc_dtype(q.dtype), _ieee(q.dtype)
+    bo, bn = _dot_block(q.dtype, BLOCK_O), _dot_block(q.dtype, BLOCK_N)
     w2d = proj_weight.reshape(c_out, C)
     m, part, sums, S = _fold(q, k, temperature, w2d, eps)
     gv = new_output(v.shape, v.dtype, dev)
@@ -408,21 +450,21 @@ def _backward(grad, q, k, v, temperature, proj_weight, eps):
     bsum = new_output((B, S2, c_out), acc, dev)
     _gram_kernel[(B * n_rb * n_cb, S2)](grad, v, ppart, bsum, c_out, C, N, chunk2, grad.stride(0), grad.stride(1),
                                         v.stride(0), v.stride(1), n_rb, n_cb, BLOCK_F, DIAG=False, BLK=BLOCK_F,
-                                        BN=BLOCK_N, IEEE=_ieee(q.dtype))
+                                        BN=BLOCK_N, IEEE=ieee, num_warps=_warps(BLOCK_F) if ieee else 4)
     pred = new_output((B, c_out, C), acc, dev)
     dq, dk, amat = (new_output((B, heads, bc, bc), acc, dev) for _ in range(3))
     scales = new_output((B, heads, 4, bc), acc, dev)
     gtp = new_output((B, heads), acc, dev)
     _attn_bwd_kernel[(B * heads,)](part, sums, temperature, w2d, ppart, pred, dq, dk, scales, amat, gtp, S, S2,
-                                   heads, c, C, c_out, float(eps), BC=bc, BO=BLOCK_O)
+                                   heads, c, C, c_out, float(eps), BC=bc, BO=bo, IEEE=ieee,
+                                   num_warps=_warps(bc))
     gw = new_output(proj_weight.shape, proj_weight.dtype, dev)
     gb = new_output((c_out,), proj_weight.dtype, dev)
     gt = new_output(temperature.shape, temperature.dtype, dev)
-    _wgrad_kernel[(triton.cdiv(c_out, BLOCK_O), heads)](pred, amat, bsum, gtp, gw, gb, gt, B, S2, heads, c, C,
-                                                         c_out, BC=bc, BO=BLOCK_O)
+    _wgrad_kernel[(triton.cdiv(c_out, bo), heads)](pred, amat, bsum, gtp, gw, gb, gt, B, S2, heads, c, C, c_out,
+                                                    BC=bc, BO=bo, IEEE=ieee, num_warps=_warps(bc))
     gq = new_output(q.shape, q.dtype, dev)
     gk = new_output(k.shape, k.dtype, dev)
-    _qk_grad_kernel[(B * heads, triton.cdiv(N, BLOCK_N))](q, k, dq, dk, scales, gq, gk, heads, c, C, N, q.stride(0),
-                                                          q.stride(1), k.stride(0), k.stride(1), BC=bc, BN=BLOCK_N,
-                                                          IEEE=_ieee(q.dtype))
+    _qk_grad_kernel[(B * heads, triton.cdiv(N, bn))](q, k, dq, dk, scales, gq, gk, heads, c, C, N, q.stride(0),
+                                                     q.stride(1), k.stride(0), k.stride(1), BC=bc, BN=bn, IEEE=ieee)
     return gq, gk, gv, gt, gw, gb
