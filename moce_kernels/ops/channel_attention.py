@@ -24,7 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import FLOAT_DTYPES, call_impl, check_positive, check_same, check_tensor, register_autograd
+from ._common import (FLOAT_DTYPES, call_impl, check_conv1x1, check_positive, check_same, check_tensor,
+                      register_autograd)
 
 OP = "channel_attention"
 DEFAULT_EPS = 1e-12  # F.normalize's default, as in the model
@@ -109,15 +110,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature:
     check_tensor("temperature", temperature, temperature.dim(), FLOAT_DTYPES)
     if C % heads:
         raise ValueError(f"heads = {heads} (from temperature's shape) must divide the {C} channels of q")
-    check_tensor("proj_weight", proj_weight, 4, FLOAT_DTYPES)
-    c_out = proj_weight.shape[0]
-    if tuple(proj_weight.shape[1:]) != (C, 1, 1):
-        raise ValueError(f"proj_weight must have shape (C_out, {C}, 1, 1) for q with {C} channels, "
-                         f"got {tuple(proj_weight.shape)}")
-    if proj_bias is not None:
-        check_tensor("proj_bias", proj_bias, 1, FLOAT_DTYPES)
-        if proj_bias.shape[0] != c_out:
-            raise ValueError(f"proj_bias must have {c_out} entries (proj_weight's C_out), got {proj_bias.shape[0]}")
+    c_out = check_conv1x1(q, proj_weight, proj_bias, ("proj_weight", "proj_bias"))
     if residual is not None:
         check_tensor("residual", residual, 4, FLOAT_DTYPES)
         if tuple(residual.shape) != (B, c_out, H, W):
