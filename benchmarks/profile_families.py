@@ -68,9 +68,8 @@ def event_family(evt) -> str:
         if e.name == "aten::convolution" and e.input_shapes and len(e.input_shapes) > 1 and e.input_shapes[1]:
             return census.conv_family(e.input_shapes[1])
     for e in chain:
-        fam = census.family_of("aten::" + e.name, e.name)
-        if fam != "other":
-            return fam
+        if e.name in census.MODULE_FAMILIES:  # a module's record_function range (moce_kernels.nvtx)
+            return census.MODULE_FAMILIES[e.name]
     return "other"
 
 

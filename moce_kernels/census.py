@@ -49,7 +49,7 @@ OP_FAMILIES: Dict[str, str] = {
 }
 # innermost module (class name, or its range name in moce_kernels.nvtx) -> family of the aten ops it runs
 # that are not convolutions
-_MODULE_FAMILIES = {"LayerNorm": "layer norm", "Attention": "channel attention", "MDTA": "channel attention",
+MODULE_FAMILIES = {"LayerNorm": "layer norm", "Attention": "channel attention", "MDTA": "channel attention",
                     "CrossAttention": "channel attention", "AdapterLayer": "routing", "MoCE": "routing"}
 
 
@@ -73,7 +73,7 @@ def family_of(op: str, module: Optional[str], weight_shape: Optional[Sequence[in
         return OP_FAMILIES.get(name, "other")
     if name == "convolution" and weight_shape is not None:
         return conv_family(weight_shape)
-    return _MODULE_FAMILIES.get(module or "", "other")
+    return MODULE_FAMILIES.get(module or "", "other")
 
 
 def _nbytes(t: torch.Tensor) -> int:
