@@ -112,7 +112,8 @@ class MoCEIR(nn.Module):
         self.refinement = EncoderResidualGroup(dim, heads[0], num_refinement_blocks, **group)
         self.output = nn.Conv2d(dim, out_channels, kernel_size=3, padding=1, bias=bias)
         self.total_loss: torch.Tensor = torch.zeros(())
-        self._adapters: Tuple[AdapterLayer, ...] = tuple(self.adapters())
+        # the MoCE layers, in forward order: found once, not walked for on every forward
+        self._adapters: Tuple[AdapterLayer, ...] = tuple(m for m in self.modules() if isinstance(m, AdapterLayer))
         self.config: Dict[str, Any] = _constructor_config(locals())  # what save_checkpoint stores
 
     # ------------------------------------------------------------ construction
@@ -141,7 +142,8 @@ class MoCEIR(nn.Module):
 
     # ------------------------------------------------------------ routing noise
     def adapters(self) -> List[AdapterLayer]:
-        return [m for m in self.modules() if isinstance(m, AdapterLayer)]
+        """The MoCE layers, in forward order."""
+        return list(self._adapters)
 
     @property
     def routing_noise(self) -> str:
