@@ -171,6 +171,9 @@ BAD_CONFIGS = [  # stored values -> the argument the error names; refused before
     (dict(heads="112"), "heads"),
     (dict(num_experts=10 ** 6), "num_experts"),
     (dict(inp_channels=10 ** 7, out_channels=10 ** 7), "inp_channels"),
+    (dict(rank_type="exp", rank=10 ** 4), "rank_type = 'exp' with rank = 10000"),
+    (dict(rank_type="fact", rank=10 ** 6), "rank_type = 'fact' with rank = 1000000"),
+    (dict(rank_type="constant", rank="3"), "rank_type = 'constant' with rank = '3'"),
 ]
 
 

@@ -142,6 +142,12 @@ def _shape(sd: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Size:
     return shape
 
 
+def _expert_ranks(sd: Mapping[str, torch.Tensor], num_experts: int) -> List[int]:
+    """The ranks of the first MoCE layer's experts (an error naming the first expert's tensor if none)."""
+    return [_shape(sd, f"dec.0.2.layers.0.adapter.experts.{e}.0.proj.0.weight", 4)[0]
+            for e in range(max(num_experts, 1))]
+
+
 def infer_config(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     """Constructor arguments implied by the tensor shapes (topk cannot be inferred: it is left out).
 
@@ -161,8 +167,7 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     hidden = _shape(sd, "enc.0.0.layers.0.ffn.project_out.weight", 4)[1]
     c0 = _shape(sd, "dec.0.2.layers.0.adapter.proj_out.weight", 4)[0]
     num_experts = _count(sd, r"dec\.0\.2\.layers\.0\.adapter\.experts\.(\d+)\.")
-    ranks = [_shape(sd, f"dec.0.2.layers.0.adapter.experts.{e}.0.proj.0.weight", 4)[0]
-             for e in range(max(num_experts, 1))]
+    ranks = _expert_ranks(sd, num_experts)
     cfg: Dict[str, Any] = dict(
         inp_channels=int(inp), out_channels=int(out_ch), dim=int(dim), levels=levels, heads=heads,
         num_blocks=num_blocks, num_dec_blocks=num_dec, num_refinement_blocks=_count(sd, r"refinement\.layers\.(\d+)\."),
@@ -209,10 +214,25 @@ def _same_expansion(got: Any, inferred: Mapping[str, Any]) -> bool:
     return int(dim * got) == round(inferred["ffn_expansion_factor"] * dim)
 
 
-def check_stored_config(path, stored: Mapping[str, Any], inferred: Mapping[str, Any],
-                        defaults: Mapping[str, Any]) -> None:
+def _same_ranks(rank_type: Any, rank: Any, inferred: Mapping[str, Any], want: List[int]) -> bool:
+    """Whether ``rank_type`` and ``rank`` give the first MoCE layer's experts the ranks ``want``."""
+    from .moe import expert_ranks
+    if not isinstance(rank, int) or isinstance(rank, bool) or not isinstance(rank_type, str):
+        return False
+    if rank_type != "spread" and not 1 <= rank <= max(want):  # every other rank type starts at >= rank
+        return False
+    try:
+        width = inferred["dim"] * 2 ** (inferred["levels"] - 2)  # the first decoder stage's
+        return expert_ranks(rank_type, rank, width, inferred["num_experts"]) == want
+    except ValueError:
+        return False
+
+
+def check_stored_config(path, stored: Mapping[str, Any], sd: Mapping[str, torch.Tensor],
+                        inferred: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
     """Refuse a stored configuration whose shape-determining arguments (``defaults`` for those it
-    leaves out) differ from what the tensors have: nothing of a wrong type or an absurd size is built."""
+    leaves out) differ from what the tensors ``sd`` have (``inferred``: :func:`infer_config`'s): nothing
+    of a wrong type or an absurd size is built."""
     wrong = []
     for name in _SHAPE_ARGUMENTS:
         got = stored.get(name, defaults.get(name))
@@ -221,6 +241,11 @@ def check_stored_config(path, stored: Mapping[str, Any], inferred: Mapping[str, 
     got = stored.get("ffn_expansion_factor", defaults.get("ffn_expansion_factor"))
     if not _same_expansion(got, inferred):
         wrong.append(f"ffn_expansion_factor = {got!r} where the tensors have {inferred['ffn_expansion_factor']!r}")
+    if not wrong:
+        rank_type, rank = (stored.get(n, defaults.get(n)) for n in ("rank_type", "rank"))
+        want = _expert_ranks(sd, inferred["num_experts"])
+        if not _same_ranks(rank_type, rank, inferred, want):
+            wrong.append(f"rank_type = {rank_type!r} with rank = {rank!r} where the experts' ranks are {want}")
     if wrong:
         raise CheckpointError(f"{os.fspath(path)}: the stored model configuration does not fit its tensors: "
                               + "; ".join(wrong))
@@ -423,7 +448,7 @@ def load_model(cls, path, preset: Optional[str] = None, map_location="cpu", stri
     inferred = _infer(path, sd)
     if stored is not None and preset is None:
         defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
-        check_stored_config(path, {k: v for k, v in stored.items() if k not in kwargs}, inferred, defaults)
+        check_stored_config(path, {k: v for k, v in stored.items() if k not in kwargs}, sd, inferred, defaults)
         model = _build(cls, path, dict(stored, **kwargs), inferred)
         _load_weights(model, sd, strict, f"{path}: the tensors do not fit the configuration stored in the file")
         return model

@@ -128,7 +128,8 @@ def _check_arguments(a: Mapping[str, Any]) -> Dict[str, Any]:
     _check_int("num_refinement_blocks", a["num_refinement_blocks"], 0)
     _check_int("rank", a["rank"], 1)
     num_experts = _check_int("num_experts", a["num_experts"], 1)
-    _check_int("topk", a["topk"], 1)
+    if _check_int("topk", a["topk"], 1) > num_experts:
+        raise ValueError(f"topk = {a['topk']} must be <= num_experts = {num_experts}")
     _check_expert_depths(a["depth_type"], lists["stage_depth"], num_experts)
     _check_bool("bias", a["bias"])
     _check_bool("with_complexity", a["with_complexity"])
