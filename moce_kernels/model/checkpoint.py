@@ -1,10 +1,11 @@
 """Loading the authors' released checkpoints (Lightning ``.ckpt``) and plain state dicts, safely;
 reading and writing ``.safetensors`` files that keep the model's configuration.
 
-Files are read with ``torch.load(weights_only=True)``: no arbitrary pickled code runs. Lightning
-hyper-parameters that hold an ``argparse.Namespace`` are allowed explicitly. A ``.safetensors``
-file (recognised by its header, whatever its name) holds no code at all; the constructor arguments
-are a JSON string in its metadata under :data:`SAFETENSORS_CONFIG_KEY`.
+Files are recognised by their content, whatever their name. PyTorch files are read with
+``torch.load(weights_only=True)``: no arbitrary pickled code runs. Lightning hyper-parameters that
+hold an ``argparse.Namespace`` are allowed explicitly. A ``.safetensors`` file holds no code at all;
+the constructor arguments are a JSON string in its metadata under :data:`SAFETENSORS_CONFIG_KEY`, and
+the CRC-32 of every tensor and of that string under :data:`SAFETENSORS_CRC_KEY`.
 """
 from __future__ import annotations
 
@@ -417,7 +418,9 @@ def warn_assumed(path: "str | os.PathLike", assumed: Mapping[str, Any], source: 
 
 
 def _read_any(path, map_location) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Optional[Dict[str, Any]]]:
-    """(state dict, Lightning hyper-parameters, stored configuration or None) from any supported file."""
+    """(state dict, Lightning hyper-parameters, stored configuration or None) from any supported file:
+    a safetensors file by its header, a ``torch.save`` file by its first bytes (zip or pickle), and a
+    file named ``.safetensors`` that is neither reads as a (damaged) safetensors file."""
     path = os.fspath(path)
     if os.path.isfile(path) and (is_safetensors(path) or (path.endswith(".safetensors")
                                                           and not _is_torch_file(path))):
