@@ -213,3 +213,15 @@ def test_the_default_instance_and_timers(monkeypatch, tmp_path):
     ms = autotune.wall_clock_timer(lambda: calls.append(1), warmup=2, repeats=3)
     assert len(calls) == 5 and 0 <= ms < 1e3
     assert autotune.capturing() is False, "no CUDA here: never capturing"
+
+
+def test_a_candidate_that_dispatches_inner_ops_is_tuned_without_deadlock(tuner):
+    inner = Fake(reference=2.0, triton=1.0)
+
+    def outer_triton():
+        tuner.choose("inner", ("inner", 1), inner.candidates())  # a fused op built on other ops
+        return 1.0
+    outer = [("reference", lambda: 3.0), ("triton", outer_triton)]
+    assert tuner.choose("outer", ("outer", 1), outer) == "triton"
+    assert tuner.choose("inner", ("inner", 1), inner.candidates()) == "triton"
+    assert inner.calls == {"reference": 1, "triton": 1}
