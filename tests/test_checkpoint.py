@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moce_kernels import MoCEIR
-from moce_kernels.model.checkpoint import CheckpointError
+from moce_kernels.model.checkpoint import AssumedConfigWarning, CheckpointError
 
 from _models import FILES, load_data, model_for
 
@@ -161,3 +161,63 @@ def test_non_string_keys(tmp_path):
     with pytest.raises(CheckpointError, match="keys must be parameter names \\(strings\\); got 1 other keys: "
                                               "\\['1 \\(int\\)'\\]"):
         MoCEIR.from_checkpoint(path)
+
+
+def _saved_state_dict(tmp_path, sd, name="sd.pth"):
+    path = tmp_path / name
+    torch.save(sd, path)
+    return path
+
+
+PARTIAL = {  # how a state dict is cut -> the key the error must name
+    "no latent": (lambda sd: {k: v for k, v in sd.items() if not k.startswith("latent.")},
+                  "latent.layers.0.mixer.temperature"),
+    "no decoder": (lambda sd: {k: v for k, v in sd.items() if not k.startswith("dec.")},
+                   "dec.0.2.layers.0.adapter.proj_out.weight"),
+    "no encoder level 1": (lambda sd: {k: v for k, v in sd.items() if not k.startswith("enc.1.")},
+                           "enc.1.0.layers.0.mixer.temperature"),
+    "no ffn": (lambda sd: {k: v for k, v in sd.items() if "enc.0.0.layers.0.ffn" not in k},
+               "enc.0.0.layers.0.ffn.project_out.weight"),
+    "experts without proj_out": (lambda sd: {k: v for k, v in sd.items() if "dec.0.2.layers.0.adapter.proj_out" not in k},
+                                 "dec.0.2.layers.0.adapter.proj_out.weight"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARTIAL))
+def test_partial_state_dicts_name_the_missing_key(tmp_path, case):
+    cut, key = PARTIAL[case]
+    path = _saved_state_dict(tmp_path, cut(MoCEIR(dim=8, num_blocks=[1, 1, 1, 1]).state_dict()))
+    with pytest.raises(CheckpointError, match=f"{path}: not a complete MoCE-IR state dict: missing {key!r}"):
+        MoCEIR.from_checkpoint(path)
+
+
+def test_foreign_state_dicts_are_checkpoint_errors(tmp_path):
+    restormer_like = {"patch_embed.proj.weight": torch.zeros(48, 3, 3, 3), "output.weight": torch.zeros(3, 96, 3, 3),
+                      "encoder_level1.0.attn.temperature": torch.zeros(1, 1, 1)}
+    cases = [  # (state dict, what the message names)
+        (restormer_like, "missing 'latent.layers.0.mixer.temperature'"),
+        ({"patch_embed.proj.weight": torch.zeros(8), "output.weight": torch.zeros(3, 8, 3, 3)},
+         r"patch_embed.proj.weight has shape \(8,\); a MoCE-IR state dict holds a 4-d tensor there"),
+        ({"patch_embed.proj.weight": torch.zeros(0, 3, 3, 3), "output.weight": torch.zeros(3, 0, 3, 3)},
+         r"patch_embed.proj.weight has shape \(0, 3, 3, 3\)"),
+        (dict(MoCEIR(dim=8, num_blocks=[1, 1, 1, 1]).state_dict(),
+              **{"latent.layers.0.mixer.temperature": torch.zeros(())}),
+         r"latent.layers.0.mixer.temperature has shape \(\)"),
+    ]
+    for i, (sd, named) in enumerate(cases):
+        path = _saved_state_dict(tmp_path, sd, f"foreign{i}.pth")
+        with pytest.raises(CheckpointError, match=named) as e:
+            MoCEIR.from_checkpoint(path)
+        assert type(e.value) is CheckpointError and str(path) in str(e.value)
+
+
+def test_torch_save_named_safetensors_loads(tmp_path):
+    """torch.load picks its reader by the name: files are recognised by their content instead."""
+    model = MoCEIR(dim=8, num_blocks=[1, 1, 1, 1]).eval()
+    for legacy in (False, True):
+        path = tmp_path / f"pickled{legacy}.safetensors"
+        torch.save(model.state_dict(), path, _use_new_zipfile_serialization=not legacy)
+        with pytest.warns(AssumedConfigWarning):
+            loaded = MoCEIR.from_checkpoint(path, strict=False).eval()
+        for k, v in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k

@@ -1,10 +1,10 @@
-"""What the console scripts share: one-line messages and warnings."""
+"""What the console scripts share: one-line messages, warnings and checkpoint loading."""
 from __future__ import annotations
 
 import contextlib
 import sys
 import warnings
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 
 class UsageError(Exception):
@@ -30,3 +30,15 @@ def plain_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         yield
+
+
+def load_checkpoint(path: str, preset: Optional[str] = None, **kwargs: Any):
+    """``MoCEIR.from_checkpoint(path, preset, **kwargs)``; a file it cannot load (missing, damaged, foreign,
+    or not fitting the configuration) is a :class:`UsageError` with one line naming the problem."""
+    from moce_kernels import MoCEIR
+    from moce_kernels.model.checkpoint import CheckpointError
+    try:
+        return MoCEIR.from_checkpoint(path, preset=preset, **kwargs)
+    except (CheckpointError, ValueError, TypeError, RuntimeError, OSError) as e:
+        message = one_line(e)
+        raise UsageError(message if str(path) in message else f"{path}: {message}") from None

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from ._common import UsageError, one_line, plain_warnings
+from ._common import UsageError, load_checkpoint, one_line, plain_warnings
 
 
 def _parse_sets(items: Sequence[str]) -> Dict[str, Any]:
@@ -45,14 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from moce_kernels import MoCEIR
     with plain_warnings():
         try:
             if os.path.exists(args.dst) and os.path.exists(args.src) and os.path.samefile(args.src, args.dst):
                 raise UsageError(f"refusing to overwrite the input {args.src}")
             if os.path.exists(args.dst) and not args.force:
                 raise UsageError(f"{args.dst} exists; pass --force to replace it")
-            model = MoCEIR.from_checkpoint(args.src, preset=args.preset, **_parse_sets(args.sets))
+            model = load_checkpoint(args.src, preset=args.preset, **_parse_sets(args.sets))
             model.save_checkpoint(args.dst)
         except (UsageError, ValueError, RuntimeError, OSError) as e:
             print(f"moce-convert-ckpt: {one_line(e)}", file=sys.stderr)

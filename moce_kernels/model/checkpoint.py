@@ -1,15 +1,18 @@
 """Loading the authors' released checkpoints (Lightning ``.ckpt``) and plain state dicts, safely;
 reading and writing ``.safetensors`` files that keep the model's configuration.
 
-Files are read with ``torch.load(weights_only=True)``: no arbitrary pickled code runs. Lightning
-hyper-parameters that hold an ``argparse.Namespace`` are allowed explicitly. A ``.safetensors``
-file (recognised by its header, whatever its name) holds no code at all; the constructor arguments
-are a JSON string in its metadata under :data:`SAFETENSORS_CONFIG_KEY`.
+Files are recognised by their content, whatever their name. PyTorch files are read with
+``torch.load(weights_only=True)``: no arbitrary pickled code runs. Lightning hyper-parameters that
+hold an ``argparse.Namespace`` are allowed explicitly. A ``.safetensors`` file holds no code at all;
+the constructor arguments are a JSON string in its metadata under :data:`SAFETENSORS_CONFIG_KEY`, and
+the CRC-32 of every tensor and of that string under :data:`SAFETENSORS_CRC_KEY`.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import os
 import pickle
 import re
@@ -28,6 +31,7 @@ _PREFIXES = ("net.", "model.", "module.", "_orig_mod.")
 
 
 SAFETENSORS_CONFIG_KEY = "moce_kernels.config"
+SAFETENSORS_CRC_KEY = "moce_kernels.crc32"
 
 
 class CheckpointError(ValueError):
@@ -80,7 +84,8 @@ def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Any:
     unreadable = f"{path} is not a readable PyTorch checkpoint (another kind of file, or corrupt or truncated)"
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch.load would read a *.safetensors path as one
+                return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = _unpickler_reason(str(e))
         if "GLOBAL" not in reason:
@@ -127,23 +132,43 @@ def _count(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
     return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
 
 
+def _shape(sd: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Size:
+    """The shape of ``sd[key]``, a CheckpointError unless it is there with ``ndim`` non-zero dimensions."""
+    if key not in sd:
+        raise CheckpointError(f"not a complete MoCE-IR state dict: missing {key!r}")
+    shape = sd[key].shape
+    if len(shape) != ndim or 0 in shape:
+        raise CheckpointError(f"{key} has shape {tuple(shape)}; a MoCE-IR state dict holds a {ndim}-d tensor there "
+                              "with no empty dimension")
+    return shape
+
+
+def _expert_ranks(sd: Mapping[str, torch.Tensor], num_experts: int) -> List[int]:
+    """The ranks of the first MoCE layer's experts (an error naming the first expert's tensor if none)."""
+    return [_shape(sd, f"dec.0.2.layers.0.adapter.experts.{e}.0.proj.0.weight", 4)[0]
+            for e in range(max(num_experts, 1))]
+
+
 def infer_config(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
-    """Constructor arguments implied by the tensor shapes (topk cannot be inferred: it is left out)."""
-    try:
-        dim, inp = sd["patch_embed.proj.weight"].shape[:2]
-        out_ch = sd["output.weight"].shape[0]
-    except KeyError as e:
-        raise CheckpointError(f"not a MoCE-IR state dict: missing {e.args[0]!r}") from None
+    """Constructor arguments implied by the tensor shapes (topk cannot be inferred: it is left out).
+
+    A foreign or partial state dict raises a :class:`CheckpointError` naming the first tensor that is
+    missing or has the wrong number of dimensions."""
+    for key in ("patch_embed.proj.weight", "output.weight"):
+        if key not in sd:
+            raise CheckpointError(f"not a MoCE-IR state dict: missing {key!r}")
+    dim, inp = _shape(sd, "patch_embed.proj.weight", 4)[:2]
+    out_ch = _shape(sd, "output.weight", 4)[0]
     levels = _count(sd, r"enc\.(\d+)\.") + 1
-    heads = [sd[f"enc.{i}.0.layers.0.mixer.temperature"].shape[0] for i in range(levels - 1)]
-    heads.append(sd["latent.layers.0.mixer.temperature"].shape[0])
+    heads = [_shape(sd, f"enc.{i}.0.layers.0.mixer.temperature", 3)[0] for i in range(levels - 1)]
+    heads.append(_shape(sd, "latent.layers.0.mixer.temperature", 3)[0])
     num_blocks = [_count(sd, rf"enc\.{i}\.0\.layers\.(\d+)\.") for i in range(levels - 1)]
     num_blocks.append(_count(sd, r"latent\.layers\.(\d+)\."))
     num_dec = [_count(sd, rf"dec\.{i}\.2\.layers\.(\d+)\.") for i in range(levels - 1)][::-1]
+    hidden = _shape(sd, "enc.0.0.layers.0.ffn.project_out.weight", 4)[1]
+    c0 = _shape(sd, "dec.0.2.layers.0.adapter.proj_out.weight", 4)[0]
     num_experts = _count(sd, r"dec\.0\.2\.layers\.0\.adapter\.experts\.(\d+)\.")
-    ranks = [sd[f"dec.0.2.layers.0.adapter.experts.{e}.0.proj.0.weight"].shape[0] for e in range(num_experts)]
-    c0 = sd["dec.0.2.layers.0.adapter.proj_out.weight"].shape[0]
-    hidden = sd["enc.0.0.layers.0.ffn.project_out.weight"].shape[1]
+    ranks = _expert_ranks(sd, num_experts)
     cfg: Dict[str, Any] = dict(
         inp_channels=int(inp), out_channels=int(out_ch), dim=int(dim), levels=levels, heads=heads,
         num_blocks=num_blocks, num_dec_blocks=num_dec, num_refinement_blocks=_count(sd, r"refinement\.layers\.(\d+)\."),
@@ -158,6 +183,73 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     if cfg["ffn_expansion_factor"] == int(cfg["ffn_expansion_factor"]):
         cfg["ffn_expansion_factor"] = int(cfg["ffn_expansion_factor"])
     return cfg
+
+
+def _infer(path, sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """:func:`infer_config` with the file's name in its errors."""
+    try:
+        return infer_config(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{os.fspath(path)}: {e}") from None
+
+
+_SHAPE_ARGUMENTS = ("inp_channels", "out_channels", "dim", "levels", "heads", "num_blocks", "num_dec_blocks",
+                    "num_refinement_blocks", "num_experts", "LayerNorm_type", "bias")
+
+
+def _same_value(got: Any, want: Any) -> bool:
+    """``got == want`` with the same types (no ``True == 1``, no ``"2"`` for 2, lists for lists)."""
+    if isinstance(want, list):
+        return (isinstance(got, (list, tuple)) and len(got) == len(want)
+                and all(_same_value(g, w) for g, w in zip(got, want)))
+    if isinstance(want, bool) or isinstance(got, bool):
+        return got is want
+    return type(got) is type(want) and got == want
+
+
+def _same_expansion(got: Any, inferred: Mapping[str, Any]) -> bool:
+    """Whether ``ffn_expansion_factor = got`` gives the feed-forward width the tensors have."""
+    if not isinstance(got, (int, float)) or isinstance(got, bool) or not math.isfinite(got):
+        return False
+    dim = inferred["dim"]
+    return int(dim * got) == round(inferred["ffn_expansion_factor"] * dim)
+
+
+def _same_ranks(rank_type: Any, rank: Any, inferred: Mapping[str, Any], want: List[int]) -> bool:
+    """Whether ``rank_type`` and ``rank`` give the first MoCE layer's experts the ranks ``want``."""
+    from .moe import expert_ranks
+    if not isinstance(rank, int) or isinstance(rank, bool) or not isinstance(rank_type, str):
+        return False
+    if rank_type != "spread" and not 1 <= rank <= max(want):  # every other rank type starts at >= rank
+        return False
+    try:
+        width = inferred["dim"] * 2 ** (inferred["levels"] - 2)  # the first decoder stage's
+        return expert_ranks(rank_type, rank, width, inferred["num_experts"]) == want
+    except ValueError:
+        return False
+
+
+def check_stored_config(path, stored: Mapping[str, Any], sd: Mapping[str, torch.Tensor],
+                        inferred: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Refuse a stored configuration whose shape-determining arguments (``defaults`` for those it
+    leaves out) differ from what the tensors ``sd`` have (``inferred``: :func:`infer_config`'s): nothing
+    of a wrong type or an absurd size is built."""
+    wrong = []
+    for name in _SHAPE_ARGUMENTS:
+        got = stored.get(name, defaults.get(name))
+        if not _same_value(got, inferred[name]):
+            wrong.append(f"{name} = {got!r} where the tensors have {inferred[name]!r}")
+    got = stored.get("ffn_expansion_factor", defaults.get("ffn_expansion_factor"))
+    if not _same_expansion(got, inferred):
+        wrong.append(f"ffn_expansion_factor = {got!r} where the tensors have {inferred['ffn_expansion_factor']!r}")
+    if not wrong:
+        rank_type, rank = (stored.get(n, defaults.get(n)) for n in ("rank_type", "rank"))
+        want = _expert_ranks(sd, inferred["num_experts"])
+        if not _same_ranks(rank_type, rank, inferred, want):
+            wrong.append(f"rank_type = {rank_type!r} with rank = {rank!r} where the experts' ranks are {want}")
+    if wrong:
+        raise CheckpointError(f"{os.fspath(path)}: the stored model configuration does not fit its tensors: "
+                              + "; ".join(wrong))
 
 
 def matching_preset(cfg: Mapping[str, Any]) -> Optional[str]:
@@ -192,6 +284,10 @@ def describe_mismatch(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) ->
 
 
 # ---------------------------------------------------------------- safetensors
+class UnverifiedCheckpointWarning(UserWarning):
+    """A ``.safetensors`` file stores no checksums (written by other tools): damage cannot be detected."""
+
+
 def is_safetensors(path: "str | os.PathLike") -> bool:
     """Whether the file at ``path`` starts like a safetensors file (8-byte header length, then JSON)."""
     try:
@@ -206,9 +302,26 @@ def is_safetensors(path: "str | os.PathLike") -> bool:
     return head[8:9] == b"{" and 8 + n <= size
 
 
+def _is_torch_file(path: str) -> bool:
+    """Whether the file starts like ``torch.save``'s output: a zip archive, or a pickle (protocol >= 2)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def _crc32(data: "torch.Tensor | str") -> str:
+    """CRC-32 (8 hex digits) of a tensor's bytes or of a string's UTF-8."""
+    if isinstance(data, str):
+        return f"{zlib.crc32(data.encode()):08x}"
+    raw = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return f"{zlib.crc32(raw.numpy().data):08x}"
+
+
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: "str | os.PathLike",
                      config: Mapping[str, Any]) -> None:
-    """Write ``state_dict`` and the constructor arguments ``config`` (JSON in the metadata) to ``path``.
+    """Write ``state_dict`` and the constructor arguments ``config`` (JSON in the metadata) to ``path``,
+    with the CRC-32 of every tensor and of the configuration (metadata :data:`SAFETENSORS_CRC_KEY`),
+    which :func:`read_safetensors` verifies.
 
     Written to a temporary file beside ``path`` and renamed, so a failed write leaves no partial file.
     """
@@ -218,14 +331,14 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: "str | os.Pat
     except TypeError as e:
         raise ValueError(f"model configuration cannot be stored as JSON: {e}") from None
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    write_atomic(path, save(tensors, metadata={"format": "pt", SAFETENSORS_CONFIG_KEY: meta}))
+    crcs = json.dumps({"config": _crc32(meta), "tensors": {k: _crc32(v) for k, v in tensors.items()}})
+    write_atomic(path, save(tensors, metadata={"format": "pt", SAFETENSORS_CONFIG_KEY: meta,
+                                               SAFETENSORS_CRC_KEY: crcs}))
 
 
-def read_safetensors(path: "str | os.PathLike", map_location="cpu") -> Tuple[Dict[str, torch.Tensor],
-                                                                             Optional[Dict[str, Any]]]:
-    """(state dict, stored constructor arguments or None) from a safetensors file, with clear errors."""
+def _open_safetensors(path: str) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file, a CheckpointError naming the file if it is unreadable."""
     from safetensors import safe_open
-    path = os.fspath(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -233,6 +346,42 @@ def read_safetensors(path: "str | os.PathLike", map_location="cpu") -> Tuple[Dic
     except Exception as e:  # safetensors raises its own SafetensorError besides OSError/ValueError
         raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): "
                               f"{type(e).__name__}: {e}") from None
+    return meta, sd
+
+
+def _verify_crcs(path: str, meta: Mapping[str, str], sd: Mapping[str, torch.Tensor]) -> None:
+    """Compare every tensor and the stored configuration with their stored CRC-32 (a warning if none)."""
+    if SAFETENSORS_CRC_KEY not in meta:
+        warnings.warn(f"{path} stores no checksums (it was not written by save_checkpoint or moce-convert-ckpt), "
+                      "so damage to its tensors cannot be detected", UnverifiedCheckpointWarning, stacklevel=6)
+        return
+    damaged = f"{path} is damaged: "
+    try:
+        crcs = json.loads(meta[SAFETENSORS_CRC_KEY])
+        config_crc, tensor_crcs = crcs["config"], dict(crcs["tensors"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(damaged + "its stored checksums are unreadable") from None
+    if set(tensor_crcs) != set(sd):
+        extra, gone = sorted(set(sd) - set(tensor_crcs)), sorted(set(tensor_crcs) - set(sd))
+        raise CheckpointError(damaged + f"its tensors are not the ones it stored checksums for (unlisted: "
+                              f"{extra[:5]}, absent: {gone[:5]})")
+    bad = [k for k, v in sd.items() if _crc32(v) != tensor_crcs[k]]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path}: tensor {bad[0]!r}{more} does not match its stored CRC-32 (a damaged "
+                              "file); re-download or re-save it")
+    if config_crc != (_crc32(meta[SAFETENSORS_CONFIG_KEY]) if SAFETENSORS_CONFIG_KEY in meta else None):
+        raise CheckpointError(f"{path}: the stored model configuration does not match its stored CRC-32 "
+                              "(a damaged or edited file)")
+
+
+def read_safetensors(path: "str | os.PathLike", map_location="cpu") -> Tuple[Dict[str, torch.Tensor],
+                                                                             Optional[Dict[str, Any]]]:
+    """(state dict, stored constructor arguments or None) from a safetensors file, with clear errors;
+    the stored CRC-32s are verified (an :class:`UnverifiedCheckpointWarning` for a file without them)."""
+    path = os.fspath(path)
+    meta, sd = _open_safetensors(path)
+    _verify_crcs(path, meta, sd)
     config = None
     if SAFETENSORS_CONFIG_KEY in meta:
         try:
@@ -269,8 +418,12 @@ def warn_assumed(path: "str | os.PathLike", assumed: Mapping[str, Any], source: 
 
 
 def _read_any(path, map_location) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Optional[Dict[str, Any]]]:
-    """(state dict, Lightning hyper-parameters, stored configuration or None) from any supported file."""
-    if is_safetensors(path):
+    """(state dict, Lightning hyper-parameters, stored configuration or None) from any supported file:
+    a safetensors file by its header, a ``torch.save`` file by its first bytes (zip or pickle), and a
+    file named ``.safetensors`` that is neither reads as a (damaged) safetensors file."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and (is_safetensors(path) or (path.endswith(".safetensors")
+                                                          and not _is_torch_file(path))):
         sd, stored = read_safetensors(path, map_location)
         return extract_state_dict(sd)[0], {}, stored
     sd, hparams = extract_state_dict(read_checkpoint(path, map_location))
@@ -295,8 +448,10 @@ def load_model(cls, path, preset: Optional[str] = None, map_location="cpu", stri
     :class:`AssumedConfigWarning` naming each value.
     """
     sd, hparams, stored = _read_any(path, map_location)
-    inferred = infer_config(sd)
+    inferred = _infer(path, sd)
     if stored is not None and preset is None:
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+        check_stored_config(path, {k: v for k, v in stored.items() if k not in kwargs}, sd, inferred, defaults)
         model = _build(cls, path, dict(stored, **kwargs), inferred)
         _load_weights(model, sd, strict, f"{path}: the tensors do not fit the configuration stored in the file")
         return model

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import numbers
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -14,7 +16,7 @@ from . import fixed_routing
 from .blocks import DecoderResidualGroup, EncoderResidualGroup
 from .fixed_routing import Route, Routes
 from .layers import Downsample, FFTAttention, FrequencyEmbedding, OverlapPatchEmbed, Upsample
-from .moe import AdapterLayer, ExpertUsage
+from .moe import AdapterLayer, ExpertUsage, expert_depths
 from .presets import preset_config
 
 
@@ -39,10 +41,31 @@ def _constructor_config(values: Mapping[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
-def _check_list(name: str, value: Sequence[int], n: int) -> List[int]:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: Optional[int], why: str = "") -> int:
+    """``value`` as an int, refused (naming ``name``) unless it is an integer >= ``minimum`` (if given)."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} = {value} must be >= {minimum}{why}")
+    return int(value)
+
+
+def _check_list(name: str, value: Any, n: int, minimum: Optional[int], why: str = "") -> List[int]:
+    """``value`` as a list of ``n`` integers >= ``minimum`` (one per level or decoder stage)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list of {n} integers, got {value!r} ({type(value).__name__})")
     if len(value) != n:
         raise ValueError(f"{name} must have {n} entries for this number of levels, got {list(value)}")
-    return list(value)
+    return [_check_int(f"{name}[{i}]", v, minimum, why) for i, v in enumerate(value)]
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def _check_widths(dim: int, heads: Sequence[int]) -> None:
@@ -55,6 +78,62 @@ def _check_widths(dim: int, heads: Sequence[int]) -> None:
         if isinstance(h, bool) or not isinstance(h, int) or h < 1 or width % h:
             raise ValueError(f"heads[{i}] = {h!r} must be a positive divisor of level {i}'s width "
                              f"dim * 2**{i} = {width}")
+
+
+def _check_channels(inp_channels: Any, out_channels: Any) -> None:
+    """The output is ``output_conv(features) + input`` (the authors' global residual): as many
+    channels out as in."""
+    _check_int("inp_channels", inp_channels, 1)
+    _check_int("out_channels", out_channels, 1)
+    if out_channels != inp_channels:
+        raise ValueError(f"out_channels = {out_channels} must equal inp_channels = {inp_channels}: the model "
+                         "adds its input to its output (a global residual), so it keeps the number of channels")
+
+
+def _check_expansion(dim: int, factor: Any) -> None:
+    """The feed-forward layers are ``int(width * ffn_expansion_factor)`` channels wide (>= 1)."""
+    if not isinstance(factor, numbers.Real) or isinstance(factor, bool):
+        raise TypeError(f"ffn_expansion_factor must be a number, got {factor!r} ({type(factor).__name__})")
+    if not math.isfinite(factor) or int(dim * factor) < 1:
+        raise ValueError(f"ffn_expansion_factor = {factor} must be finite and give the feed-forward layers at "
+                         f"least one channel (int(dim * factor) = int({dim} * {factor}) >= 1)")
+
+
+def _check_expert_depths(depth_type: Any, stage_depth: Sequence[int], num_experts: int) -> None:
+    """Every expert of every decoder stage chains at least one step."""
+    if _is_int(depth_type):
+        _check_int("depth_type", depth_type, 1, " (the depth of every expert)")
+        return
+    for i, d in enumerate(stage_depth):
+        depths = expert_depths(depth_type, d, num_experts)
+        if min(depths) < 1:
+            raise ValueError(f"stage_depth[{i}] = {d} with depth_type {depth_type!r} gives expert depths {depths}; "
+                             "every depth must be >= 1")
+
+
+def _check_arguments(a: Mapping[str, Any]) -> Dict[str, Any]:
+    """The constructor's arguments ``a`` checked before anything is built (each error names its
+    argument); returns the per-level lists as lists."""
+    if a["expert_layer"] not in (None, FFTAttention) and getattr(a["expert_layer"], "__name__", "") != "FFTAttention":
+        raise ValueError(f"only the FFTAttention expert layer is supported, got {a['expert_layer']!r}")
+    _check_channels(a["inp_channels"], a["out_channels"])
+    levels = _check_int("levels", a["levels"], 2)
+    one = " (every level and decoder stage needs a block)"
+    lists = dict(heads=_check_list("heads", a["heads"], levels, 1),
+                 num_blocks=_check_list("num_blocks", a["num_blocks"], levels, 1, one),
+                 num_dec_blocks=_check_list("num_dec_blocks", a["num_dec_blocks"], levels - 1, 1, one),
+                 stage_depth=_check_list("stage_depth", a["stage_depth"], levels - 1, None))
+    _check_widths(a["dim"], lists["heads"])
+    _check_expansion(a["dim"], a["ffn_expansion_factor"])
+    _check_int("num_refinement_blocks", a["num_refinement_blocks"], 0)
+    _check_int("rank", a["rank"], 1)
+    num_experts = _check_int("num_experts", a["num_experts"], 1)
+    if _check_int("topk", a["topk"], 1) > num_experts:
+        raise ValueError(f"topk = {a['topk']} must be <= num_experts = {num_experts}")
+    _check_expert_depths(a["depth_type"], lists["stage_depth"], num_experts)
+    _check_bool("bias", a["bias"])
+    _check_bool("with_complexity", a["with_complexity"])
+    return lists
 
 
 class MoCEIR(nn.Module):
@@ -74,16 +153,10 @@ class MoCEIR(nn.Module):
                  stage_depth: Sequence[int] = (3, 2, 1), rank_type: str = "constant", topk: int = 1,
                  expert_layer: Optional[type] = None, with_complexity: bool = False, complexity_scale: str = "max",
                  routing_noise: str = "train"):
+        lists = _check_arguments(locals())
         super().__init__()
-        if expert_layer not in (None, FFTAttention) and getattr(expert_layer, "__name__", "") != "FFTAttention":
-            raise ValueError(f"only the FFTAttention expert layer is supported, got {expert_layer!r}")
-        if levels < 2:
-            raise ValueError(f"levels must be >= 2, got {levels}")
-        heads = _check_list("heads", heads, levels)
-        num_blocks = _check_list("num_blocks", num_blocks, levels)
-        num_dec_blocks = _check_list("num_dec_blocks", num_dec_blocks, levels - 1)
-        stage_depth = _check_list("stage_depth", stage_depth, levels - 1)
-        _check_widths(dim, heads)
+        heads, num_blocks = lists["heads"], lists["num_blocks"]
+        num_dec_blocks, stage_depth = lists["num_dec_blocks"], lists["stage_depth"]
         self.levels = levels
         self.num_dec_blocks = num_dec_blocks
         self.pad_multiple = 2 ** (levels - 1)
