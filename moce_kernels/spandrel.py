@@ -128,7 +128,8 @@ def config_for(sd: Mapping[str, torch.Tensor], stored: Optional[Mapping[str, Any
     cfg.update(from_hparams)
     assumed = assumed_arguments(cfg, set(inferred) | set(from_hparams))
     if assumed:
-        source = f"the values of preset {looks_like!r}, whose shapes it has" if looks_like else "the released presets' values"
+        source = (f"the values of preset {looks_like!r}, whose shapes it has" if looks_like
+                  else "the released presets' values")
         values = ", ".join(f"{k}={v!r}" for k, v in assumed.items())
         warnings.warn(f"MoCE-IR state dict without a stored configuration: assumed {values} ({source}); a "
                       ".safetensors file written by moce-convert-ckpt stores them", AssumedConfigWarning, stacklevel=3)

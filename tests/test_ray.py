@@ -111,7 +111,12 @@ def test_cli_ray_outputs_bitwise_equal_and_same_summary(photos, ckpt, baseline, 
 
 class DiesOnce(RestoreFiles):
     """The first batch any worker gets: restore its first file, write half of its second file's temporary
-    output, then the worker process is killed (SIGKILL: no clean-up runs)."""
+    output, then the worker process is killed (SIGKILL: no clean-up runs). ``args.kill_marker``: a file
+    created by the one worker that dies."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.marker = args.kill_marker
 
     def __call__(self, batch):
         try:
@@ -124,10 +129,6 @@ class DiesOnce(RestoreFiles):
         with open(f"{batch['dst'][1]}.tmp{os.getpid()}", "wb") as f:
             f.write(b"half an image")
         os.kill(os.getpid(), signal.SIGKILL)
-
-    def __init__(self, args):
-        super().__init__(args)
-        self.marker = args.kill_marker
 
 
 def _args(photos, ckpt, out, extra=()):

@@ -157,7 +157,8 @@ def test_detection_is_specific():
     sd = model.state_dict()
     assert moce_spandrel.detect(sd) and moce_spandrel.detect({f"net.{k}": v for k, v in sd.items()})
     assert not moce_spandrel.detect({k: v for k, v in sd.items() if "adapter" not in k})  # no MoCE layers
-    assert not moce_spandrel.detect({"patch_embed.proj.weight": torch.zeros(8, 3, 3, 3), "output.weight": torch.zeros(3)})
+    restormer_like = {"patch_embed.proj.weight": torch.zeros(8, 3, 3, 3), "output.weight": torch.zeros(3, 8, 3, 3)}
+    assert not moce_spandrel.detect(restormer_like)
     assert not moce_spandrel.detect({"a": 1, "b": "text"})
     with pytest.raises(spandrel.UnsupportedModelError):
         spandrel.ModelLoader().load_from_state_dict({"conv.weight": torch.zeros(4, 3, 3, 3)})
