@@ -25,7 +25,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -34,11 +34,21 @@ _PARTIAL = re.compile(r"\.tmp\d+$")  # the temporary names of moce_kernels._file
 
 @dataclass
 class RaySummary:
-    """What a Ray run did: files restored, their megapixels, and (input, one-line error) per failure."""
+    """What a Ray run did: files restored, their megapixels, (input, one-line error) per failure, and the
+    inputs that have a result (restored or failed)."""
 
     done: int = 0
     megapixels: float = 0.0
     failed: List[Tuple[str, str]] = field(default_factory=list)
+    finished: Set[str] = field(default_factory=set)
+
+
+class RayRunError(RuntimeError):
+    """A Ray run that stopped before every file had its result; :attr:`summary` holds the results so far."""
+
+    def __init__(self, message: str, summary: RaySummary):
+        super().__init__(message)
+        self.summary = summary
 
 
 class RestoreFiles:
@@ -116,7 +126,8 @@ def restore_on_ray(args: argparse.Namespace, jobs: Sequence[Tuple[str, str]], *,
     Uses the Ray runtime of this process if there is one; else connects to ``address`` (``None``: a new
     local runtime, or the cluster ``RAY_ADDRESS`` names) and shuts it down afterwards. ``workers``:
     actors (default: the cluster's GPUs for a CUDA device, else 1); ``files_per_batch``: files per batch
-    (what a dead worker's replacement runs again).
+    (what a dead worker's replacement runs again). Raises :class:`RayRunError` (with the results so far)
+    if the run cannot start (a CUDA device on a cluster without GPUs) or stops.
     """
     import ray
     if files_per_batch < 1:
@@ -133,16 +144,23 @@ def restore_on_ray(args: argparse.Namespace, jobs: Sequence[Tuple[str, str]], *,
         summary = RaySummary()
         if not jobs:
             return summary
+        if "num_gpus" in resources and not ray.cluster_resources().get("GPU"):
+            raise RayRunError(f"--device {args.device}: the Ray cluster has no GPU", summary)
         rows = [{"src": src, "dst": dst} for src, dst in jobs]
         ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * workers)).map_batches(
             worker_class, fn_constructor_kwargs={"args": args}, batch_size=files_per_batch,
             concurrency=workers, **resources)
-        for row in ds.iter_rows():
-            if row["ok"]:
-                summary.done += 1
-                summary.megapixels += float(row["megapixels"])
-            else:
-                summary.failed.append((str(row["src"]), str(row["error"])))
+        try:
+            for row in ds.iter_rows():
+                summary.finished.add(str(row["src"]))
+                if row["ok"]:
+                    summary.done += 1
+                    summary.megapixels += float(row["megapixels"])
+                else:
+                    summary.failed.append((str(row["src"]), str(row["error"])))
+        except Exception as e:  # Ray's own errors (a worker that cannot start, a lost cluster, ...)
+            from .cli._common import one_line
+            raise RayRunError(f"the Ray run stopped: {one_line(e)}", summary) from e
         return summary
     finally:
         remove_partials([dst for _, dst in jobs])
@@ -170,9 +188,15 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def run_jobs_on_ray(args: argparse.Namespace, jobs, failed: List[str]) -> Tuple[int, float]:
     """``moce-restore``'s ``run_jobs`` on Ray: each failure reported in one line on stderr and added to
-    ``failed``; returns (files restored, megapixels)."""
-    summary = restore_on_ray(args, [(job.src, job.dst) for job in jobs], address=args.ray or None,
-                             workers=args.ray_workers)
+    ``failed``; a run that stops is reported in one line, and the files it left without a result count as
+    failed. Returns (files restored, megapixels)."""
+    try:
+        summary = restore_on_ray(args, [(job.src, job.dst) for job in jobs], address=args.ray or None,
+                                 workers=args.ray_workers)
+    except RayRunError as e:
+        summary = e.summary
+        print(f"error: {e}", file=sys.stderr)
+        failed += [job.src for job in jobs if job.src not in summary.finished]
     for src, message in summary.failed:
         failed.append(src)
         print(f"error: {message}", file=sys.stderr)

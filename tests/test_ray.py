@@ -163,3 +163,13 @@ def test_remove_partials_removes_only_temporary_files_of_the_outputs(tmp_path):
 def test_bad_worker_count_is_refused_in_one_line(photos, ckpt, tmp_path, capsys):
     status = main([str(photos), "--ckpt", ckpt, "--out", str(tmp_path / "o"), "--ray", "--ray-workers", "0"])
     assert status == 2 and "--ray-workers must be positive" in capsys.readouterr().err
+
+
+def test_a_cuda_run_on_a_cluster_without_gpus_fails_every_file_in_one_line(photos, ckpt, tmp_path, capsys):
+    status = main([str(photos), "--ckpt", ckpt, "--out", str(tmp_path / "o"), *OPTIONS, "--device", "cuda",
+                   "--ray"])
+    captured = capsys.readouterr()
+    assert status == 1 and "restored 0 of 7 files" in captured.out and "7 failed" in captured.out
+    errors = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: --device cuda: the Ray cluster has no GPU"]
+    assert not (tmp_path / "o").exists()
