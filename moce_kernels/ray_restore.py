@@ -170,8 +170,8 @@ def restore_on_ray(args: argparse.Namespace, jobs: Sequence[Tuple[str, str]], *,
 
 def check_arguments(args: argparse.Namespace) -> None:
     """What ``moce-restore`` checks before a run, without the driver holding the model on the workers'
-    device: the device and dtype pair, and the checkpoint and tiling options (the model is loaded once on
-    the CPU here and dropped). Raises ``UsageError``."""
+    device: Ray Data installed, the device and dtype pair, and the checkpoint and tiling options (the model
+    is loaded once on the CPU here and dropped). Raises ``UsageError``."""
     import torch
     from .cli._common import UsageError
     from .cli.restore import load_model
@@ -179,6 +179,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         device = torch.device(args.device)
     except RuntimeError as e:
         raise UsageError(f"--device {args.device!r}: {e}") from None
+    try:
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"--ray needs Ray Data ({e}): pip install 'ray[data]' (the package's 'ray' extra)") from None
     if args.ray_workers is not None and args.ray_workers < 1:
         raise UsageError(f"--ray-workers must be positive, got {args.ray_workers}")
     if device.type == "cpu" and args.dtype != "fp32":

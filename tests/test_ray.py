@@ -160,9 +160,13 @@ def test_remove_partials_removes_only_temporary_files_of_the_outputs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png", "x.png.tmp", "x.png.tmp12a", "y.png.tmp5"]
 
 
-def test_bad_worker_count_is_refused_in_one_line(photos, ckpt, tmp_path, capsys):
+def test_bad_worker_count_and_missing_ray_are_refused_in_one_line(photos, ckpt, tmp_path, capsys, monkeypatch):
     status = main([str(photos), "--ckpt", ckpt, "--out", str(tmp_path / "o"), "--ray", "--ray-workers", "0"])
     assert status == 2 and "--ray-workers must be positive" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray.data", None)  # as where Ray Data is not installed
+    status = main([str(photos), "--ckpt", ckpt, "--out", str(tmp_path / "o"), "--ray"])
+    err = capsys.readouterr().err
+    assert status == 2 and "--ray needs Ray Data" in err and "Traceback" not in err
 
 
 def test_a_cuda_run_on_a_cluster_without_gpus_fails_every_file_in_one_line(photos, ckpt, tmp_path, capsys):
