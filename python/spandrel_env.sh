@@ -19,10 +19,12 @@ usable() {
         "$VENV/bin/python" -c "import torch, torchvision, spandrel, cv2, safetensors, pytest" 2>/dev/null
 }
 
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9  # one check or build at a time (checkouts of one machine share the environment)
 if ! usable; then
     echo "spandrel_env: building $VENV (${REQS[*]})" >&2
     rm -rf "$VENV"
-    mkdir -p "$(dirname "$VENV")"
     "$PY311" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${REQS[@]}" >&2
     echo "$STAMP" > "$VENV/.moce-stamp"
