@@ -108,6 +108,19 @@ def test_custom_configuration_from_every_file_kind(tmp_path, reference_dir):
     assert desc.model.adapters()[0].top_k == 1
 
 
+def test_custom_shapes_with_the_released_routing_from_every_file_kind(tmp_path):
+    """Widths, depths and blocks of no preset, routing as released: all three kinds give the same model."""
+    model = MoCEIR.from_preset("MoCE_IR_S", dim=16, num_blocks=[1, 2, 1, 1], num_dec_blocks=[1, 1, 2],
+                               num_refinement_blocks=2, heads=[1, 2, 2, 4]).eval()
+    x = torch.rand(1, 3, 12, 20)
+    with torch.no_grad():
+        want = model(x).clamp(0, 1)
+    for kind in KINDS:
+        desc = _load(_write(model, tmp_path, kind))
+        assert desc.model.config == model.config, kind
+        _check_descriptor(desc, model, x, want)
+
+
 def test_stored_configuration_wins_over_inference(tmp_path):
     """topk and complexity_scale, which no tensor shape shows, come from the file's stored configuration
     (inference alone would assume the released presets' topk=1 and complexity_scale='max')."""
