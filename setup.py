@@ -45,7 +45,9 @@ setup(
     python_requires=">=3.9",
     # opencv: image files with 16-bit colour, alpha and EXIF orientation (moce-restore); tqdm: progress bars
     install_requires=["torch>=2.4", "numpy", "opencv-python-headless>=5.1", "safetensors>=0.4", "tqdm>=4.60"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
+    # spandrel: moce_kernels.spandrel (chaiNNer, ComfyUI; needs torchvision); ray: moce-restore --ray
+    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"],
+                    "spandrel": ["spandrel>=0.4.1"], "ray": ["ray[data]>=2.20"]},
     entry_points={"console_scripts": ["moce-restore=moce_kernels.cli.restore:main",
                                       "moce-convert-ckpt=moce_kernels.cli.convert:main"]},
     ext_modules=[ext] if ext is not None else [],

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", default="auto", help="moce_kernels backend (default auto)")
     ap.add_argument("--optimize", action="store_true", help="run moce_kernels.optimize(model) first")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (they show on terminals only)")
+    ap.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="restore on Ray Data (moce_kernels.ray_restore): one model per actor, one GPU each on cuda, "
+                         "else one CPU; ADDRESS: a Ray cluster (default: a local runtime). Write --ray=ADDRESS, or "
+                         "put --ray after the inputs")
+    ap.add_argument("--ray-workers", type=int, default=None, help="with --ray: actors (default: the cluster's GPUs "
+                                                                  "on cuda, else 1)")
     return ap
 
 
@@ -227,7 +233,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             jobs = plan_jobs(found, args.out, args.suffix, args.ext)
             if not jobs and not missing:
                 raise UsageError(f"no images found in {' '.join(args.inputs)} (extensions: {', '.join(EXTENSIONS)})")
-            model = load_model(args)
+            if args.ray is None:
+                model = load_model(args)
+            else:
+                from ..ray_restore import check_arguments
+                check_arguments(args)
         except UsageError as e:
             print(f"moce-restore: {e}", file=sys.stderr)
             return 2
@@ -235,8 +245,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for spec in missing:
             failed.append(spec)
             print(f"error: {spec}: no such file, folder or matching files", file=sys.stderr)
-        with torch.no_grad():
-            done, megapixels = run_jobs(model, jobs, options, failed)
+        if args.ray is None:
+            with torch.no_grad():
+                done, megapixels = run_jobs(model, jobs, options, failed)
+        else:
+            from ..ray_restore import run_jobs_on_ray
+            done, megapixels = run_jobs_on_ray(args, jobs, failed)
     seconds = time.perf_counter() - start
     total = len(jobs) + len(missing)
     print(f"restored {done} of {total} files ({megapixels:.3g} megapixels) in {seconds:.1f} s"
