@@ -149,8 +149,6 @@ class _NoGradForUnusedExperts(torch.autograd.Function):
     """Identity on an expert stage's weights whose backward returns ``None`` for the weights of experts
     that got no image in this forward (see :class:`ExpertUsage`)."""
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(usage: ExpertUsage, slot: int, per_expert: int, *weights: torch.Tensor):
         usage.check_ddp(weights[0])
