@@ -82,11 +82,40 @@ class ExpertUsage:
     in one transfer, so a training step synchronises once. Eval and ``torch.no_grad`` record nothing.
     A ``torch.compile`` graph cannot hold that host read: compiled, the unused experts' gradients are
     zeros (as the expert stage computes them), so optimizers with weight decay or momentum move them.
+    Under ``torch.func`` transforms a ``None`` gradient reaches the caller as zeros (``torch.func.grad``
+    fills them in).
+
+    ``DistributedDataParallel`` needs ``find_unused_parameters=True``: its reducer then treats a ``None``
+    gradient as "not used on this rank", all-reduces the used flags, averages the gradients of experts
+    some rank used (the others contribute zeros, which is their gradient) and leaves ``None`` on the
+    experts no rank used, which is the single-process trajectory. The counts stay per rank here: the
+    reducer already combines the ranks. With ``find_unused_parameters=False`` or ``static_graph=True``
+    the reducer writes zeros over the ``None`` gradients (or fixes the unused set at the first step), so
+    a forward under such a DDP raises (:meth:`check_ddp`).
     """
 
     def __init__(self) -> None:
         self._counts: List[torch.Tensor] = []
         self._used: Optional[List[List[bool]]] = None
+        self._ddp_checked = False
+
+    def check_ddp(self, weight: torch.Tensor) -> None:
+        """Raise if ``weight`` (an expert parameter) is trained by the ``DistributedDataParallel`` whose
+        forward is running and that DDP would overwrite ``None`` gradients (checked once per forward)."""
+        if self._ddp_checked:
+            return
+        self._ddp_checked = True
+        ddp = _active_ddp()
+        if ddp is None or (ddp.find_unused_parameters and not ddp.static_graph):
+            return
+        if any(p is weight for p in ddp.module.parameters()):
+            setting = "static_graph=True" if ddp.static_graph else "find_unused_parameters=False"
+            raise RuntimeError(
+                f"MoCEIR is trained under DistributedDataParallel with {setting}: DDP would give the experts "
+                "that a step routes no image to zero gradients instead of None, and AdamW's weight decay and "
+                "momentum would move them (the authors' model fails here too). Wrap the model with "
+                "DistributedDataParallel(model, find_unused_parameters=True) (and static_graph=False); in "
+                "Lightning use Trainer(strategy=\"ddp_find_unused_parameters_true\").")
 
     def record(self, counts: torch.Tensor) -> int:
         """Keep one layer's (E,) image counts; returns the layer's slot."""
@@ -108,14 +137,26 @@ class ExpertUsage:
         return out
 
 
+def _active_ddp() -> Optional[torch.nn.parallel.DistributedDataParallel]:
+    """The ``DistributedDataParallel`` whose forward is running (None outside one, or without
+    torch.distributed)."""
+    if not torch.distributed.is_available():
+        return None
+    return getattr(torch.nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+
+
 class _NoGradForUnusedExperts(torch.autograd.Function):
     """Identity on an expert stage's weights whose backward returns ``None`` for the weights of experts
     that got no image in this forward (see :class:`ExpertUsage`)."""
 
     @staticmethod
-    def forward(ctx, usage: ExpertUsage, slot: int, per_expert: int, *weights: torch.Tensor):
-        ctx.usage, ctx.slot, ctx.per_expert = usage, slot, per_expert
+    def forward(usage: ExpertUsage, slot: int, per_expert: int, *weights: torch.Tensor):
+        usage.check_ddp(weights[0])
         return tuple(w.view_as(w) for w in weights)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.usage, ctx.slot, ctx.per_expert = inputs[:3]
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
