@@ -7,6 +7,11 @@ outputs are written upright without an orientation tag: JPEG, PNG and WebP orien
 from the file's EXIF block (OpenCV ignores it when asked for the unchanged pixels), TIFF orientation
 is applied by OpenCV's TIFF decoder. Other metadata (EXIF, ICC profiles) is not copied to outputs.
 
+A gray PNG's tRNS chunk (one gray level marked transparent) becomes an alpha channel, as OpenCV
+makes it for RGB and palette PNGs (its decoder drops it for gray). Formats that cannot hold an
+image are refused before anything is encoded (:func:`write_problem`): GIF (256 colours) and files
+without an extension; alpha into JPEG or BMP (neither holds it as other programs read it).
+
 Limits: OpenCV cannot write two-channel files, so gray with alpha is written as PNG by a small
 encoder here and as RGBA with equal colour channels in the other formats; 8-bit RGBA TIFFs come
 out of OpenCV's decoder with premultiplied colour; WebP's encoder drops the colour of fully
@@ -27,10 +32,12 @@ import torch
 from ._files import write_atomic
 
 LOSSLESS_EXTENSIONS = (".png", ".tif", ".tiff")
-EXTENSIONS = LOSSLESS_EXTENSIONS + (".jpg", ".jpeg", ".webp")  # what moce-restore looks for in folders
+EXTENSIONS = LOSSLESS_EXTENSIONS + (".jpg", ".jpeg", ".webp", ".bmp")  # what moce-restore looks for in folders
 _DEPTHS = {".png": (np.uint8, np.uint16), ".tif": (np.uint8, np.uint16, np.float32),
            ".tiff": (np.uint8, np.uint16, np.float32), ".jpg": (np.uint8,), ".jpeg": (np.uint8,),
-           ".webp": (np.uint8,)}
+           ".webp": (np.uint8,), ".bmp": (np.uint8,)}
+WRITABLE_EXTENSIONS = tuple(_DEPTHS)  # the output formats, by extension
+_NO_ALPHA = {".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}  # formats that cannot carry an alpha channel
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as OpenCV's and Pillow's RGB -> gray
 
@@ -94,16 +101,21 @@ def _jpeg_exif(data: bytes) -> Optional[bytes]:
     return None
 
 
-def _png_exif(data: bytes) -> Optional[bytes]:
+def _png_chunk_body(data: bytes, wanted: bytes) -> Optional[bytes]:
+    """The body of a PNG file's first chunk of type ``wanted``; None if it has none (or is cut before it)."""
     i = 8
     while i + 8 <= len(data):
         n, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
-        if kind == b"eXIf":
+        if kind == wanted:
             return data[i + 8:i + 8 + n]
         if kind == b"IEND":
             return None
         i += 12 + n
     return None
+
+
+def _png_exif(data: bytes) -> Optional[bytes]:
+    return _png_chunk_body(data, b"eXIf")
 
 
 def _webp_exif(data: bytes) -> Optional[bytes]:
@@ -160,6 +172,23 @@ def _png_is_gray(data: bytes) -> bool:
     return data[:8] == _PNG_SIGNATURE and len(data) > 25 and data[25] in (0, 4)
 
 
+def _png_gray_transparency(data: bytes, gray: np.ndarray) -> Optional[np.ndarray]:
+    """The alpha a gray PNG's tRNS chunk gives (H, W) ``gray`` as OpenCV decoded it (1, 2 and 4-bit
+    samples scaled to 8 bits): zero where the pixel has the transparent level, opaque elsewhere;
+    None for other PNGs (colour type other than 0, or no tRNS)."""
+    if not (data[:8] == _PNG_SIGNATURE and len(data) > 25 and data[25] == 0):
+        return None
+    trns = _png_chunk_body(data, b"tRNS")
+    if trns is None or len(trns) < 2:
+        return None
+    depth = data[24]
+    level = int.from_bytes(trns[:2], "big") & ((1 << depth) - 1)
+    if depth < 8:
+        level *= 255 // ((1 << depth) - 1)  # as libpng expands 1/2/4-bit gray to 8 bits
+    top = np.iinfo(gray.dtype).max
+    return np.where(gray == level, 0, top).astype(gray.dtype)
+
+
 def decode_image(data: bytes, name: str = "image") -> Picture:
     """Decode a file's bytes (any format OpenCV reads; first page of multi-page files)."""
     if not data:
@@ -179,7 +208,8 @@ def decode_image(data: bytes, name: str = "image") -> Picture:
         raise ImageError(f"{name}: float samples must lie in [0, 1] (got {pixels.min():.4g} .. {pixels.max():.4g}); "
                          "HDR images are not supported")
     if channels == 1:
-        return Picture(pixels.reshape(pixels.shape[:2]))
+        gray = pixels.reshape(pixels.shape[:2])
+        return Picture(gray, _png_gray_transparency(data, gray))
     alpha = np.ascontiguousarray(pixels[..., 3]) if channels == 4 else None
     color = np.ascontiguousarray(pixels[..., 2::-1])  # BGR -> RGB
     if _png_is_gray(data):  # gray + alpha, decoded by OpenCV as BGRA with equal channels
@@ -256,12 +286,28 @@ def encode_gray_alpha_png(gray: np.ndarray, alpha: np.ndarray) -> bytes:
             + _png_chunk(b"IEND", b""))
 
 
-def encode_image(picture: Picture, ext: str, quality: int = 95) -> bytes:
-    """The bytes of ``picture`` in format ``ext`` (``.png``, ``.tif``/``.tiff``, ``.jpg``/``.jpeg``, ``.webp``),
-    at the picture's bit depth where the format has it, else the nearest it has (16-bit -> 8-bit for JPEG)."""
+def write_problem(ext: str, picture: Optional[Picture] = None) -> Optional[str]:
+    """Why an image cannot be written in format ``ext`` (a file extension such as ``.png``, or ``""``), or
+    None if it can: the format alone, or with ``picture`` also whether the format holds what it has."""
     ext = ext.lower()
     if ext not in _DEPTHS:
-        raise ImageError(f"cannot write {ext or 'files without an extension'}; use one of {', '.join(_DEPTHS)}")
+        what = "a file without an extension has no output format" if not ext else \
+            "cannot write .gif (256 colours)" if ext == ".gif" else f"cannot write {ext} files"
+        return f"{what}; the output formats are {', '.join(_DEPTHS)}"
+    if picture is not None and picture.alpha is not None and ext in _NO_ALPHA:
+        return (f"the image has an alpha channel, which {_NO_ALPHA[ext]} cannot hold; "
+                f"write it as .png, .tif or .webp")
+    return None
+
+
+def encode_image(picture: Picture, ext: str, quality: int = 95) -> bytes:
+    """The bytes of ``picture`` in format ``ext`` (``.png``, ``.tif``/``.tiff``, ``.jpg``/``.jpeg``, ``.webp``,
+    ``.bmp``), at the picture's bit depth where the format has it, else the nearest it has (16-bit -> 8-bit for
+    JPEG); :class:`ImageError` if the format cannot hold it (see :func:`write_problem`)."""
+    ext = ext.lower()
+    problem = write_problem(ext, picture)
+    if problem:
+        raise ImageError(problem)
     depths = _DEPTHS[ext]
     target = picture.dtype if picture.dtype in depths else (np.uint16 if np.uint16 in depths else np.uint8)
     color = _convert_depth(picture.color, target)
@@ -281,8 +327,14 @@ def encode_image(picture: Picture, ext: str, quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
-def write_image(path: "str | os.PathLike", picture: Picture, quality: int = 95) -> None:
+def write_image(path: "str | os.PathLike", picture: Picture, quality: int = 95, overwrite: bool = True) -> None:
     """Write ``picture`` to ``path`` (format from the extension, see :func:`encode_image`), atomically:
-    to a temporary file beside it, then renamed, so a failure leaves no partial file."""
+    to a temporary file beside it, then renamed, so a failure leaves no partial file. With
+    ``overwrite=False`` an existing ``path`` (a symbolic link included) raises ``FileExistsError``
+    and is left as it was; a link at ``path`` is replaced, never written through."""
     path = os.fspath(path)
-    write_atomic(path, encode_image(picture, os.path.splitext(path)[1], quality))
+    try:
+        data = encode_image(picture, os.path.splitext(path)[1], quality)
+    except ImageError as e:
+        raise ImageError(f"{path}: {e}") from None
+    write_atomic(path, data, replace=overwrite)

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
-_PARTIAL = re.compile(r"\.tmp\d+$")  # the temporary names of moce_kernels._files.write_atomic
+from ._files import TEMP_SUFFIX
+
 
 
 @dataclass
@@ -64,11 +64,15 @@ class RestoreFiles:
 
     def __init__(self, args: argparse.Namespace):
         import torch
-        from .cli.restore import RestoreOptions, load_model
+        from .cli.restore import RestoreOptions, load_model, model_restorer
         torch.set_grad_enabled(False)
         self.model = load_model(args)
+        # overwrite: the driver's plan skipped the outputs that existed before the run, so an output found at
+        # write time is one that a retried batch's dead worker wrote (the same bytes); it is replaced
         self.options = RestoreOptions(tile=args.tile, overlap=args.overlap, routing=args.routing,
-                                      tile_batch=args.tile_batch, quality=args.quality, progress=False)
+                                      tile_batch=args.tile_batch, quality=args.quality, overwrite=True,
+                                      progress=False)
+        self.restore_image = model_restorer(self.model, self.options)
 
     def restore_one(self, src: str, dst: str) -> Tuple[bool, float, str]:
         """(restored, megapixels, error line) for one file."""
@@ -78,7 +82,7 @@ class RestoreFiles:
         from .imageio import ImageError
         try:
             with torch.no_grad():
-                return True, restore_file(self.model, Job(src, dst), self.options), ""
+                return True, restore_file(self.restore_image, Job(src, dst), self.options).megapixels, ""
         except (ImageError, UsageError) as e:  # their messages name the file, as in moce-restore's run_jobs
             return False, 0.0, one_line(e)
         except Exception as e:  # the run goes on; the summary reports it
@@ -103,7 +107,7 @@ def remove_partials(dsts: Sequence[str]) -> int:
         except FileNotFoundError:
             continue
         for entry in entries:
-            if entry.startswith(name) and _PARTIAL.fullmatch(entry[len(name):]):
+            if entry.startswith(name) and TEMP_SUFFIX.fullmatch(entry[len(name):]):
                 os.remove(os.path.join(folder, entry))
                 removed += 1
     return removed
@@ -190,18 +194,19 @@ def check_arguments(args: argparse.Namespace) -> None:
     load_model(argparse.Namespace(**dict(vars(args), device="cpu", dtype="fp32", optimize=False)))
 
 
-def run_jobs_on_ray(args: argparse.Namespace, jobs, failed: List[str]) -> Tuple[int, float]:
-    """``moce-restore``'s ``run_jobs`` on Ray: each failure reported in one line on stderr and added to
-    ``failed``; a run that stops is reported in one line, and the files it left without a result count as
-    failed. Returns (files restored, megapixels)."""
+def run_jobs_on_ray(args: argparse.Namespace, jobs, tally) -> None:
+    """``moce-restore``'s ``run_jobs`` on Ray: each failure reported in one line on stderr; a run that stops
+    is reported in one line, and the files it left without a result count as failed. Adds to ``tally``
+    (``moce_kernels.cli.restore.Tally``)."""
     try:
         summary = restore_on_ray(args, [(job.src, job.dst) for job in jobs], address=args.ray or None,
                                  workers=args.ray_workers)
     except RayRunError as e:
         summary = e.summary
         print(f"error: {e}", file=sys.stderr)
-        failed += [job.src for job in jobs if job.src not in summary.finished]
+        tally.failed += [job.src for job in jobs if job.src not in summary.finished]
     for src, message in summary.failed:
-        failed.append(src)
+        tally.failed.append(src)
         print(f"error: {message}", file=sys.stderr)
-    return summary.done, summary.megapixels
+    tally.restored += summary.done
+    tally.megapixels += summary.megapixels

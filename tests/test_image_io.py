@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moce_kernels.imageio import (LUMA, ImageError, Picture, encode_image, from_tensor, read_image, to_tensor,
-                                  write_image)
+                                  write_image, write_problem)
 
 
 @pytest.fixture
@@ -97,6 +97,77 @@ def test_gray_with_alpha_stays_gray_with_alpha(tmp_path, rng):
     assert np.array_equal(decoded[..., 0], gray) and np.array_equal(decoded[..., 3], alpha)
     back = read_image(tmp_path / "ga.png")
     assert back.gray and np.array_equal(back.color, gray) and np.array_equal(back.alpha, alpha)
+
+
+def _png(samples: np.ndarray, colour_type: int, depth: int, trns: bytes) -> bytes:
+    """A PNG written by hand (OpenCV writes no tRNS): rows of already packed ``samples`` (uint8 bytes, or
+    uint16 for 16-bit), one IDAT, and a tRNS chunk."""
+    h, w = samples.shape[:2]
+    rows = samples.astype(">u2").reshape(h, -1).view(np.uint8) if depth == 16 else samples.reshape(h, -1)
+    width = w if depth >= 8 else (w * 8) // depth
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, h, depth, colour_type, 0, 0, 0))
+            + chunk(b"tRNS", trns) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("depth", [8, 16])
+def test_gray_png_transparency_becomes_alpha_as_for_rgb(tmp_path, rng, depth):
+    dtype = np.uint16 if depth == 16 else np.uint8
+    gray = rng.integers(0, 4, (9, 14)).astype(dtype) * (np.iinfo(dtype).max // 3)  # few levels: many transparent
+    level = int(gray[2, 3])
+    top = np.iinfo(dtype).max
+    want_alpha = np.where(gray == level, 0, top)
+    (tmp_path / "g.png").write_bytes(_png(gray, 0, depth, struct.pack(">H", level)))
+    (tmp_path / "rgb.png").write_bytes(_png(np.stack([gray] * 3, axis=2), 2, depth, struct.pack(">HHH", *[level] * 3)))
+    rgb = read_image(tmp_path / "rgb.png")
+    assert np.array_equal(rgb.alpha, want_alpha), "OpenCV's own expansion of an RGB tRNS"
+    picture = read_image(tmp_path / "g.png")
+    assert picture.gray and picture.dtype == dtype and np.array_equal(picture.color, gray)
+    assert picture.alpha is not None and np.array_equal(picture.alpha, want_alpha)
+    write_image(tmp_path / "out.png", from_tensor(model_stand_in(to_tensor(picture)), picture))
+    back = read_image(tmp_path / "out.png")
+    assert back.gray and np.array_equal(back.alpha, want_alpha)
+
+
+def test_low_bit_depth_gray_transparency(tmp_path):
+    samples = np.array([[0b00011011]], np.uint8)  # 2-bit levels 0, 1, 2, 3
+    (tmp_path / "g2.png").write_bytes(_png(samples, 0, 2, struct.pack(">H", 2)))
+    picture = read_image(tmp_path / "g2.png")
+    assert np.array_equal(picture.color, [[0, 85, 170, 255]]) and np.array_equal(picture.alpha, [[255, 255, 0, 255]])
+
+
+# ---------------------------------------------------------------- what can be written
+def test_what_cannot_be_written_is_known_before_encoding(tmp_path, rng):
+    rgb = Picture(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8))
+    rgba = Picture(rgb.color, rng.integers(0, 256, (6, 7), dtype=np.uint8))
+    assert write_problem(".png") is None and write_problem(".PNG", rgba) is None and write_problem(".bmp", rgb) is None
+    assert "cannot write .gif" in write_problem(".gif") and "without an extension" in write_problem("")
+    for ext, name in [(".jpg", "JPEG"), (".bmp", "BMP")]:
+        assert write_problem(ext) is None and f"which {name} cannot hold" in write_problem(ext, rgba)
+        with pytest.raises(ImageError, match=f"{name} cannot hold"):
+            write_image(tmp_path / f"a{ext}", rgba)
+    for picture in (rgb, Picture(rgb.color[..., 0])):
+        write_image(tmp_path / "b.bmp", picture)
+        back = read_image(tmp_path / "b.bmp")
+        assert back.gray == picture.gray and np.array_equal(back.color, picture.color)
+
+
+def test_write_image_without_overwrite_keeps_what_exists(tmp_path):
+    picture = Picture(np.full((4, 5, 3), 7, np.uint8))
+    (tmp_path / "x.png").write_bytes(b"mine")
+    with pytest.raises(FileExistsError):
+        write_image(tmp_path / "x.png", picture, overwrite=False)
+    assert (tmp_path / "x.png").read_bytes() == b"mine"
+    (tmp_path / "target.png").write_bytes(b"theirs")
+    (tmp_path / "link.png").symlink_to(tmp_path / "target.png")
+    with pytest.raises(FileExistsError):
+        write_image(tmp_path / "link.png", picture, overwrite=False)
+    write_image(tmp_path / "link.png", picture)  # replaces the link, not what it points to
+    assert not (tmp_path / "link.png").is_symlink() and (tmp_path / "target.png").read_bytes() == b"theirs"
+    write_image(tmp_path / "new.png", picture, overwrite=False)
+    assert np.array_equal(read_image(tmp_path / "new.png").color, picture.color)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.png", "new.png", "target.png", "x.png"]
 
 
 # ---------------------------------------------------------------- EXIF orientation

@@ -126,7 +126,7 @@ class DiesOnce(RestoreFiles):
         ok, _, error = self.restore_one(str(batch["src"][0]), str(batch["dst"][0]))
         assert ok, error
         os.makedirs(os.path.dirname(str(batch["dst"][1])), exist_ok=True)
-        with open(f"{batch['dst'][1]}.tmp{os.getpid()}", "wb") as f:
+        with open(f"{batch['dst'][1]}.{os.getpid()}.0123abcd.tmp", "wb") as f:
             f.write(b"half an image")
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -134,8 +134,8 @@ class DiesOnce(RestoreFiles):
 def _args(photos, ckpt, out, extra=()):
     args = build_parser().parse_intermixed_args([str(photos), "--ckpt", ckpt, "--out", str(out), "--backend",
                                                  "reference", *OPTIONS, *extra])
-    jobs = plan_jobs(collect_inputs(args.inputs, args.recursive, args.out)[0], args.out)
-    return args, [(j.src, j.dst) for j in jobs if not j.src.endswith("broken.png")]
+    plan = plan_jobs(collect_inputs(args.inputs, args.recursive, args.out).files, args.out)
+    return args, [(j.src, j.dst) for j in plan.jobs if not j.src.endswith("broken.png")]
 
 
 def test_killed_worker_leaves_every_file_restored_once(photos, ckpt, baseline, tmp_path):
@@ -154,10 +154,12 @@ def test_killed_worker_leaves_every_file_restored_once(photos, ckpt, baseline, t
 
 def test_remove_partials_removes_only_temporary_files_of_the_outputs(tmp_path):
     dst = tmp_path / "x.png"
-    for name in ("x.png", "x.png.tmp123", "x.png.tmp", "x.png.tmp12a", "y.png.tmp5", "x.png.tmp7"):
+    for name in ("x.png", "x.png.123.0a1b2c3d.tmp", "x.png.tmp", "x.png.12.0a1b2c3.tmp", "y.png.5.0a1b2c3d.tmp",
+                 "x.png.7.ffffffff.tmp"):
         (tmp_path / name).write_bytes(b"")
     assert remove_partials([str(dst), str(tmp_path / "missing" / "z.png")]) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png", "x.png.tmp", "x.png.tmp12a", "y.png.tmp5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png", "x.png.12.0a1b2c3.tmp", "x.png.tmp",
+                                                         "y.png.5.0a1b2c3d.tmp"]
 
 
 def test_bad_worker_count_and_missing_ray_are_refused_in_one_line(photos, ckpt, tmp_path, capsys, monkeypatch):

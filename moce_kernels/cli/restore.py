@@ -3,52 +3,71 @@
     moce-restore photos/ --recursive --ckpt MoCE_IR_S.safetensors --out restored/
     moce-restore scan.tif 'shots/*.jpg' --ckpt last.ckpt --preset MoCE_IR --out restored/ --ext png
 
-Inputs are files, folders (their images; every subfolder with --recursive) and glob patterns.
-Outputs keep the inputs' folder structure below --out (relative to the inputs' common folder), name
-(plus --suffix) and format (or --ext), bit depth (8/16-bit PNG and TIFF), gray or colour, and
-alpha (copied untouched); EXIF orientation is applied. The run refuses to start if an output
-would overwrite an input or two inputs would write the same output. A file that fails is reported
-in one line and the run goes on; the exit status is 1 if any file failed (2 for a refused run).
+Inputs are files, folders (their images; every subfolder with --recursive) and glob patterns,
+taken under the names given (symbolic links are not resolved). Outputs keep the inputs' folder
+structure below --out (relative to the inputs' common folder), name (plus --suffix) and format
+(or --ext), bit depth (8/16-bit PNG and TIFF), gray or colour, and alpha (copied untouched); EXIF
+orientation is applied. The run refuses to start if an output would overwrite an input or two
+inputs would write the same output. An output that exists is skipped (said in one line) unless
+--overwrite. Before anything runs, a file whose output cannot be written (its format, e.g. GIF or
+no extension) is refused in one line; so is, before it is restored, one whose image the output
+format cannot hold (alpha into JPEG). A file that fails is reported in one line and the run goes
+on. On a terminal a progress bar shows; elsewhere a line per file restored (name, size, seconds).
+Exit status: 0 when every file was restored or skipped, 1 if any failed, 2 for a refused run.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..imageio import EXTENSIONS, ImageError, from_tensor, read_image, to_tensor, write_image
+from ..imageio import EXTENSIONS, WRITABLE_EXTENSIONS, ImageError, Picture, from_tensor, read_image, to_tensor, \
+    write_image, write_problem
 from ..restoration import ROUTINGS, restore
 from ._common import UsageError, one_line, plain_warnings
+from ._inputs import Found, Job, Plan, collect_inputs, plan_jobs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OUTPUT_EXTENSIONS = ("png", "tif", "tiff", "jpg", "jpeg", "webp")
+OUTPUT_EXTENSIONS = tuple(e.lstrip(".") for e in WRITABLE_EXTENSIONS)
 
-
-@dataclass(frozen=True)
-class Job:
-    """One input file and where its output goes."""
-
-    src: str
-    dst: str
+RestoreImage = Callable[[torch.Tensor], torch.Tensor]
+"""Restores one image: (1, 3, H, W) float32 RGB in [0, 1] on the CPU -> (1, 3, H, W) RGB, any device
+and float dtype (clipped to [0, 1] when written)."""
 
 
 @dataclass(frozen=True)
 class RestoreOptions:
-    """How each file is restored and written."""
+    """How each file is restored and written, and what a run shows: ``progress`` (tqdm bars, for
+    terminals) or ``file_lines`` (a line per file restored: name, size, seconds)."""
 
     tile: Optional[int] = None
     overlap: int = 32
     routing: str = "image"
     tile_batch: Optional[int] = None
     quality: int = 95
+    overwrite: bool = False
     progress: bool = False
+    file_lines: bool = False
+
+
+@dataclass
+class Tally:
+    """What a run did with its files: how many restored (and their megapixels), skipped and failed."""
+
+    restored: int = 0
+    megapixels: float = 0.0
+    skipped: List[str] = field(default_factory=list)
+    failed: List[str] = field(default_factory=list)
+
+
+class OutputExists(Exception):
+    """The output file appeared after the run was planned; it is left as it is."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders (and ** in globs)")
     ap.add_argument("--suffix", default="", help="added to every output name before the extension, e.g. _restored")
     ap.add_argument("--ext", choices=OUTPUT_EXTENSIONS, help="output format (default: the input's)")
+    ap.add_argument("--overwrite", action="store_true", help="replace outputs that exist (default: skip them)")
     ap.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
     ap.add_argument("--tile", type=int, default=None, help="tile side in pixels (default: from the memory budget; "
                                                            "0: no tiling)")
@@ -75,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16/fp16 need a GPU")
     ap.add_argument("--backend", default="auto", help="moce_kernels backend (default auto)")
     ap.add_argument("--optimize", action="store_true", help="run moce_kernels.optimize(model) first")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars (they show on terminals only)")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bars (on terminals) and no line per file (elsewhere)")
     ap.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="restore on Ray Data (moce_kernels.ray_restore): one model per actor, one GPU each on cuda, "
                          "else one CPU; ADDRESS: a Ray cluster (default: a local runtime). Write --ray=ADDRESS, or "
@@ -83,74 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ray-workers", type=int, default=None, help="with --ray: actors (default: the cluster's GPUs "
                                                                   "on cuda, else 1)")
     return ap
-
-
-# ---------------------------------------------------------------- inputs and outputs
-def _images_in(folder: str, recursive: bool, skip: str) -> List[str]:
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) != skip) if recursive else []
-        found += [os.path.join(root, f) for f in sorted(files) if os.path.splitext(f)[1].lower() in EXTENSIONS]
-    return found
-
-
-def _glob_root(pattern: str) -> str:
-    """The folder part of ``pattern`` before its first wildcard."""
-    parts = pattern.split(os.sep)
-    first_magic = next(i for i, p in enumerate(parts) if glob.has_magic(p))
-    return os.sep.join(parts[:first_magic]) or "."
-
-
-def collect_inputs(specs: Sequence[str], recursive: bool, out_dir: str) -> Tuple[List[Tuple[str, str]], List[str]]:
-    """((file, the folder its output path is relative to) for every input image, specs that matched nothing).
-
-    Folders give their images (by extension; not those inside ``out_dir``); globs give what they match.
-    """
-    skip = os.path.realpath(out_dir)
-    found: List[Tuple[str, str]] = []
-    missing: List[str] = []
-    for spec in specs:
-        if os.path.isfile(spec):
-            found.append((spec, os.path.dirname(spec) or "."))
-        elif os.path.isdir(spec):
-            found += [(f, spec) for f in _images_in(spec, recursive, skip)]
-        elif glob.has_magic(spec):
-            root = _glob_root(spec)
-            matches = sorted(glob.glob(spec, recursive=recursive))
-            for m in matches:
-                found += [(m, root)] if os.path.isfile(m) else [(f, root) for f in _images_in(m, recursive, skip)]
-            if not matches:
-                missing.append(spec)
-        else:
-            missing.append(spec)
-    return found, missing
-
-
-def plan_jobs(inputs: Sequence[Tuple[str, str]], out_dir: str, suffix: str = "",
-              ext: Optional[str] = None) -> List[Job]:
-    """Output path of every input below ``out_dir``: its path relative to the inputs' common folder, with
-    ``suffix`` and ``ext``. Raises :class:`UsageError` if an output would overwrite an input or two
-    inputs would write one output."""
-    unique: Dict[str, Tuple[str, str]] = {}
-    for path, root in inputs:
-        unique.setdefault(os.path.realpath(path), (path, root))
-    if not unique:
-        return []
-    common = os.path.commonpath([os.path.realpath(root) for _, root in unique.values()])
-    jobs, by_dst = [], {}
-    for real, (path, _) in unique.items():
-        rel = os.path.relpath(real, common)
-        stem, own_ext = os.path.splitext(rel)
-        dst = os.path.join(out_dir, stem + suffix + ("." + ext if ext else own_ext))
-        real_dst = os.path.realpath(dst)
-        if real_dst in unique or (os.path.exists(dst) and any(os.path.samefile(dst, p) for p in unique)):
-            raise UsageError(f"refusing to run: the output {dst} would overwrite the input "
-                             f"{unique.get(real_dst, (dst,))[0]}; choose another --out or give a --suffix")
-        if real_dst in by_dst:
-            raise UsageError(f"refusing to run: {by_dst[real_dst]} and {path} would both be written to {dst}")
-        by_dst[real_dst] = path
-        jobs.append(Job(path, dst))
-    return jobs
 
 
 # ---------------------------------------------------------------- model and files
@@ -191,47 +144,97 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def restore_file(model: nn.Module, job: Job, options: RestoreOptions) -> float:
-    """Restore one file (read, :func:`moce_kernels.restore`, write); returns its megapixels."""
-    picture = read_image(job.src)
+def model_restorer(model: nn.Module, options: RestoreOptions) -> RestoreImage:
+    """:func:`moce_kernels.restore` with ``model`` on its device, tiled as ``options`` say."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    image = to_tensor(picture).to(device)
-    restored = restore(model, image, tile=options.tile, overlap=options.overlap, routing=options.routing,
+
+    def restore_image(image: torch.Tensor) -> torch.Tensor:
+        return restore(model, image.to(device), tile=options.tile, overlap=options.overlap, routing=options.routing,
                        tile_batch=options.tile_batch, progress=options.progress)
+    return restore_image
+
+
+def restore_file(restore_image: RestoreImage, job: Job, options: RestoreOptions) -> Picture:
+    """Restore one file: read it, check that its output format holds it (before any restoring),
+    ``restore_image``, write (never over an existing file unless ``options.overwrite``: then
+    :class:`OutputExists`); returns the picture read."""
+    picture = read_image(job.src)
+    problem = write_problem(os.path.splitext(job.dst)[1], picture)
+    if problem:
+        raise ImageError(f"{job.src}: {problem} (--ext)")
+    restored = restore_image(to_tensor(picture))
     os.makedirs(os.path.dirname(job.dst) or ".", exist_ok=True)
-    write_image(job.dst, from_tensor(restored, picture), quality=options.quality)
-    return picture.megapixels
+    try:
+        write_image(job.dst, from_tensor(restored, picture), quality=options.quality, overwrite=options.overwrite)
+    except FileExistsError as e:
+        if e.filename != job.dst:
+            raise
+        raise OutputExists(job.dst) from None
+    return picture
 
 
-def run_jobs(model: nn.Module, jobs: Sequence[Job], options: RestoreOptions, failed: List[str]) -> Tuple[int, float]:
-    """Restore every job, reporting each failure in one line; (files restored, megapixels)."""
+def _error_line(job: Job, error: BaseException) -> str:
+    text = one_line(error)
+    return f"error: {text}" if job.src in text else f"error: {job.src}: {text}"
+
+
+def run_jobs(restore_image: RestoreImage, jobs: Sequence[Job], options: RestoreOptions,
+             tally: Optional[Tally] = None) -> Tally:
+    """Restore every job with ``restore_image``, reporting each failure (and, with ``options.file_lines``,
+    each file restored) in one line; adds to ``tally`` and returns it."""
     from tqdm.auto import tqdm
-    done, megapixels = 0, 0.0
+    tally = Tally() if tally is None else tally
     bar = tqdm(jobs, unit="file", desc="files", disable=not options.progress)
-    for job in bar:
+    for i, job in enumerate(bar, 1):
+        start = time.perf_counter()
         try:
-            megapixels += restore_file(model, job, options)
-            done += 1
-        except (ImageError, UsageError) as e:
-            failed.append(job.src)
-            tqdm.write(f"error: {one_line(e)}", file=sys.stderr)
+            picture = restore_file(restore_image, job, options)
+        except OutputExists:
+            tally.skipped.append(job.src)
+            tqdm.write(f"skipped: {job.src}: {job.dst} appeared during the run; not replaced", file=sys.stderr)
         except Exception as e:  # the run goes on; the exit status reports it
-            failed.append(job.src)
-            tqdm.write(f"error: {job.src}: {one_line(e)}", file=sys.stderr)
-    return done, megapixels
+            tally.failed.append(job.src)
+            tqdm.write(_error_line(job, e), file=sys.stderr)
+        else:
+            tally.restored += 1
+            tally.megapixels += picture.megapixels
+            if options.file_lines:
+                h, w = picture.color.shape[:2]
+                print(f"[{i}/{len(jobs)}] {job.src}: {w}x{h}, {time.perf_counter() - start:.1f} s -> {job.dst}",
+                      flush=True)
+    return tally
+
+
+def _report_plan(found: Found, plan: Plan, tally: Tally) -> None:
+    """One line for each input that will not run (failed or skipped), before the run; counts them in ``tally``."""
+    for note in found.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for name, why in found.problems + plan.refused:
+        tally.failed.append(name)
+        print(f"error: {name}: {why}", file=sys.stderr)
+    for job in plan.skipped:
+        tally.skipped.append(job.src)
+        print(f"skipped: {job.src}: {job.dst} exists (--overwrite replaces it)", file=sys.stderr)
+
+
+def _summary(tally: Tally, inputs: int, seconds: float) -> str:
+    return (f"restored {tally.restored} of {inputs} files ({tally.megapixels:.3g} megapixels) in {seconds:.1f} s"
+            + (f"; {len(tally.skipped)} skipped" if tally.skipped else "")
+            + (f"; {len(tally.failed)} failed" if tally.failed else ""))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # inputs may follow options
-    progress = not args.no_progress and sys.stderr.isatty()
+    terminal = sys.stderr.isatty()
     options = RestoreOptions(tile=args.tile, overlap=args.overlap, routing=args.routing, tile_batch=args.tile_batch,
-                             quality=args.quality, progress=progress)
+                             quality=args.quality, overwrite=args.overwrite,
+                             progress=terminal and not args.no_progress, file_lines=not terminal and not args.no_progress)
     start = time.perf_counter()
     with plain_warnings():
         try:
-            found, missing = collect_inputs(args.inputs, args.recursive, args.out)
-            jobs = plan_jobs(found, args.out, args.suffix, args.ext)
-            if not jobs and not missing:
+            found = collect_inputs(args.inputs, args.recursive, args.out)
+            plan = plan_jobs(found.files, args.out, args.suffix, args.ext, args.overwrite)
+            if not plan.inputs and not found.problems:
                 raise UsageError(f"no images found in {' '.join(args.inputs)} (extensions: {', '.join(EXTENSIONS)})")
             if args.ray is None:
                 model = load_model(args)
@@ -241,21 +244,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except UsageError as e:
             print(f"moce-restore: {e}", file=sys.stderr)
             return 2
-        failed = []
-        for spec in missing:
-            failed.append(spec)
-            print(f"error: {spec}: no such file, folder or matching files", file=sys.stderr)
+        tally = Tally()
+        _report_plan(found, plan, tally)
         if args.ray is None:
             with torch.no_grad():
-                done, megapixels = run_jobs(model, jobs, options, failed)
+                run_jobs(model_restorer(model, options), plan.jobs, options, tally)
         else:
             from ..ray_restore import run_jobs_on_ray
-            done, megapixels = run_jobs_on_ray(args, jobs, failed)
-    seconds = time.perf_counter() - start
-    total = len(jobs) + len(missing)
-    print(f"restored {done} of {total} files ({megapixels:.3g} megapixels) in {seconds:.1f} s"
-          + (f"; {len(failed)} failed" if failed else ""))
-    return 1 if failed else 0
+            run_jobs_on_ray(args, plan.jobs, tally)
+    print(_summary(tally, plan.inputs + len(found.problems), time.perf_counter() - start))
+    return 1 if tally.failed else 0
 
 
 if __name__ == "__main__":
