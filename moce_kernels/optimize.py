@@ -56,7 +56,8 @@ class _GraphedForward:
 class OptimizedModel(nn.Module):
     """The wrapped model's inference forward, compiled and (on CUDA) graphed per input shape.
 
-    ``self.model`` is the original module (its parameters are shared, not copied). Dynamo keeps its
+    ``self.model`` is the original module (its parameters are shared, not copied); the wrapper's
+    ``training`` is the model's (``fast.eval()`` is ``model.eval()``). Dynamo keeps its
     compiled versions per Python function, so the shape budget is shared by every model compiled in
     the process.
     """
@@ -75,6 +76,18 @@ class OptimizedModel(nn.Module):
         self._compiled_shapes: set = set()
         self._warned = False
         self._graphs: "collections.OrderedDict[_Key, _GraphedForward]" = collections.OrderedDict()
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        """The wrapped model's mode: the wrapper has none of its own (``train()``/``eval()`` set the model's)."""
+        model = self.__dict__.get("_modules", {}).get("model")
+        return bool(model is not None and model.training)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        model = self.__dict__.get("_modules", {}).get("model")
+        if model is not None:  # None while nn.Module.__init__ runs, before the model is attached
+            model.training = mode
 
     def reset(self) -> None:
         """Drop the CUDA graphs (after moving the model or replacing its parameter tensors; weights
@@ -102,14 +115,15 @@ class OptimizedModel(nn.Module):
         return g(x)
 
     def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``model(x)`` without gradients; ``labels`` is accepted and ignored, as by :class:`MoCEIR`."""
+        """``model(x)`` without gradients (an ordinary tensor, not an inference tensor: callers may modify it
+        in place, e.g. ``y.clamp_(0, 1)``); ``labels`` is accepted and ignored, as by :class:`MoCEIR`."""
         if self.model.training:
             raise RuntimeError("optimize() is for inference: call model.eval() first (train the eager model)")
         check = getattr(self.model, "_check_input", None)
         if check is not None:
             check(x)  # the model's own clear errors, before anything is compiled for a bad input
         key = (tuple(x.shape), x.dtype, x.device)
-        with torch.inference_mode():
+        with torch.no_grad():
             use_graphs = x.is_cuda if self.cuda_graphs is None else self.cuda_graphs and x.is_cuda
             if use_graphs:
                 return self._graphed(key, x)

@@ -1,5 +1,7 @@
 """moce_kernels.optimize: the compiled inference path computes what the eager model computes (CPU:
 Inductor with our ops opaque; CUDA graphs are GPU-only), bounds its compiled shapes, refuses training."""
+import warnings
+
 import pytest
 import torch
 
@@ -42,6 +44,29 @@ def test_optimize_refuses_training_and_bad_input():
         fast(torch.rand(1, 3, 8, 8))
     with pytest.raises(ValueError, match="max_shapes"):
         moce_kernels.optimize(model, max_shapes=0)
+
+
+def test_optimize_reports_the_models_mode_and_returns_ordinary_tensors():
+    """The wrapper's ``training`` is the model's (restore() does not warn about training mode for an eval
+    model), and its outputs can be modified in place, as its docstring says."""
+    model = _tiny()
+    fast = moce_kernels.optimize(model, compile=False)
+    assert not fast.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = moce_kernels.restore(fast, torch.rand(1, 3, 16, 16))
+    with torch.no_grad():
+        y = fast(torch.rand(1, 3, 16, 16))
+    assert not y.is_inference()
+    y.clamp_(0, 1)
+    out.clamp_(0, 1)
+    assert y.min() >= 0 and y.max() <= 1
+    fast.train()
+    assert model.training and fast.training
+    fast.eval()
+    assert not model.training
+    model.train()
+    assert fast.training
 
 
 @pytest.mark.gpu
