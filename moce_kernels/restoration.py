@@ -25,8 +25,9 @@ statistics at the pixel scale (noise level, rain streaks, blur width), which dow
 An image that fits in one tile is never tiled: both modes then equal ``model(image)``.
 
 Cost. :func:`pixel_ratio` gives a plan's work (the pixels of its tiles and its routing pass, padded
-as the model pads them) over the image's pixels; with the automatic tiles it is at most 1.3 for the
-presets on CPU and GPU budgets (``tests/test_restore.py`` checks it over many sizes).
+as the model pads them) over the image's pixels; with the automatic tiles and the default overlap it
+is at most 1.3 for every image larger than one tile at budgets of 150 k pixels and more (the
+presets' CPU budgets are 179 k and 268 k; ``tests/test_restore.py`` counts it over many sizes).
 """
 from __future__ import annotations
 
@@ -419,8 +420,9 @@ def restore(model: nn.Module, image: torch.Tensor, *, tile: Optional[int] = None
 
     On out-of-memory (``torch.OutOfMemoryError``) the tiles per forward, else the tile area, are
     halved and the image is run again (a ``RuntimeWarning`` says so); the run fails only when
-    tiles of 32 x 32 pixels or fewer fail one at a time. Runs under ``torch.no_grad()``. The forwards issue no host synchronisation of
-    their own (routes are device tensors); the range check of the input synchronises once.
+    tiles of 32 x 32 pixels or fewer fail one at a time. Runs under ``torch.no_grad()``. The forwards
+    issue no host synchronisation of their own (routes are device tensors); the range check of the
+    input synchronises once. Threads may share one model: routes are per thread.
     """
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
