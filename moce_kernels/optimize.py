@@ -13,7 +13,9 @@ What it does, by device:
   whole forward replays as one launch. This needs a forward without host synchronisation, which the
   routed expert stage provides (routing and dispatch stay on the device). At most ``max_shapes``
   graphs are kept (least recently used first out, which frees its memory). Inputs are copied into the
-  graph's static input and the output is copied out, so callers may keep and modify both.
+  graph's static input and the output is copied out, so callers may keep and modify both. Inside a
+  ``record_routes`` / ``fixed_routes`` block of the calling thread (``restore()``'s routing pass and
+  tiles) the compiled forward runs without a graph: a graph would replay the routes it was captured with.
 * **CPU**: no graphs (there are none on a CPU).
 
 The result computes what the eager model computes (within the error rule of DESIGN.md: Inductor may
@@ -28,6 +30,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from .model.fixed_routing import moce_layers
+from .model.moe import ROUTE_OVERRIDES
 
 _Key = Tuple[Tuple[int, ...], torch.dtype, torch.device]
 
@@ -56,7 +61,8 @@ class _GraphedForward:
 class OptimizedModel(nn.Module):
     """The wrapped model's inference forward, compiled and (on CUDA) graphed per input shape.
 
-    ``self.model`` is the original module (its parameters are shared, not copied). Dynamo keeps its
+    ``self.model`` is the original module (its parameters are shared, not copied); the wrapper's
+    ``training`` is the model's (``fast.eval()`` is ``model.eval()``). Dynamo keeps its
     compiled versions per Python function, so the shape budget is shared by every model compiled in
     the process.
     """
@@ -75,6 +81,19 @@ class OptimizedModel(nn.Module):
         self._compiled_shapes: set = set()
         self._warned = False
         self._graphs: "collections.OrderedDict[_Key, _GraphedForward]" = collections.OrderedDict()
+        self._layers = tuple(moce_layers(model).values())
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        """The wrapped model's mode: the wrapper has none of its own (``train()``/``eval()`` set the model's)."""
+        model = self.__dict__.get("_modules", {}).get("model")
+        return bool(model is not None and model.training)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        model = self.__dict__.get("_modules", {}).get("model")
+        if model is not None:  # None while nn.Module.__init__ runs, before the model is attached
+            model.training = mode
 
     def reset(self) -> None:
         """Drop the CUDA graphs (after moving the model or replacing its parameter tensors; weights
@@ -92,6 +111,11 @@ class OptimizedModel(nn.Module):
                           f"the eager model (seen: {sorted(k[0] for k in self._compiled_shapes)})")
         return self.model
 
+    def routes_overridden(self) -> bool:
+        """True inside this thread's record_routes / fixed_routes block on the model (no graphs then)."""
+        active = ROUTE_OVERRIDES.active
+        return bool(active) and any(layer in active for layer in self._layers)
+
     def _graphed(self, key: _Key, x: torch.Tensor) -> torch.Tensor:
         g = self._graphs.get(key)
         if g is None:
@@ -102,16 +126,17 @@ class OptimizedModel(nn.Module):
         return g(x)
 
     def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``model(x)`` without gradients; ``labels`` is accepted and ignored, as by :class:`MoCEIR`."""
+        """``model(x)`` without gradients (an ordinary tensor, not an inference tensor: callers may modify it
+        in place, e.g. ``y.clamp_(0, 1)``); ``labels`` is accepted and ignored, as by :class:`MoCEIR`."""
         if self.model.training:
             raise RuntimeError("optimize() is for inference: call model.eval() first (train the eager model)")
         check = getattr(self.model, "_check_input", None)
         if check is not None:
             check(x)  # the model's own clear errors, before anything is compiled for a bad input
         key = (tuple(x.shape), x.dtype, x.device)
-        with torch.inference_mode():
+        with torch.no_grad():
             use_graphs = x.is_cuda if self.cuda_graphs is None else self.cuda_graphs and x.is_cuda
-            if use_graphs:
+            if use_graphs and not self.routes_overridden():
                 return self._graphed(key, x)
             return self._forward_fn(key)(x)
 

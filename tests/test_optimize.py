@@ -1,5 +1,8 @@
 """moce_kernels.optimize: the compiled inference path computes what the eager model computes (CPU:
 Inductor with our ops opaque; CUDA graphs are GPU-only), bounds its compiled shapes, refuses training."""
+import threading
+import warnings
+
 import pytest
 import torch
 
@@ -42,6 +45,60 @@ def test_optimize_refuses_training_and_bad_input():
         fast(torch.rand(1, 3, 8, 8))
     with pytest.raises(ValueError, match="max_shapes"):
         moce_kernels.optimize(model, max_shapes=0)
+
+
+def test_optimize_reports_the_models_mode_and_returns_ordinary_tensors():
+    """The wrapper's ``training`` is the model's (restore() does not warn about training mode for an eval
+    model), and its outputs can be modified in place, as its docstring says."""
+    model = _tiny()
+    fast = moce_kernels.optimize(model, compile=False)
+    assert not fast.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = moce_kernels.restore(fast, torch.rand(1, 3, 16, 16))
+    with torch.no_grad():
+        y = fast(torch.rand(1, 3, 16, 16))
+    assert not y.is_inference()
+    y.clamp_(0, 1)
+    out.clamp_(0, 1)
+    assert y.min() >= 0 and y.max() <= 1
+    fast.train()
+    assert model.training and fast.training
+    fast.eval()
+    assert not model.training
+    model.train()
+    assert fast.training
+
+
+def test_optimize_knows_when_the_calling_thread_fixes_routes():
+    """CUDA graphs are skipped exactly inside this thread's record_routes / fixed_routes blocks."""
+    model = _tiny()
+    fast = moce_kernels.optimize(model, compile=False)
+    assert not fast.routes_overridden()
+    seen = []
+    with torch.no_grad(), model.record_routes():
+        assert fast.routes_overridden()
+        t = threading.Thread(target=lambda: seen.append(fast.routes_overridden()))
+        t.start()
+        t.join(60)
+    assert seen == [False] and not fast.routes_overridden()
+    other = moce_kernels.optimize(_tiny(), compile=False)
+    with model.record_routes():
+        assert not other.routes_overridden(), "a block on another model"
+
+
+@pytest.mark.gpu
+def test_gpu_restore_through_optimize_matches_the_eager_model():
+    """Tiles with fixed routes through the graphed model give what the eager model gives (a graph would
+    replay the routes it was captured with)."""
+    model = _tiny().cuda()
+    fast = moce_kernels.optimize(model)
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        image = torch.rand(1, 3, 64, 96, generator=g).cuda() * (0.2 + 0.6 * seed)
+        want = moce_kernels.restore(model, image, tile=32, overlap=8)
+        got = moce_kernels.restore(fast, image, tile=32, overlap=8)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

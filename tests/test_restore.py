@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 
 from moce_kernels import MoCEIR, restore
-from moce_kernels.model.moe import AdapterLayer
-from moce_kernels.restoration import (BYTES_PER_PIXEL_PER_DIM, CPU_ACTIVATION_BUDGET, _ModelInfo, activation_budget,
-                                      auto_tile, axis_weights, plan_tiles)
+from moce_kernels.model.moe import ROUTE_OVERRIDES, AdapterLayer
+from moce_kernels.restoration import (BYTES_PER_PIXEL_PER_DIM, CPU_ACTIVATION_BUDGET, ROUTE_SHARE, _ModelInfo,
+                                      _Settings, _work, activation_budget, axis_weights, pixel_ratio, plan_tiles,
+                                      route_crop_boxes)
 
 
 class Pointwise(nn.Module):
@@ -95,7 +96,9 @@ def test_tiled_equals_untiled_for_a_local_model(routing):
         expected = model(image)
     model.shapes.clear()
     out = restore(model, image, tile=24, overlap=6, routing=routing, tile_batch=3, progress=True)
-    assert len(model.shapes) > 2 and all(s == (3, 3, 24, 24) or s[0] < 3 for s in model.shapes)
+    plan = plan_tiles(61, 75, 24, 6)
+    assert max(plan.tile_h, plan.tile_w) <= 24
+    assert len(model.shapes) > 2 and all(s == (3, 3, plan.tile_h, plan.tile_w) or s[0] < 3 for s in model.shapes)
     assert torch.equal(out, expected)
 
 
@@ -106,10 +109,14 @@ def test_out_of_memory_halves_the_tile_and_finishes():
     with torch.no_grad():
         expected = Pointwise.forward(model, image)
     model.shapes.clear()
-    with pytest.warns(RuntimeWarning, match="out of memory"):
+    first = plan_tiles(70, 90, 64, 8)
+    assert first.tile_h * first.tile_w > 32 * 32, "the first plan's tiles fail even one at a time"
+    with pytest.warns(RuntimeWarning, match="out of memory") as caught:
         out = restore(model, image, tile=64, overlap=8, tile_batch=4)
     assert torch.equal(out, expected)
-    assert set(model.shapes) == {(1, 3, 32, 32)}, "64 px x 4, 2, 1 tiles -> 32 px x 2, 1 tiles"
+    assert len(caught) == 3, "4, 2, 1 tiles per forward fail, then tiles of half the area fit one at a time"
+    (shape,) = set(model.shapes)
+    assert shape[0] == 1 and shape[2] * shape[3] <= first.tile_h * first.tile_w // 2
 
 
 def test_out_of_memory_at_the_smallest_tile_is_an_error():
@@ -173,12 +180,88 @@ def test_bad_inputs_are_named():
         restore(model, image, tile=32, overlap=17)
 
 
-def test_cpu_default_tile_fits_the_budget():
+def test_cpu_default_tiles_fit_the_budget():
     info = _ModelInfo(torch.device("cpu"), torch.float32, 3, 8, 32)  # MoCE-IR-S
-    tile = auto_tile(info, activation_budget(info))
+    budget = activation_budget(info)
     bytes_per_pixel = BYTES_PER_PIXEL_PER_DIM * 32
-    assert tile % 32 == 0 and tile * tile * bytes_per_pixel <= CPU_ACTIVATION_BUDGET
-    assert (tile + 32) ** 2 * bytes_per_pixel > CPU_ACTIVATION_BUDGET, "the largest such tile"
+    assert budget * bytes_per_pixel <= CPU_ACTIVATION_BUDGET < (budget + 1) * bytes_per_pixel, "the whole budget"
+    for h, w in ((480, 640), (512, 600), (1200, 1600), (333, 4001), (4000, 100)):
+        plan = plan_tiles(h, w, None, 32, budget, 8)
+        assert plan.tile_h * plan.tile_w <= budget, (h, w)
+        assert plan.count > 1 and plan.ys[-1] + plan.tile_h == h and plan.xs[-1] + plan.tile_w == w
+        for length, size in ((plan.tile_h, h), (plan.tile_w, w)):
+            assert length == size or length % 8 == 0, "split axes are cut in multiples of the padding unit"
+
+
+# ---------------------------------------------------------------- what tiling costs
+def _auto_ratio(h, w, budget):
+    settings = _Settings(side=None, area=budget, overlap=32, max_pixels=budget, batch=None)
+    plan = settings.plan(h, w, 8)
+    return _work(h, w, plan, budget, True) / (h * w), plan
+
+
+@pytest.mark.parametrize("budget,sizes", [(150_000, range(40, 3100, 53)), (178_956, range(40, 3100, 53)),
+                                          (268_435, range(40, 3100, 53)), (1_000_000, range(300, 6000, 97)),
+                                          (8_000_000, range(1000, 12000, 181))])  # 178,956 / 268,435 pixels:
+def test_automatic_tiles_cost_at_most_1_3x_the_image(budget, sizes):  # the CPU budgets of MoCE-IR / MoCE-IR-S
+    """Tiles and routing pass together run at most 1.3x the image's pixels, for every image larger than
+    one tile (a deterministic count over a grid of sizes, the default overlap of 32)."""
+    checked = 0
+    for h in sizes:
+        for w in sizes:
+            if h * w <= budget:
+                continue
+            ratio, plan = _auto_ratio(h, w, budget)
+            assert plan.count > 1 and ratio <= 1.3, (h, w, plan, ratio)
+            checked += 1
+    assert checked > 500
+
+
+def test_routing_pass_is_a_small_share_of_the_image():
+    for h, w in ((480, 640), (1200, 1600), (700, 5000), (3000, 3000)):
+        _, plan = _auto_ratio(h, w, 268_435)
+        ch, cw, boxes = route_crop_boxes(h, w, plan, 268_435)
+        assert 1 <= len(boxes) <= 16 and ch <= 128 and cw <= 128
+        assert len(boxes) * ch * cw <= ROUTE_SHARE * h * w
+        assert all(0 <= y <= h - ch and 0 <= x <= w - cw for y, x in boxes)
+
+
+def test_pixel_ratio_of_the_presets_at_480_x_640():
+    """The photo of the issue: two 480 x 512 tiles and 16 routing crops were 2.45x the image; now one
+    row of two tiles sized to the image and one crop."""
+    for preset in ("MoCE_IR_S", "MoCE_IR"):
+        model = MoCEIR.from_preset(preset).eval()
+        ratio = pixel_ratio(model, 480, 640)
+        assert 1.0 < ratio <= 1.3, (preset, ratio)
+        assert pixel_ratio(model, 480, 640, routing="tile") < ratio
+        assert pixel_ratio(model, 96, 120) == 1.0, "one tile: the image itself"
+        assert pixel_ratio(model, 100, 120) == 104 / 100, "padded as the model pads it"
+        assert pixel_ratio(model, 480, 640, tile=0) == 1.0
+
+
+# ---------------------------------------------------------------- whole image, input range
+def test_tile_0_runs_images_smaller_than_the_overlap():
+    model = tiny_moceir()
+    for shape in ((1, 3, 20, 30), (2, 3, 7, 63)):
+        image = torch.rand(shape)
+        with torch.no_grad():
+            expected = model(image)
+        assert torch.equal(restore(model, image, tile=0), expected), shape
+
+
+def test_values_a_rounding_step_outside_0_1_are_accepted_and_others_named_exactly():
+    model = Pointwise()
+    image = torch.rand(1, 3, 16, 16)
+    image[0, 0, 0, 0], image[0, 1, 0, 0] = 1.0000001, -1e-7
+    with torch.no_grad():
+        expected = model(image)
+    assert torch.equal(restore(model, image), expected)
+    image[0, 0, 0, 0] = 1.01
+    with pytest.raises(ValueError, match=r"got min -1e-07 and max 1\.01$"):
+        restore(model, image)
+    image[0, 0, 0, 0] = 1.0011
+    with pytest.raises(ValueError, match=r"max 1\.0011$"):
+        restore(model, image)
 
 
 # ---------------------------------------------------------------- fixed routing on the model
@@ -226,4 +309,6 @@ def test_fixed_routes_reject_what_does_not_fit():
         with pytest.raises(RuntimeError, match="do not nest"):
             with model.record_routes():
                 pass
-    assert all(a.route_override is None for a in model.adapters()), "the blocks clean up after errors"
+    assert not ROUTE_OVERRIDES.active, "the blocks clean up after errors"
+    with model.record_routes():
+        pass

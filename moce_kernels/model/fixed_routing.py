@@ -1,8 +1,10 @@
 """Fixed routing for the MoCE layers: record every layer's routes in one forward, replay them in another.
 
 A MoCE layer (:class:`~moce_kernels.model.moe.AdapterLayer`) routes each input row (image) on its
-own, from that row's features. Two context managers change that for the span of a ``with`` block,
-by installing an override that :meth:`AdapterLayer.route` consults:
+own, from that row's features. Two context managers change that for the forwards that the calling
+thread runs inside a ``with`` block, by installing a per-thread override that :meth:`AdapterLayer.route`
+consults (:data:`~moce_kernels.model.moe.ROUTE_OVERRIDES`; nothing is stored on the modules, so other
+threads using the same model route as usual, and copies of the model made inside a block replay nothing):
 
 - :func:`record_routes` lets every layer route and records, per layer, the route it took. With
   ``groups``, rows of the same group share one route: the layer routes each group once from the
@@ -24,7 +26,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from .moe import AdapterLayer
+from .moe import ROUTE_OVERRIDES, AdapterLayer
 
 
 class Route(NamedTuple):
@@ -108,24 +110,24 @@ class _Replay:
 
 @contextlib.contextmanager
 def _overridden(model: nn.Module, make: Callable[[str, AdapterLayer], Callable]) -> Iterator[None]:
+    """Within the block, this thread's forwards route ``model``'s MoCE layers with ``make(name, layer)``."""
     layers = moce_layers(model)
-    busy = [n for n, layer in layers.items() if layer.route_override is not None]
+    outer = ROUTE_OVERRIDES.active
+    busy = [n for n, layer in layers.items() if layer in outer]
     if busy:
         raise RuntimeError(f"routes are already being recorded or fixed on {busy[0]} (a block of "
-                           "record_routes / fixed_routes is open); these blocks do not nest")
+                           "record_routes / fixed_routes is open in this thread); these blocks do not nest")
+    ROUTE_OVERRIDES.active = {**outer, **{layer: make(name, layer) for name, layer in layers.items()}}
     try:
-        for name, layer in layers.items():
-            layer.route_override = make(name, layer)
         yield
     finally:
-        for layer in layers.values():
-            layer.route_override = None
+        ROUTE_OVERRIDES.active = outer
 
 
 @contextlib.contextmanager
 def record_routes(model: nn.Module, groups: Optional[torch.Tensor] = None,
                   num_groups: Optional[int] = None) -> Iterator[Routes]:
-    """Record each MoCE layer's route during the forwards in the block; yields the (filled-in) dict.
+    """Record each MoCE layer's route during this thread's forwards in the block; yields the (filled-in) dict.
 
     Without ``groups`` every row routes on its own, exactly as without the block, and each layer's
     route has one entry per row. With ``groups`` ((B,) int64 tensor of values in [0, num_groups),
@@ -157,7 +159,8 @@ def _check_route(name: str, layer: AdapterLayer, route: Route) -> None:
 @contextlib.contextmanager
 def fixed_routes(model: nn.Module, routes: Mapping[str, Route],
                  rows: Optional[torch.Tensor] = None) -> Iterator[None]:
-    """Run every MoCE layer with the given routes (one per layer name, as :func:`record_routes` yields).
+    """Run every MoCE layer with the given routes (one per layer name, as :func:`record_routes` yields)
+    in this thread's forwards inside the block (other threads' forwards route on their own).
 
     ``rows`` ((B,) int64 tensor, ideally on the input's device) maps input row b to route entry
     ``rows[b]``; without it row b takes entry b. The gates are used as given (not renormalised).

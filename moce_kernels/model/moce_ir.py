@@ -231,15 +231,15 @@ class MoCEIR(nn.Module):
     def record_routes(self, groups: Optional[torch.Tensor] = None,
                       num_groups: Optional[int] = None) -> "contextlib.AbstractContextManager[Routes]":
         """``with model.record_routes() as routes: model(x)`` records each MoCE layer's route
-        (gates, indices, logits per image); with ``groups``, rows of a group share one route decided
-        from their mean router input. See :mod:`moce_kernels.model.fixed_routing`."""
+        (gates, indices, logits per image) in this thread's forwards; with ``groups``, rows of a group
+        share one route decided from their mean router input. See :mod:`moce_kernels.model.fixed_routing`."""
         return fixed_routing.record_routes(self, groups, num_groups)
 
     def fixed_routes(self, routes: Mapping[str, Route],
                      rows: Optional[torch.Tensor] = None) -> "contextlib.AbstractContextManager[None]":
         """``with model.fixed_routes(routes, rows): model(x)`` runs every MoCE layer with the given
-        routes (row b takes entry ``rows[b]``) instead of its router; sync-free.
-        See :mod:`moce_kernels.model.fixed_routing`."""
+        routes (row b takes entry ``rows[b]``) instead of its router, in this thread's forwards only;
+        sync-free. See :mod:`moce_kernels.model.fixed_routing`."""
         return fixed_routing.fixed_routes(self, routes, rows)
 
     # ------------------------------------------------------------ forward

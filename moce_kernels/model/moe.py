@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Union
+import threading
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -12,6 +13,23 @@ from ..nvtx import annotate
 from .layers import FFTAttention
 
 ROUTING_NOISE = ("train", "always", "never")
+
+
+class _RouteOverrides(threading.local):
+    """Per thread: the MoCE layers whose routing an open block of :mod:`moce_kernels.model.fixed_routing`
+    replaces, each mapped to its override, called as ``override(layer, x, freq_emb)``.
+
+    Thread-local rather than on the modules, so one model serves several threads, each with its own
+    routes (a new thread starts with none), and a copy or ``torch.save`` of a model carries none.
+    A thread-local rather than a ``ContextVar`` because ``torch.compile`` traces it (guarding on the
+    calling thread's value); asyncio tasks of one thread therefore share it: do not hold a block across
+    an ``await``. The blocks replace ``active`` as a whole (never mutate it in place).
+    """
+
+    active: Dict["AdapterLayer", Callable] = {}
+
+
+ROUTE_OVERRIDES = _RouteOverrides()
 
 
 class ModExpert(nn.Module):
@@ -193,9 +211,6 @@ class AdapterLayer(nn.Module):
     load-balancing loss in every case. After a training forward, ``self.loss`` is the auxiliary loss.
     """
 
-    # set only inside the blocks of moce_kernels.model.fixed_routing: called as route_override(self, x, freq_emb)
-    route_override: Optional[Callable] = None
-
     def __init__(self, dim: int, rank: int, num_experts: int = 4, top_k: int = 2, stage_depth: int = 1,
                  depth_type: Union[str, int] = "lin", rank_type: str = "constant", freq_dim: int = 128,
                  with_complexity: bool = False, complexity_scale: str = "min", routing_noise: str = "train"):
@@ -247,12 +262,13 @@ class AdapterLayer(nn.Module):
     def route(self, x: torch.Tensor, freq_emb: torch.Tensor):
         """gates (B, k), indices (B, k), noise-free logits (B, E), aux loss () (0 in eval).
 
-        The layer's own :meth:`router`, unless a block of
-        :func:`~moce_kernels.model.fixed_routing.record_routes` or ``fixed_routes`` has installed
-        ``route_override`` (recorded, shared or fixed routes; see that module).
+        The layer's own :meth:`router`, unless this thread is inside a block of
+        :func:`~moce_kernels.model.fixed_routing.record_routes` or ``fixed_routes`` on this layer's
+        model (recorded, shared or fixed routes; see that module and :class:`_RouteOverrides`).
         """
-        if self.route_override is not None:
-            return self.route_override(self, x, freq_emb)
+        override = ROUTE_OVERRIDES.active.get(self)
+        if override is not None:
+            return override(self, x, freq_emb)
         return self.router(x, freq_emb)
 
     def router(self, x: torch.Tensor, freq_emb: torch.Tensor):
