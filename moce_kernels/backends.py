@@ -276,11 +276,12 @@ def register(op: str, backend_name: str, *, dtypes: Iterable[torch.dtype] = FLOA
 
 
 def register_all(backend_name: str, impls: Mapping[str, Callable], *, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES,
-                 devices: Optional[Iterable[str]] = None) -> None:
-    """:func:`register` every ``op -> fn`` of ``impls`` with the same declaration."""
+                 devices: Optional[Iterable[str]] = None,
+                 checks: Optional[Mapping[str, Callable[..., Optional[str]]]] = None) -> None:
+    """:func:`register` every ``op -> fn`` of ``impls`` with the same declaration (``checks``: op -> check)."""
     dtypes = tuple(dtypes)
     for op, fn in impls.items():
-        register(op, backend_name, dtypes=dtypes, devices=devices)(fn)
+        register(op, backend_name, dtypes=dtypes, devices=devices, check=(checks or {}).get(op))(fn)
 
 
 @contextlib.contextmanager

@@ -44,12 +44,13 @@ class Backward:
     inputs, output)`` saves what ``formula(ctx, *grads)`` needs; ``formula`` returns one gradient
     per input of the forward (None where there is none) and calls the backward op
     (``declaration(name).backward.op``) for the work. ``run``: the backward op's kernel, when it is not
-    its dispatch table itself (see :func:`declare`)."""
+    its dispatch table itself (see :func:`declare`); ``shape_class``: the backward op's (see :func:`declare`)."""
     schema: str
     fake: Callable
     setup_context: Callable
     formula: Callable
     run: Optional[Callable] = None
+    shape_class: Optional[Callable[..., Hashable]] = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -226,7 +227,8 @@ def declare(name: str, schema: str, *, family: str, fake: Callable, check: Optio
                          lowering=lowering)
     differentiable = None
     if backward is not None:
-        bop, btable = _define(name + "_backward", backward.schema, backward.fake, cuda_order, shape_class, backward.run)
+        bop, btable = _define(name + "_backward", backward.schema, backward.fake, cuda_order, backward.shape_class,
+                              backward.run)
         decl.backward = OpDeclaration(name=name + "_backward", schema=backward.schema, family=family,
                                       fake=backward.fake, dispatch=btable, op=bop, forward=decl)
         _LIB.impl(bop._name.split("::")[1], _no_grad_kernel(bop, None), "Autograd", with_keyset=True)

@@ -76,7 +76,7 @@ def check_route(x: torch.Tensor, freq_emb: torch.Tensor, gate_weight: torch.Tens
         raise ValueError(f"complexity must be ({E},) and noise ({B}, {E}); got {tuple(complexity.shape)} "
                          f"and {tuple(noise.shape)}")
     if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)) or not 1 <= k <= E:
-        raise ValueError(f"k must be an integer in [1, {E}], got {k!r}")
+        raise ValueError(f"k must be in [1, {E}] (an integer), got {k!r}")
     if B == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}): the router needs B >= 1 images")
     check_positive("noise_std", noise_std)

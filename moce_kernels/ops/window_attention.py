@@ -42,6 +42,10 @@ def shape_class(q, k, v, window_size, *rest):
     return window_size
 
 
+def backward_shape_class(grad, q, k, v, window_size, *rest):
+    return window_size
+
+
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
                  norm_weight: torch.Tensor, norm_bias: torch.Tensor) -> None:
     """Raise a clear error for any input the op does not accept."""
@@ -68,7 +72,7 @@ DECLARATION = declare(
     family="window attention", fake=_fake, check=check_inputs, shape_class=shape_class,
     backward=Backward("(Tensor grad, Tensor q, Tensor k, Tensor v, SymInt window_size, Tensor norm_weight, "
                       "Tensor norm_bias, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-                      _backward_fake, _setup, _backward),
+                      _backward_fake, _setup, _backward, shape_class=backward_shape_class),
     # measured (H200, 2026-11-26, benchmarks/results/2026-11-26-h200): the Triton kernels beat torch.fft
     # (1.4-8.6x in bf16)
     cuda_order=("triton", "reference", "cuda"))
