@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import threading
 from typing import Any, Callable, Dict, FrozenSet, Hashable, Iterable, Iterator, List, Mapping, NamedTuple
 from typing import Optional, Sequence, Tuple
 
@@ -65,8 +66,10 @@ class _State:
     effective: Optional[str] = "auto"  # default, else the setting; None while the setting is not a backend name
     loaded: set = set()  # backends whose modules were imported
     unavailable: Dict[str, Optional[str]] = {}  # backend -> why it cannot run here (None: it can)
+    blocks: int = 0  # backend() blocks open in any thread (none: no context variable to read)
 
 
+_BLOCKS_LOCK = threading.Lock()
 # backend() context managers: the innermost choice of this thread / task (a new thread starts empty)
 _SCOPED: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar("moce_backend", default=None)
 
@@ -169,9 +172,13 @@ def backend(name: str) -> Iterator[None]:
     if name != "auto":
         _require(name)
     token = _SCOPED.set(name)
+    with _BLOCKS_LOCK:
+        _State.blocks += 1
     try:
         yield
     finally:
+        with _BLOCKS_LOCK:
+            _State.blocks -= 1
         _SCOPED.reset(token)
 
 
@@ -210,11 +217,13 @@ class OpDispatch:
 
     def __call__(self, *args):
         """Run the implementation chosen for ``args`` (memoized; see the module docstring)."""
-        key = (_SCOPED.get() or _State.effective, args[self.key_args[0]].device.type)
+        choice = (_SCOPED.get() or _State.effective) if _State.blocks else _State.effective
+        key = (choice, args[self.key_args[0]].device.type)
         for i in self.key_args:
             key += (args[i].dtype,)
-        fn = self.memo.get(key)
-        if fn is None:
+        try:
+            fn = self.memo[key]
+        except KeyError:
             fn = _choose(self, key, args)
         return fn(*args)
 

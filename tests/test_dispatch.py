@@ -195,13 +195,14 @@ def test_model_forward_under_cpu_autocast_bf16_matches_the_reference():
 
 
 def test_ops_follow_autocast_dtype_also_called_through_torch_ops():
-    x, w = torch.randn(1, 4, 5, 5), torch.randn(3, 4, 1, 1)
+    """Every floating input (the residual too) takes autocast's dtype; float64 stays."""
+    x, w, r = torch.randn(1, 4, 5, 5), torch.randn(3, 4, 1, 1), torch.randn(1, 3, 5, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ops.pointwise_conv(x, w).dtype == torch.bfloat16
-        assert torch.ops.moce.pointwise_conv(x, w, None, None).dtype == torch.bfloat16
-        nw = torch.ones(4)
-        assert ops.layer_norm_pointwise_conv(x, nw, None, w).dtype == torch.bfloat16
-    assert ops.pointwise_conv(x.double(), w.double()).dtype == torch.float64
+        assert ops.pointwise_conv(x, w, None, r).dtype == torch.bfloat16
+        assert torch.ops.moce.pointwise_conv(x, w, None, r).dtype == torch.bfloat16
+        q = torch.randn(1, 2, 4, 4)
+        assert ops.window_fft_attention(q, q, q, 4, torch.ones(2), torch.zeros(2)).dtype == torch.bfloat16
+        assert ops.pointwise_conv(x.double(), w.double()).dtype == torch.float64
 
 
 def test_scalar_checks_accept_symbolic_floats_under_dynamic_fullgraph_compile():

@@ -30,12 +30,25 @@ def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: Tuple[torch.dtyp
     raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
 
 
+def check_tensors(*specs: Tuple[str, Optional[torch.Tensor], int, bool],
+                  dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+    """:func:`check_tensor` of several ``(name, tensor, ndim, optional)``: an optional one may be None."""
+    for name, t, ndim, optional in specs:
+        if t is None and optional:
+            continue
+        try:
+            if t.ndim == ndim and t.dtype in dtypes:
+                continue
+        except AttributeError:
+            pass
+        check_tensor(name, t, ndim, dtypes)
+
+
 def check_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   names: Tuple[str, str] = ("weight", "bias")) -> int:
     """A 1x1 conv's x (B, C_in, H, W), weight (C_out, C_in, 1, 1) with C_out >= 1 and optional bias
     (C_out,), named ``names`` in the errors; returns C_out."""
-    check_tensor("x", x, 4, FLOAT_DTYPES)
-    check_tensor(names[0], weight, 4, FLOAT_DTYPES)
+    check_tensors(("x", x, 4, False), (names[0], weight, 4, False), (names[1], bias, 1, True))
     c_out, c_in = weight.shape[0], x.shape[1]
     if weight.shape[1:] != (c_in, 1, 1):
         raise ValueError(f"{names[0]} must have shape (C_out, {c_in}, 1, 1) for x with {c_in} channels, "
@@ -43,7 +56,6 @@ def check_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if c_out == 0:
         raise ValueError(f"{names[0]} has no output channels (shape {tuple(weight.shape)}); C_out must be >= 1")
     if bias is not None:
-        check_tensor(names[1], bias, 1, FLOAT_DTYPES)
         if bias.shape[0] != c_out:
             raise ValueError(f"{names[1]} must have {c_out} entries, got {bias.shape[0]}")
     return c_out

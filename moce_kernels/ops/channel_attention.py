@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_conv1x1, check_positive, check_same, check_tensor
+from ._common import FLOAT_DTYPES, check_conv1x1, check_positive, check_same, check_tensor, check_tensors
 from ._declare import Backward, autocast_entry, declare
 
 OP = "channel_attention"
@@ -79,8 +79,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature:
                  proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                  eps: float) -> None:
     """Raise a clear error for any input the op does not accept."""
-    for n, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(n, t, 4, FLOAT_DTYPES)
+    check_tensors(("q", q, 4, False), ("k", k, 4, False), ("v", v, 4, False))
     for n, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
             raise ValueError(f"{n} has shape {tuple(t.shape)} but q has shape {tuple(q.shape)}; they must match")
@@ -98,7 +97,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature:
     tensors = (q, k, v, temperature, proj_weight, proj_bias, residual)
     check_same(names, tensors, "both")
     check_positive("eps", eps)
-    if q.numel() == 0 or c_out == 0:
+    if 0 in q.shape or c_out == 0:
         raise ValueError(f"q is empty (shape {tuple(q.shape)}) or C_out = 0; B, C, H, W, C_out must all be >= 1")
 
 

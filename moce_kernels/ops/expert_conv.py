@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_conv1x1, check_same, check_tensor
+from ._common import check_conv1x1, check_same, check_tensors
 from ._declare import OpDeclaration, autocast_entry, declare_simple
 
 OP = "pointwise_depthwise_conv"
@@ -53,13 +53,12 @@ def check_inputs(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tens
                  pw_bias: Optional[torch.Tensor], dw_bias: Optional[torch.Tensor], gated: bool) -> None:
     """Raise a clear error for any input the op does not accept."""
     c_out = check_conv1x1(x, pw_weight, pw_bias, ("pw_weight", "pw_bias"))
-    check_tensor("dw_weight", dw_weight, 4, FLOAT_DTYPES)
+    check_tensors(("dw_weight", dw_weight, 4, False), ("dw_bias", dw_bias, 1, True))
     ks = dw_weight.shape[-1]
-    if ks not in KERNEL_SIZES or tuple(dw_weight.shape) != (c_out, 1, ks, ks):
+    if ks not in KERNEL_SIZES or dw_weight.shape != (c_out, 1, ks, ks):
         raise ValueError(f"dw_weight must have shape ({c_out}, 1, k, k) with k in {KERNEL_SIZES}, "
                          f"got {tuple(dw_weight.shape)}")
     if dw_bias is not None:
-        check_tensor("dw_bias", dw_bias, 1, FLOAT_DTYPES)
         if dw_bias.shape[0] != c_out:
             raise ValueError(f"dw_bias must have {c_out} entries, got {dw_bias.shape[0]}")
     if gated and c_out % 2:
@@ -67,7 +66,7 @@ def check_inputs(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tens
     names = ("x", "pw_weight", "dw_weight", "pw_bias", "dw_bias")
     tensors = (x, pw_weight, dw_weight, pw_bias, dw_bias)
     check_same(names, tensors, "both")
-    if x.numel() == 0:
+    if 0 in x.shape:
         raise ValueError(f"x is empty (shape {tuple(x.shape)})")
 
 

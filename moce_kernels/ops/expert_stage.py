@@ -151,6 +151,6 @@ def experts(x: torch.Tensor, shared: torch.Tensor, perm: torch.Tensor, offsets: 
     Returns:
         (B*k, C, H, W): row r (in expert e's segment) is expert e applied to image ``perm[r] // k``.
     """
-    flat = flatten(check_experts(x, shared, perm, offsets, k, weights, windows, depths))
-    return DECLARATION.op(x.contiguous(), shared.contiguous(), perm, offsets, int(k), [w.contiguous() for w in flat],
+    ws = check_experts(x, shared, perm, offsets, k, weights, windows, depths)
+    return DECLARATION.op(x.contiguous(), shared.contiguous(), perm, offsets, int(k), [t.contiguous() for w in ws for t in w],
                           [int(w) for w in windows], [int(d) for d in depths])

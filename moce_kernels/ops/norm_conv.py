@@ -23,7 +23,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_conv1x1, check_positive, check_same, check_tensor
+from ._common import FLOAT_DTYPES, check_conv1x1, check_positive, check_same, check_tensor, check_tensors
 from ._declare import autocast_entry, declare_simple
 from .expert_conv import check_inputs as check_pointwise_depthwise, declare_pointwise_depthwise_op
 
@@ -50,13 +50,11 @@ def _contiguous(*ts: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ..
 
 def check_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], eps: float) -> None:
     """The LayerNorm's inputs: (C,) weight, (C,) bias or None, eps a finite number > 0."""
-    check_tensor("x", x, 4, FLOAT_DTYPES)
+    check_tensors(("x", x, 4, False), ("norm_weight", norm_weight, 1, False), ("norm_bias", norm_bias, 1, True))
     c = x.shape[1]
     for n, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        if t is not None:
-            check_tensor(n, t, 1, FLOAT_DTYPES)
-            if t.shape[0] != c:
-                raise ValueError(f"{n} must have {c} entries (x's channels), got {t.shape[0]}")
+        if t is not None and t.shape[0] != c:
+            raise ValueError(f"{n} must have {c} entries (x's channels), got {t.shape[0]}")
     check_positive("eps", eps)
     names, tensors = ("x", "norm_weight", "norm_bias"), (x, norm_weight, norm_bias)
     check_same(names, tensors, "both")
@@ -69,12 +67,12 @@ def check_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     c_out = check_conv1x1(x, weight, bias)
     if residual is not None:
         check_tensor("residual", residual, 4, FLOAT_DTYPES)
-        want = (x.shape[0], c_out) + tuple(x.shape[2:])
-        if tuple(residual.shape) != want:
+        want = (x.shape[0], c_out, x.shape[2], x.shape[3])
+        if residual.shape != want:
             raise ValueError(f"residual must have the output's shape {want}, got {tuple(residual.shape)}")
     names, tensors = ("x", "weight", "bias", "residual"), (x, weight, bias, residual)
     check_same(names, tensors, "both")
-    if x.numel() == 0:
+    if 0 in x.shape:
         raise ValueError(f"x is empty (shape {tuple(x.shape)})")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_positive, check_same, check_tensor
+from ._common import check_positive, check_same, check_tensors
 from ._declare import Backward, autocast_entry, declare
 
 OP = "window_fft_attention"
@@ -49,13 +49,12 @@ def backward_shape_class(grad, q, k, v, window_size, *rest):
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
                  norm_weight: torch.Tensor, norm_bias: torch.Tensor) -> None:
     """Raise a clear error for any input the op does not accept."""
-    for n, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(n, t, 4, FLOAT_DTYPES)
+    check_tensors(("q", q, 4, False), ("k", k, 4, False), ("v", v, 4, False), ("norm_weight", norm_weight, 1, False),
+                  ("norm_bias", norm_bias, 1, False))
     for n, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
             raise ValueError(f"{n} has shape {tuple(t.shape)} but q has shape {tuple(q.shape)}; they must match")
     for n, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        check_tensor(n, t, 1, FLOAT_DTYPES)
         if t.shape[0] != q.shape[1]:
             raise ValueError(f"{n} has {t.shape[0]} entries but q has {q.shape[1]} channels")
     check_same(("q", "k", "v", "norm_weight", "norm_bias"), (q, k, v, norm_weight, norm_bias), "device")
@@ -63,7 +62,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size:
     check_same(("norm_weight", "norm_bias"), (norm_weight, norm_bias), "dtype")
     if isinstance(window_size, bool) or window_size not in WINDOW_SIZES:
         raise ValueError(f"window_size must be one of {WINDOW_SIZES}, got {window_size!r}")
-    if q.numel() == 0:
+    if 0 in q.shape:
         raise ValueError(f"q is empty (shape {tuple(q.shape)}); B, C, H and W must all be >= 1")
 
 
