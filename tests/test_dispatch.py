@@ -234,3 +234,12 @@ def test_each_annotated_function_has_a_code_object_of_its_own():
     fa, fb = torch.compile(a, dynamic=True, backend="eager"), torch.compile(b, dynamic=True, backend="eager")
     x = torch.randn(3)
     assert torch.equal(fa(x), x + 1) and torch.equal(fb(x), x + 2)
+
+
+def test_readme_op_table_lists_every_declared_op():
+    import pathlib
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.split("\n## Ops\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    for d in ops.declarations():
+        assert any(f"`{d.name}" in row for row in rows), f"README's op table lacks {d.name}"
