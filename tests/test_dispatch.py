@@ -243,3 +243,19 @@ def test_readme_op_table_lists_every_declared_op():
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     for d in ops.declarations():
         assert any(f"`{d.name}" in row for row in rows), f"README's op table lacks {d.name}"
+
+
+def test_whole_model_compiles_with_dynamic_shapes_without_breaks_or_recompile_limit():
+    """torch.compile(dynamic=True) of MoCE-IR: no graph break (math.isfinite in the scalar checks was one)
+    and no frame left to eager mode at Dynamo's recompile limit (the shared nvtx wrapper was one)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = MoCEIR.from_preset("MoCE_IR").eval()
+    compiled = torch.compile(model, dynamic=True, backend="eager")
+    with torch.no_grad():
+        for px in (16, 24):
+            x = torch.rand(1, 3, px, px)
+            torch.testing.assert_close(compiled(x), model(x))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["frames"]["total"] == counters["frames"]["ok"] <= 4, dict(counters["frames"])
