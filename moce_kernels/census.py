@@ -32,21 +32,15 @@ from torch.utils._pytree import tree_leaves
 _NO_WORK = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "lift_fresh",
                       "_local_scalar_dense", "is_same_size", "_unsafe_view", "resolve_conj", "resolve_neg"})
 
-# this package's ops (namespace moce) and their family
-OP_FAMILIES: Dict[str, str] = {
-    "window_fft_attention": "window attention",
-    "pointwise_depthwise_conv": "1x1+depthwise",
-    "pointwise_depthwise_conv_gated": "1x1+depthwise",
-    "layer_norm_pointwise_depthwise_conv": "LN+1x1+depthwise",
-    "layer_norm_pointwise_depthwise_conv_gated": "LN+1x1+depthwise",
-    "layer_norm_pointwise_conv": "LN+1x1",
-    "pointwise_conv": "1x1",
-    "channel_attention": "channel attention",
-    "moe_route": "routing",
-    "moe_dispatch": "routing",
-    "moe_combine": "routing",
-    "moe_experts": "expert stage",
-}
+
+
+def op_families() -> Dict[str, str]:
+    """This package's ops (namespace moce), backward ops included, and their family, from the op
+    declarations (:func:`moce_kernels.ops.declarations`)."""
+    from .ops import declarations  # the ops layer sits above the census helpers
+    return {d.name: d.family for d in declarations(backward=True)}
+
+
 # innermost module (class name, or its range name in moce_kernels.nvtx) -> family of the aten ops it runs
 # that are not convolutions
 MODULE_FAMILIES = {"LayerNorm": "layer norm", "Attention": "channel attention", "MDTA": "channel attention",
@@ -70,7 +64,7 @@ def family_of(op: str, module: Optional[str], weight_shape: Optional[Sequence[in
     name); ``weight_shape``: a convolution's weight shape."""
     ns, _, name = op.partition("::")
     if ns == "moce":
-        return OP_FAMILIES.get(name, "other")
+        return op_families().get(name, "other")
     if name == "convolution" and weight_shape is not None:
         return conv_family(weight_shape)
     return MODULE_FAMILIES.get(module or "", "other")
@@ -221,3 +215,10 @@ def census(model: nn.Module, *inputs: Any, expand: Optional[Mapping[Any, Callabl
         out = model(*inputs)
     rec.finish(out)
     return rec.result
+
+
+def __getattr__(name: str):
+    """``OP_FAMILIES``: :func:`op_families` (read from the declarations when asked for)."""
+    if name == "OP_FAMILIES":
+        return op_families()
+    raise AttributeError(name)

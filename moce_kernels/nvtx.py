@@ -1,28 +1,38 @@
 """Named ranges around blocks and ops: NVTX for Nsight Systems, ``record_function`` for torch.profiler.
 
-Off unless asked for. NVTX: the environment variable ``MOCE_NVTX=1`` or ``moce_kernels.nvtx.enable(True)``
-(CUDA only). torch.profiler: :func:`record_functions` (``benchmarks/profile_families.py`` uses it to sum
-kernel time per op family). When both are off, :func:`nvtx_range` returns a shared no-op context: no
-string formatting, no calls.
+Off unless asked for. NVTX: the setting ``nvtx`` (``MOCE_NVTX=1`` at import, or
+``moce_kernels.nvtx.enable(True)``; CUDA only). torch.profiler: :func:`record_functions`
+(``benchmarks/profile_families.py`` uses it to sum kernel time per op family). When both are off,
+:func:`nvtx_range` returns a shared no-op context and an op's implementation runs unwrapped
+(:func:`wrap_op`): no string formatting, no calls.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Callable, ContextManager, Optional
 
 import torch
 
-_ENABLED = os.environ.get("MOCE_NVTX", "0") not in ("", "0")
+from . import settings
+from .settings import SETTINGS
+
+_ENABLED = SETTINGS.nvtx
 _RECORD = False
 _NULL = contextlib.nullcontext()
 
 
-def enable(on: bool = True) -> None:
-    """Switch NVTX ranges on or off for the whole process."""
+def _follow(s: settings.Settings) -> None:
     global _ENABLED
-    _ENABLED = bool(on)
+    _ENABLED = bool(s.nvtx)
+
+
+settings.on_change(_follow)
+
+
+def enable(on: bool = True) -> None:
+    """Switch NVTX ranges on or off for the whole process (the setting ``nvtx``)."""
+    settings.update(nvtx=bool(on))
 
 
 def enabled() -> bool:
@@ -33,6 +43,8 @@ def record_functions(on: bool = True) -> None:
     """Switch ``torch.profiler.record_function`` ranges (same names as the NVTX ranges) on or off."""
     global _RECORD
     _RECORD = bool(on)
+    from . import backends  # the ops' memoized implementations are wrapped, or not, by wrap_op
+    backends.clear_choices()
 
 
 @contextlib.contextmanager
@@ -58,19 +70,39 @@ def nvtx_range(name: str) -> ContextManager:
     return _NULL
 
 
+def wrap_op(fn: Callable, op: str, backend: str) -> Callable:
+    """``fn`` (backend ``backend``'s implementation of ``op``) inside a range named ``op[backend]`` when
+    ranges are on now, else ``fn`` itself (the backends' memo is dropped when they are switched)."""
+    if not (_RECORD or (_ENABLED and torch.cuda.is_available())):
+        return fn
+    label = f"{op}[{backend}]"
+
+    @functools.wraps(fn)
+    def ranged(*args, **kwargs):
+        with _range(label):
+            return fn(*args, **kwargs)
+
+    return ranged
+
+
 def annotate(name: Optional[str] = None) -> Callable[[Callable], Callable]:
-    """Decorator: run the function inside an NVTX range (its qualified name by default) when enabled."""
+    """Decorator: run the function inside an NVTX range (its qualified name by default) when enabled.
+
+    Each decorated function gets a code object of its own, so that ``torch.compile`` keeps one cache per
+    decorated function (a shared wrapper would collect a recompilation per function and per module
+    instance, up to Dynamo's recompile limit)."""
 
     def deco(fn: Callable) -> Callable:
         label = name or fn.__qualname__.replace(".forward", "")
 
-        @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             if _RECORD or (_ENABLED and torch.cuda.is_available()):
                 with _range(label):
                     return fn(*args, **kwargs)
             return fn(*args, **kwargs)
 
-        return wrapper
+        wrapper.__code__ = wrapper.__code__.replace(co_name=f"{fn.__name__}_ranged",
+                                                    co_qualname=f"{fn.__qualname__}_ranged")
+        return functools.wraps(fn)(wrapper)
 
     return deco

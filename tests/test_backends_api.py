@@ -1,12 +1,13 @@
 """Backend selection API: set_backend, the context manager, MOCE_BACKEND, clear errors."""
 import contextlib
+import os
 import threading
 
 import pytest
 import torch
 
 import moce_kernels
-from moce_kernels import backends
+from moce_kernels import backends, settings
 
 
 def test_available_and_default():
@@ -22,9 +23,23 @@ def test_unknown_backend_is_a_clear_error():
             pass
 
 
+@pytest.fixture
+def environment(monkeypatch):
+    """``set(name, value)``: set an environment variable and read the settings again; restored after."""
+    def set_env(name, value):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        settings.reload()
+    yield set_env
+    monkeypatch.undo()
+    settings.reload()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
-def test_cuda_backend_unavailable_without_gpu(monkeypatch):
-    monkeypatch.setenv("MOCE_CUDA_EMULATION", "0")
+def test_cuda_backend_unavailable_without_gpu(environment):
+    environment("MOCE_CUDA_EMULATION", "0")
     with pytest.raises(backends.BackendUnavailableError, match="cuda"):
         moce_kernels.set_backend("cuda")
     assert "cuda" not in moce_kernels.available_backends()
@@ -40,22 +55,34 @@ def test_context_manager_nests_and_restores():
     assert moce_kernels.get_backend() == "auto"
 
 
-def test_environment_variable(monkeypatch):
-    monkeypatch.setattr(backends._State, "default", None)
-    monkeypatch.setenv("MOCE_BACKEND", "reference")
+def test_environment_variable(environment):
+    moce_kernels.set_backend(None)
+    environment("MOCE_BACKEND", "reference")
     assert moce_kernels.get_backend() == "reference"
-    monkeypatch.setenv("MOCE_BACKEND", "bogus")
+    environment("MOCE_BACKEND", "bogus")
     with pytest.raises(ValueError, match="unknown backend 'bogus' \\(from the environment variable MOCE_BACKEND\\)"):
         moce_kernels.get_backend()
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        moce_kernels.ops.moe_dispatch(torch.zeros(2, 1, dtype=torch.int64), 2)
 
 
-def test_set_backend_none_restores_the_environment_choice(monkeypatch):
-    monkeypatch.setenv("MOCE_BACKEND", "reference")
+def test_environment_is_read_at_import_and_on_reload_only(environment):
+    """The environment is read once (and by ``settings.reload()``), not at each call."""
+    moce_kernels.set_backend(None)
+    environment("MOCE_BACKEND", "reference")
+    os.environ["MOCE_BACKEND"] = "bogus"  # not read until the next reload (the fixture restores it)
+    assert moce_kernels.get_backend() == "reference"
+    settings.update(backend="auto")
+    assert moce_kernels.get_backend() == "auto"
+
+
+def test_set_backend_none_restores_the_environment_choice(environment):
+    environment("MOCE_BACKEND", "reference")
     moce_kernels.set_backend("auto")
     assert moce_kernels.get_backend() == "auto"
     moce_kernels.set_backend(None)
     assert moce_kernels.get_backend() == "reference"
-    monkeypatch.delenv("MOCE_BACKEND")
+    environment("MOCE_BACKEND", None)
     assert moce_kernels.get_backend() == "auto"
 
 
@@ -72,9 +99,9 @@ def test_backend_blocks_are_per_thread(monkeypatch):
             return impl(*args)
         return run
 
+    stack = contextlib.ExitStack()
     for name in ("reference", "triton"):
-        run = recording(name)  # loads the backend, so its table entry exists
-        monkeypatch.setitem(backends._IMPLS["moe_dispatch"], name, run)
+        stack.enter_context(backends.override("moe_dispatch", name, recording(name)))
     moce_kernels.set_backend("reference")
     rounds, barrier, errors = 20, threading.Barrier(3), []
     idx = torch.randint(0, 4, (6, 1))
@@ -91,10 +118,11 @@ def test_backend_blocks_are_per_thread(monkeypatch):
 
     threads = [threading.Thread(target=work, args=(c,), name=n)
                for n, c in (("in_triton", "triton"), ("in_reference", "reference"), ("outside", None))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with stack:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     assert not errors, errors
     want = {"in_triton": "triton", "in_reference": "reference", "outside": "reference"}
     wrong = [(t, b) for t, b in ran if b != want[t]]
@@ -108,17 +136,19 @@ def test_auto_on_cpu_resolves_to_reference():
 def test_missing_implementation_names_op_and_backend():
     with pytest.raises(NotImplementedError, match="op 'no_such_op' has no 'reference' implementation"):
         backends.implementation("no_such_op", "reference")
+    with pytest.raises(KeyError, match="no op 'no_such_op' is declared"):
+        backends.register("no_such_op", "reference")
 
 
 def test_ops_follow_the_selected_backend(monkeypatch):
     calls = []
     ref = backends.implementation("window_fft_attention", "reference")
-    monkeypatch.setitem(backends._IMPLS["window_fft_attention"], "reference",
-                        lambda *a: calls.append(1) or ref(*a))
     q = torch.randn(1, 2, 4, 4)
     w, b = torch.ones(2), torch.zeros(2)
     with moce_kernels.backend("reference"):
-        moce_kernels.ops.window_fft_attention(q, q, q, 4, w, b)
+        moce_kernels.ops.window_fft_attention(q, q, q, 4, w, b)  # memoized before the override
+        with backends.override("window_fft_attention", "reference", lambda *a: calls.append(1) or ref(*a)):
+            moce_kernels.ops.window_fft_attention(q, q, q, 4, w, b)
     assert calls == [1]
 
 
@@ -131,14 +161,22 @@ def test_auto_order_on_cuda_follows_measurements():
     assert backends._auto_order("window_fft_attention", torch.device("cpu")) == ("reference",)
 
 
+def _declare_fake_op(monkeypatch, name):
+    """A dispatch table for a test-only op, removed after the test."""
+    table = backends.OpDispatch(name, backends.DEFAULT_CUDA_ORDER, (0,))
+    monkeypatch.setitem(backends._OPS, name, table)
+    monkeypatch.setitem(backends._IMPLS, name, table.impls)
+    monkeypatch.setitem(backends._SUPPORT, name, table.support)
+    return table
+
+
 def test_declared_dtypes_decide_and_the_reference_takes_the_rest(monkeypatch):
     """A backend runs the dtypes it declares at registration; other calls, also with the backend named
     explicitly, run the reference. ``register`` without declarations takes every floating dtype."""
     if "triton" not in moce_kernels.available_backends():
         pytest.skip("needs the triton backend (interpreter) to name it")
     for name in ("fake_op_declared", "fake_op_default"):
-        monkeypatch.setitem(backends._IMPLS, name, {})
-        monkeypatch.setitem(backends._SUPPORT, name, {})
+        _declare_fake_op(monkeypatch, name)
     backends.register("fake_op_declared", "reference")(lambda: "reference")
     backends.register("fake_op_declared", "triton", dtypes=backends.FP32_AND_16BIT)(lambda: "triton")
     backends.register("fake_op_default", "triton")(lambda: "triton")
@@ -161,14 +199,14 @@ def test_float64_runs_the_reference_under_a_backend_without_it(monkeypatch):
         pytest.skip("no kernel backend here")
     calls = []
     ref = backends.implementation("moe_combine", "reference")
-    monkeypatch.setitem(backends._IMPLS["moe_combine"], "reference", lambda *a: calls.append(1) or ref(*a))
     rows = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     gates = torch.rand(2, 2, dtype=torch.float64)
     perm = torch.tensor([0, 2, 1, 3])
-    for b in fast:
-        with moce_kernels.backend(b):
-            out = moce_kernels.ops.moe_combine(rows, gates, perm)
-        assert out.dtype == torch.float64
+    with backends.override("moe_combine", "reference", lambda *a: calls.append(1) or ref(*a)):
+        for b in fast:
+            with moce_kernels.backend(b):
+                out = moce_kernels.ops.moe_combine(rows, gates, perm)
+            assert out.dtype == torch.float64
     assert calls == [1] * len(fast)
 
 
@@ -183,13 +221,13 @@ def test_backward_runs_on_the_forwards_backend_choice(monkeypatch):
         ran.append(threading.current_thread().name)
         return impl(*args)
 
-    monkeypatch.setitem(backends._IMPLS["window_fft_attention_backward"], "triton", recording)
     moce_kernels.set_backend("reference")
     q = torch.randn(1, 2, 4, 4, requires_grad=True)
     w, b = torch.ones(2), torch.zeros(2)
-    with moce_kernels.backend("triton"):
-        out = moce_kernels.ops.window_fft_attention(q, q, q, 4, w, b)
-    worker = threading.Thread(target=lambda: out.sum().backward(), name="autograd-like")
-    worker.start()
-    worker.join()
+    with backends.override("window_fft_attention_backward", "triton", recording):
+        with moce_kernels.backend("triton"):
+            out = moce_kernels.ops.window_fft_attention(q, q, q, 4, w, b)
+        worker = threading.Thread(target=lambda: out.sum().backward(), name="autograd-like")
+        worker.start()
+        worker.join()
     assert ran == ["autograd-like"] and q.grad is not None

@@ -408,11 +408,14 @@ def test_errors():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
-def test_cuda_backend_unavailable_message(monkeypatch):
-    monkeypatch.setenv("MOCE_CUDA_EMULATION", "0")
-    with pytest.raises(BackendUnavailableError, match="cuda"):
-        with moce_kernels.backend("cuda"):
-            pass
+def test_cuda_backend_unavailable_message():
+    previous = moce_kernels.settings.update(cuda_emulation=False)
+    try:
+        with pytest.raises(BackendUnavailableError, match="cuda"):
+            with moce_kernels.backend("cuda"):
+                pass
+    finally:
+        moce_kernels.settings.update(cuda_emulation=previous.cuda_emulation)
 
 
 @pytest.mark.skipif("triton" not in FAST, reason="triton unavailable")
@@ -561,7 +564,7 @@ def test_debug_checks_catch_invalid_routing_tables(monkeypatch):
     ws = make_weights(4, (1, 1, 1, 1), torch.float32)
     with torch.no_grad():
         ops.moe_combine(eo, gates, bad_perm)  # no debug checks: runs (row 0 read twice), no host read
-    monkeypatch.setenv("MOCE_DEBUG_CHECKS", "1")
+    monkeypatch.setattr(moce_kernels.settings.SETTINGS, "debug_checks", True)
     with pytest.raises(ValueError, match="perm is not a permutation"):
         ops.moe_combine(eo, gates, bad_perm)
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 4\)"):

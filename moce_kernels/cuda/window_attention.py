@@ -6,7 +6,7 @@ as those of :mod:`moce_kernels.triton.window_attention`: only batch rows ``rows[
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -51,5 +51,12 @@ def window_attention_rows_backward(grad: torch.Tensor, q: torch.Tensor, k: torch
     return gw, gb
 
 
+def _takes(window_size: int) -> Optional[str]:
+    return None if window_size in WINDOW_SIZES else (f"window_size {window_size}: the cuda backend's window "
+                                                     f"attention takes {WINDOW_SIZES}")
+
+
 register_all("cuda", window_attention_implementations(window_attention_rows, window_attention_rows_backward),
-             dtypes=FP32_AND_16BIT)
+             dtypes=FP32_AND_16BIT,
+             checks={"window_fft_attention": lambda q, k, v, p, *rest: _takes(p),
+                     "window_fft_attention_backward": lambda g, q, k, v, p, *rest: _takes(p)})

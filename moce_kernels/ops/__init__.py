@@ -1,10 +1,12 @@
 """The ops layer: every mission computation of the model goes through these functions.
 
-Each is a ``torch.library`` custom op (namespace ``moce``) with a schema, a fake
-implementation and an autograd formula; the backend (see :mod:`moce_kernels.backends`)
-is chosen per call inside the op.
+Each is an op of namespace ``moce`` declared once (:mod:`._declare`): schema, fake implementation,
+input check, op family, autograd formula, optional lowering, and its implementations per backend (see
+:mod:`moce_kernels.backends`), the choice memoized per call key. :func:`declarations` lists them,
+:func:`declaration` finds one by name, :func:`explain` says which implementation runs given inputs and why.
 """
 from ..expert_stage.weights import ExpertWeights
+from ._declare import declaration, declarations, explain
 from .channel_attention import channel_attention
 from .expert_conv import pointwise_depthwise_conv, pointwise_depthwise_conv_gated
 from .expert_stage import experts as moe_experts
@@ -18,4 +20,4 @@ from .window_attention import window_fft_attention
 __all__ = ["window_fft_attention", "pointwise_depthwise_conv", "pointwise_depthwise_conv_gated", "moe_route",
            "moe_dispatch", "moe_experts", "moe_combine", "ExpertWeights", "channel_attention",
            "layer_norm_pointwise_depthwise_conv", "layer_norm_pointwise_depthwise_conv_gated",
-           "layer_norm_pointwise_conv", "pointwise_conv"]
+           "layer_norm_pointwise_conv", "pointwise_conv", "declaration", "declarations", "explain"]

@@ -7,11 +7,12 @@ The gated variant splits that result into halves a, b along channels and returns
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_conv1x1, check_same, check_tensor, define_op
+from ._common import check_conv1x1, check_same, check_tensors
+from ._declare import OpDeclaration, autocast_entry, declare_simple
 
 OP = "pointwise_depthwise_conv"
 KERNEL_SIZES = (3, 5, 7)
@@ -25,8 +26,13 @@ _CONV_PARAMS = [("Tensor", "pw_weight"), ("Tensor", "dw_weight"), ("Tensor?", "p
 _NORM_PARAMS = [("Tensor", "norm_weight"), ("Tensor?", "norm_bias")]
 
 
-def define_pointwise_depthwise_op(gated: bool, norm: bool = False) -> Callable:
-    """The custom op ``moce::[layer_norm_]pointwise_depthwise_conv[_gated]``, its backward op and autograd
+# measured (H200, 2026-11-26, benchmarks/results/2026-11-26-h200): cuDNN's convolutions beat both fused
+# pw->dw kernels
+CUDA_ORDER = ("reference", "cuda", "triton")
+
+
+def declare_pointwise_depthwise_op(gated: bool, norm: bool = False) -> OpDeclaration:
+    """The declaration of op ``moce::[layer_norm_]pointwise_depthwise_conv[_gated]``, its backward op and autograd
     formula. Inputs ``(x, pw_weight, dw_weight, pw_bias, dw_bias)``; with ``norm`` (a LayerNorm over x's
     channels first, see :mod:`.norm_conv`) ``(x, norm_weight, norm_bias, pw_weight, dw_weight, pw_bias,
     dw_bias, eps)``. Output (B, C_out, H, W), or (B, C_out/2, H, W) when ``gated``."""
@@ -38,34 +44,34 @@ def define_pointwise_depthwise_op(gated: bool, norm: bool = False) -> Callable:
         B, _, H, W = args[0].shape
         return (B, _out_channels(args[pw_index], gated), H, W)
 
-    return define_op(name, params, out_shape)
-
-
-_pw_dw = define_pointwise_depthwise_op(gated=False)
-_pw_dw_gated = define_pointwise_depthwise_op(gated=True)
+    if norm:  # the fused trunk ops: Triton first, by count (see channel_attention)
+        return declare_simple(name, params, out_shape, family="LN+1x1+depthwise", cuda_order=("triton", "reference"))
+    return declare_simple(name, params, out_shape, family="1x1+depthwise", cuda_order=CUDA_ORDER)
 
 
 def check_inputs(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor,
                  pw_bias: Optional[torch.Tensor], dw_bias: Optional[torch.Tensor], gated: bool) -> None:
     """Raise a clear error for any input the op does not accept."""
     c_out = check_conv1x1(x, pw_weight, pw_bias, ("pw_weight", "pw_bias"))
-    check_tensor("dw_weight", dw_weight, 4, FLOAT_DTYPES)
+    check_tensors(("dw_weight", dw_weight, 4, False), ("dw_bias", dw_bias, 1, True))
     ks = dw_weight.shape[-1]
-    if ks not in KERNEL_SIZES or tuple(dw_weight.shape) != (c_out, 1, ks, ks):
+    if ks not in KERNEL_SIZES or dw_weight.shape != (c_out, 1, ks, ks):
         raise ValueError(f"dw_weight must have shape ({c_out}, 1, k, k) with k in {KERNEL_SIZES}, "
                          f"got {tuple(dw_weight.shape)}")
     if dw_bias is not None:
-        check_tensor("dw_bias", dw_bias, 1, FLOAT_DTYPES)
         if dw_bias.shape[0] != c_out:
             raise ValueError(f"dw_bias must have {c_out} entries, got {dw_bias.shape[0]}")
     if gated and c_out % 2:
         raise ValueError(f"the gated variant needs an even C_out, got {c_out}")
     names = ("x", "pw_weight", "dw_weight", "pw_bias", "dw_bias")
     tensors = (x, pw_weight, dw_weight, pw_bias, dw_bias)
-    check_same(names, tensors, "device")
-    check_same(names, tensors, "dtype")
-    if x.numel() == 0:
+    check_same(names, tensors, "both")
+    if 0 in x.shape:
         raise ValueError(f"x is empty (shape {tuple(x.shape)})")
+
+
+PW_DW = declare_pointwise_depthwise_op(gated=False)
+PW_DW_GATED = declare_pointwise_depthwise_op(gated=True)
 
 
 def _call(fn, gated, x, pw_weight, dw_weight, pw_bias, dw_bias):
@@ -74,6 +80,7 @@ def _call(fn, gated, x, pw_weight, dw_weight, pw_bias, dw_bias):
     return fn(x.contiguous(), pw_weight.contiguous(), dw_weight.contiguous(), cont(pw_bias), cont(dw_bias))
 
 
+@autocast_entry
 def pointwise_depthwise_conv(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor,
                              pw_bias: Optional[torch.Tensor] = None,
                              dw_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -85,11 +92,12 @@ def pointwise_depthwise_conv(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight
     Returns:
         (B, C_out, H, W) in x's dtype.
     """
-    return _call(_pw_dw, False, x, pw_weight, dw_weight, pw_bias, dw_bias)
+    return _call(PW_DW.op, False, x, pw_weight, dw_weight, pw_bias, dw_bias)
 
 
+@autocast_entry
 def pointwise_depthwise_conv_gated(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor,
                                    pw_bias: Optional[torch.Tensor] = None,
                                    dw_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``a, b = split(pointwise_depthwise_conv(...))``; returns ``gelu(a) * b``, (B, C_out/2, H, W)."""
-    return _call(_pw_dw_gated, True, x, pw_weight, dw_weight, pw_bias, dw_bias)
+    return _call(PW_DW_GATED.op, True, x, pw_weight, dw_weight, pw_bias, dw_bias)

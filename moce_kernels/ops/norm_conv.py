@@ -23,40 +23,41 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_conv1x1, check_positive, check_same, check_tensor, define_op
-from .expert_conv import check_inputs as check_pointwise_depthwise, define_pointwise_depthwise_op
+from ._common import FLOAT_DTYPES, check_conv1x1, check_positive, check_same, check_tensor, check_tensors
+from ._declare import autocast_entry, declare_simple
+from .expert_conv import check_inputs as check_pointwise_depthwise, declare_pointwise_depthwise_op
 
 EPS = 1e-5
+TRUNK_ORDER = ("triton", "reference")  # the fused trunk ops: Triton first, by count (see channel_attention)
 
-_ln_pw_dw = define_pointwise_depthwise_op(gated=False, norm=True)
-_ln_pw_dw_gated = define_pointwise_depthwise_op(gated=True, norm=True)
-_ln_pw = define_op(
+LN_PW_DW = declare_pointwise_depthwise_op(gated=False, norm=True)
+LN_PW_DW_GATED = declare_pointwise_depthwise_op(gated=True, norm=True)
+LN_PW = declare_simple(
     "layer_norm_pointwise_conv",
     [("Tensor", "x"), ("Tensor", "norm_weight"), ("Tensor?", "norm_bias"), ("Tensor", "weight"), ("Tensor?", "bias"),
      ("float", "eps"), ("int", "chunks")],
-    lambda x, nw, nb, w, b, eps, chunks: (chunks, x.shape[0], w.shape[0] // chunks, x.shape[2], x.shape[3]))
-_pw = define_op(
+    lambda x, nw, nb, w, b, eps, chunks: (chunks, x.shape[0], w.shape[0] // chunks, x.shape[2], x.shape[3]),
+    family="LN+1x1", cuda_order=TRUNK_ORDER)
+PW = declare_simple(
     "pointwise_conv", [("Tensor", "x"), ("Tensor", "weight"), ("Tensor?", "bias"), ("Tensor?", "residual")],
-    lambda x, w, b, r: (x.shape[0], w.shape[0], x.shape[2], x.shape[3]), passthrough="residual")
+    lambda x, w, b, r: (x.shape[0], w.shape[0], x.shape[2], x.shape[3]), passthrough="residual",
+    family="1x1", cuda_order=TRUNK_ORDER)
 
 
 def _contiguous(*ts: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
-    return tuple(None if t is None else t.contiguous() for t in ts)
+    return tuple([None if t is None else t.contiguous() for t in ts])
 
 
 def check_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], eps: float) -> None:
     """The LayerNorm's inputs: (C,) weight, (C,) bias or None, eps a finite number > 0."""
-    check_tensor("x", x, 4, FLOAT_DTYPES)
+    check_tensors(("x", x, 4, False), ("norm_weight", norm_weight, 1, False), ("norm_bias", norm_bias, 1, True))
     c = x.shape[1]
     for n, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        if t is not None:
-            check_tensor(n, t, 1, FLOAT_DTYPES)
-            if t.shape[0] != c:
-                raise ValueError(f"{n} must have {c} entries (x's channels), got {t.shape[0]}")
+        if t is not None and t.shape[0] != c:
+            raise ValueError(f"{n} must have {c} entries (x's channels), got {t.shape[0]}")
     check_positive("eps", eps)
     names, tensors = ("x", "norm_weight", "norm_bias"), (x, norm_weight, norm_bias)
-    check_same(names, tensors, "device")
-    check_same(names, tensors, "dtype")
+    check_same(names, tensors, "both")
 
 
 def check_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -66,16 +67,16 @@ def check_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     c_out = check_conv1x1(x, weight, bias)
     if residual is not None:
         check_tensor("residual", residual, 4, FLOAT_DTYPES)
-        want = (x.shape[0], c_out) + tuple(x.shape[2:])
-        if tuple(residual.shape) != want:
+        want = (x.shape[0], c_out, x.shape[2], x.shape[3])
+        if residual.shape != want:
             raise ValueError(f"residual must have the output's shape {want}, got {tuple(residual.shape)}")
     names, tensors = ("x", "weight", "bias", "residual"), (x, weight, bias, residual)
-    check_same(names, tensors, "device")
-    check_same(names, tensors, "dtype")
-    if x.numel() == 0:
+    check_same(names, tensors, "both")
+    if 0 in x.shape:
         raise ValueError(f"x is empty (shape {tuple(x.shape)})")
 
 
+@autocast_entry
 def layer_norm_pointwise_depthwise_conv(x: torch.Tensor, norm_weight: torch.Tensor,
                                         norm_bias: Optional[torch.Tensor], pw_weight: torch.Tensor,
                                         dw_weight: torch.Tensor, pw_bias: Optional[torch.Tensor] = None,
@@ -91,9 +92,10 @@ def layer_norm_pointwise_depthwise_conv(x: torch.Tensor, norm_weight: torch.Tens
     """
     check_norm(x, norm_weight, norm_bias, eps)
     check_pointwise_depthwise(x, pw_weight, dw_weight, pw_bias, dw_bias, gated=False)
-    return _ln_pw_dw(*_contiguous(x, norm_weight, norm_bias, pw_weight, dw_weight, pw_bias, dw_bias), float(eps))
+    return LN_PW_DW.op(*_contiguous(x, norm_weight, norm_bias, pw_weight, dw_weight, pw_bias, dw_bias), float(eps))
 
 
+@autocast_entry
 def layer_norm_pointwise_depthwise_conv_gated(x: torch.Tensor, norm_weight: torch.Tensor,
                                               norm_bias: Optional[torch.Tensor], pw_weight: torch.Tensor,
                                               dw_weight: torch.Tensor, pw_bias: Optional[torch.Tensor] = None,
@@ -103,10 +105,11 @@ def layer_norm_pointwise_depthwise_conv_gated(x: torch.Tensor, norm_weight: torc
     :func:`layer_norm_pointwise_depthwise_conv`)."""
     check_norm(x, norm_weight, norm_bias, eps)
     check_pointwise_depthwise(x, pw_weight, dw_weight, pw_bias, dw_bias, gated=True)
-    return _ln_pw_dw_gated(*_contiguous(x, norm_weight, norm_bias, pw_weight, dw_weight, pw_bias, dw_bias),
+    return LN_PW_DW_GATED.op(*_contiguous(x, norm_weight, norm_bias, pw_weight, dw_weight, pw_bias, dw_bias),
                            float(eps))
 
 
+@autocast_entry
 def layer_norm_pointwise_conv(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor],
                               weight: torch.Tensor, bias: Optional[torch.Tensor] = None, eps: float = EPS,
                               chunks: int = 1) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
@@ -126,10 +129,11 @@ def layer_norm_pointwise_conv(x: torch.Tensor, norm_weight: torch.Tensor, norm_b
     check_pointwise(x, weight, bias)
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or weight.shape[0] % chunks:
         raise ValueError(f"chunks must be a positive integer dividing C_out = {weight.shape[0]}, got {chunks!r}")
-    out = _ln_pw(*_contiguous(x, norm_weight, norm_bias, weight, bias), float(eps), chunks)
+    out = LN_PW.op(*_contiguous(x, norm_weight, norm_bias, weight, bias), float(eps), chunks)
     return out[0] if chunks == 1 else tuple(out.unbind(0))
 
 
+@autocast_entry
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``conv2d(x, weight, bias) + residual`` (1x1; bias and residual optional).
@@ -141,4 +145,4 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         (B, C_out, H, W) in x's dtype.
     """
     check_pointwise(x, weight, bias, residual)
-    return _pw(*_contiguous(x, weight, bias, residual))
+    return PW.op(*_contiguous(x, weight, bias, residual))

@@ -14,41 +14,23 @@ from typing import Tuple
 
 import torch
 
-from ._common import (call_impl, check_index_tensor, check_permutation, check_positive, check_same, check_segments,
-                      check_tensor, debug_checks, register_autograd)
+from ._common import (check_index_tensor, check_permutation, check_positive, check_same, check_segments, check_tensor,
+                      debug_checks)
+from ._declare import Backward, autocast_entry, declare
 
 
 # ---------------------------------------------------------------- router
-@torch.library.custom_op("moce::moe_route", mutates_args=())
-def _route(x: torch.Tensor, freq_emb: torch.Tensor, gate_weight: torch.Tensor, freq_weight: torch.Tensor,
-           complexity: torch.Tensor, noise: torch.Tensor, k: int, noise_std: float, compute_loss: bool,
-           use_complexity: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(call_impl("moe_route", x.device, x, freq_emb, gate_weight, freq_weight, complexity, noise, k,
-                           noise_std, compute_loss, use_complexity))
-
-
 def _route_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@_route.register_fake
-def _(x, freq_emb, gate_weight, freq_weight, complexity, noise, k, noise_std, compute_loss, use_complexity):
+def _route_fake(x, freq_emb, gate_weight, freq_weight, complexity, noise, k, noise_std, compute_loss, use_complexity):
     B, E, dt = x.shape[0], gate_weight.shape[0], _route_dtype(x)
     return (x.new_empty(B, k, dtype=dt), x.new_empty(B, k, dtype=torch.int64), x.new_empty(B, E, dtype=dt),
             x.new_empty((), dtype=dt))
 
 
-@torch.library.custom_op("moce::moe_route_backward", mutates_args=())
-def _route_backward(grad_gates: torch.Tensor, grad_logits: torch.Tensor, grad_loss: torch.Tensor, x: torch.Tensor,
-                    freq_emb: torch.Tensor, gate_weight: torch.Tensor, freq_weight: torch.Tensor,
-                    complexity: torch.Tensor, noise: torch.Tensor, k: int, noise_std: float, compute_loss: bool,
-                    use_complexity: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(call_impl("moe_route_backward", x.device, grad_gates, grad_logits, grad_loss, x, freq_emb,
-                           gate_weight, freq_weight, complexity, noise, k, noise_std, compute_loss, use_complexity))
-
-
-@_route_backward.register_fake
-def _(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight, freq_weight, *rest):
+def _route_backward_fake(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight, freq_weight, *rest):
     return (torch.empty_like(x), torch.empty_like(freq_emb), torch.empty_like(gate_weight),
             torch.empty_like(freq_weight))
 
@@ -69,14 +51,50 @@ def _route_bwd(ctx, g_gates, g_indices, g_logits, g_loss):
     g_gates = zeros(B, k) if g_gates is None else g_gates.contiguous()
     g_logits = zeros(B, E) if g_logits is None else g_logits.contiguous()
     g_loss = zeros() if g_loss is None else g_loss
-    gx, gf, ggw, gfw = _route_backward(g_gates, g_logits, g_loss, x, freq_emb, gate_weight, freq_weight, complexity,
-                                       noise, *ctx.args)
+    gx, gf, ggw, gfw = ROUTE.backward.op(g_gates, g_logits, g_loss, x, freq_emb, gate_weight, freq_weight, complexity,
+                                         noise, *ctx.args)
     return gx, gf, ggw, gfw, None, None, None, None, None, None
 
 
-register_autograd(_route, _route_bwd, _route_setup)
+def check_route(x: torch.Tensor, freq_emb: torch.Tensor, gate_weight: torch.Tensor, freq_weight: torch.Tensor,
+                complexity: torch.Tensor, noise: torch.Tensor, k: int, noise_std: float) -> None:
+    """Raise a clear error for any input :func:`route` does not accept."""
+    check_tensor("x", x, 4)
+    check_tensor("freq_emb", freq_emb, 2)
+    check_tensor("gate_weight", gate_weight, 2)
+    check_tensor("freq_weight", freq_weight, 2)
+    check_tensor("complexity", complexity, 1)
+    check_tensor("noise", noise, 2)
+    B, C = x.shape[:2]
+    E = gate_weight.shape[0]
+    if gate_weight.shape[1] != C:
+        raise ValueError(f"gate_weight must be ({E}, {C}) for x with {C} channels, got {tuple(gate_weight.shape)}")
+    if freq_emb.shape[0] != B or freq_weight.shape != (E, freq_emb.shape[1]):
+        raise ValueError(f"freq_emb {tuple(freq_emb.shape)} and freq_weight {tuple(freq_weight.shape)} must be "
+                         f"(B={B}, F) and (E={E}, F)")
+    if complexity.shape[0] != E or tuple(noise.shape) != (B, E):
+        raise ValueError(f"complexity must be ({E},) and noise ({B}, {E}); got {tuple(complexity.shape)} "
+                         f"and {tuple(noise.shape)}")
+    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)) or not 1 <= k <= E:
+        raise ValueError(f"k must be in [1, {E}] (an integer), got {k!r}")
+    if B == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}): the router needs B >= 1 images")
+    check_positive("noise_std", noise_std)
+    check_same(("x", "freq_emb", "gate_weight", "freq_weight", "complexity", "noise"),
+               (x, freq_emb, gate_weight, freq_weight, complexity, noise), "device")
 
 
+ROUTE = declare(
+    "moe_route", "(Tensor x, Tensor freq_emb, Tensor gate_weight, Tensor freq_weight, Tensor complexity, Tensor noise, "
+                 "SymInt k, float noise_std, bool compute_loss, bool use_complexity) -> (Tensor, Tensor, Tensor, Tensor)",
+    family="routing", fake=_route_fake, check=check_route,
+    backward=Backward("(Tensor grad_gates, Tensor grad_logits, Tensor grad_loss, Tensor x, Tensor freq_emb, "
+                      "Tensor gate_weight, Tensor freq_weight, Tensor complexity, Tensor noise, SymInt k, "
+                      "float noise_std, bool compute_loss, bool use_complexity) -> (Tensor, Tensor, Tensor, Tensor)",
+                      _route_backward_fake, _route_setup, _route_bwd))
+
+
+@autocast_entry
 def route(x: torch.Tensor, freq_emb: torch.Tensor, gate_weight: torch.Tensor, freq_weight: torch.Tensor,
           complexity: torch.Tensor, noise: torch.Tensor, k: int, noise_std: float, compute_loss: bool,
           use_complexity: bool = True):
@@ -94,43 +112,21 @@ def route(x: torch.Tensor, freq_emb: torch.Tensor, gate_weight: torch.Tensor, fr
         gates (B, k) float32, indices (B, k) int64, logits (B, E) float32 (noise-free), loss () float32
         (float64 throughout for float64 input).
     """
-    check_tensor("x", x, 4)
-    check_tensor("freq_emb", freq_emb, 2)
-    check_tensor("gate_weight", gate_weight, 2)
-    check_tensor("freq_weight", freq_weight, 2)
-    check_tensor("complexity", complexity, 1)
-    check_tensor("noise", noise, 2)
-    B, C = x.shape[:2]
-    E = gate_weight.shape[0]
-    if gate_weight.shape[1] != C:
-        raise ValueError(f"gate_weight must be ({E}, {C}) for x with {C} channels, got {tuple(gate_weight.shape)}")
-    if freq_emb.shape[0] != B or freq_weight.shape != (E, freq_emb.shape[1]):
-        raise ValueError(f"freq_emb {tuple(freq_emb.shape)} and freq_weight {tuple(freq_weight.shape)} must be "
-                         f"(B={B}, F) and (E={E}, F)")
-    if complexity.shape[0] != E or tuple(noise.shape) != (B, E):
-        raise ValueError(f"complexity must be ({E},) and noise ({B}, {E}); got {tuple(complexity.shape)} "
-                         f"and {tuple(noise.shape)}")
-    if not 1 <= k <= E:
-        raise ValueError(f"k must be in [1, {E}], got {k}")
-    check_positive("noise_std", noise_std)
-    check_same(("x", "freq_emb", "gate_weight", "freq_weight", "complexity", "noise"),
-               (x, freq_emb, gate_weight, freq_weight, complexity, noise), "device")
-    return _route(x.contiguous(), freq_emb.contiguous(), gate_weight.contiguous(), freq_weight.contiguous(),
+    check_route(x, freq_emb, gate_weight, freq_weight, complexity, noise, k, noise_std)
+    return ROUTE.op(x.contiguous(), freq_emb.contiguous(), gate_weight.contiguous(), freq_weight.contiguous(),
                   complexity.contiguous(), noise.contiguous(), int(k), float(noise_std), bool(compute_loss),
                   bool(use_complexity))
 
 
 # ---------------------------------------------------------------- dispatch
-@torch.library.custom_op("moce::moe_dispatch", mutates_args=())
-def _dispatch(indices: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(call_impl("moe_dispatch", indices.device, indices, num_experts))
-
-
-@_dispatch.register_fake
-def _(indices, num_experts):
+def _dispatch_fake(indices, num_experts):
     n = indices.numel()
     return (indices.new_empty(num_experts, dtype=torch.int64), indices.new_empty(num_experts + 1, dtype=torch.int64),
             indices.new_empty(n, dtype=torch.int64))
+
+
+DISPATCH = declare("moe_dispatch", "(Tensor indices, SymInt num_experts) -> (Tensor, Tensor, Tensor)",
+                   family="routing", fake=_dispatch_fake)
 
 
 def dispatch(indices: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,7 +145,7 @@ def dispatch(indices: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, tor
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if debug_checks() and indices.numel() and not bool(((indices >= 0) & (indices < num_experts)).all()):
         raise ValueError(f"indices must lie in [0, {num_experts}), got {indices.tolist()}")
-    return _dispatch(indices.contiguous(), int(num_experts))
+    return DISPATCH.op(indices.contiguous(), int(num_experts))
 
 
 # ---------------------------------------------------------------- routing tables
@@ -165,24 +161,11 @@ def check_routing(perm: torch.Tensor, offsets: torch.Tensor, rows: int, num_expe
 
 
 # ---------------------------------------------------------------- combine
-@torch.library.custom_op("moce::moe_combine", mutates_args=())
-def _combine(expert_out: torch.Tensor, gates: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    return call_impl("moe_combine", expert_out.device, expert_out, gates, perm)
-
-
-@_combine.register_fake
-def _(expert_out, gates, perm):
+def _combine_fake(expert_out, gates, perm):
     return expert_out.new_empty((gates.shape[0],) + tuple(expert_out.shape[1:]))
 
 
-@torch.library.custom_op("moce::moe_combine_backward", mutates_args=())
-def _combine_backward(grad: torch.Tensor, expert_out: torch.Tensor, gates: torch.Tensor,
-                      perm: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return tuple(call_impl("moe_combine_backward", expert_out.device, grad, expert_out, gates, perm))
-
-
-@_combine_backward.register_fake
-def _(grad, expert_out, gates, perm):
+def _combine_backward_fake(grad, expert_out, gates, perm):
     return torch.empty_like(expert_out), torch.empty_like(gates)
 
 
@@ -192,13 +175,17 @@ def _combine_setup(ctx, inputs, output):
 
 def _combine_bwd(ctx, grad):
     expert_out, gates, perm = ctx.saved_tensors
-    g_eo, g_gates = _combine_backward(grad.contiguous(), expert_out, gates, perm)
+    g_eo, g_gates = COMBINE.backward.op(grad.contiguous(), expert_out, gates, perm)
     return g_eo, g_gates, None
 
 
-register_autograd(_combine, _combine_bwd, _combine_setup)
+COMBINE = declare(
+    "moe_combine", "(Tensor expert_out, Tensor gates, Tensor perm) -> Tensor", family="routing", fake=_combine_fake,
+    backward=Backward("(Tensor grad, Tensor expert_out, Tensor gates, Tensor perm) -> (Tensor, Tensor)",
+                      _combine_backward_fake, _combine_setup, _combine_bwd))
 
 
+@autocast_entry
 def combine(expert_out: torch.Tensor, gates: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Deterministic gated sum: ``out[b] = sum_j gates[b, j] * expert_out[pos(b*k + j)]``.
 
@@ -217,4 +204,4 @@ def combine(expert_out: torch.Tensor, gates: torch.Tensor, perm: torch.Tensor) -
     check_index_tensor("perm", perm, (B * k,), expert_out.device)
     if debug_checks():
         check_permutation("perm", perm)
-    return _combine(expert_out.contiguous(), gates.contiguous(), perm.contiguous())
+    return COMBINE.op(expert_out.contiguous(), gates.contiguous(), perm.contiguous())

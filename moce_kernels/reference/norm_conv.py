@@ -77,9 +77,9 @@ def pointwise_conv_backward(grad, x, weight, bias) -> List[Tensor]:
 
 
 def _no_grad(fn):
+    """``fn`` with a contiguous tensor result (the op runs it below autograd: nothing is recorded)."""
     def run(*args):
-        with torch.no_grad():
-            out = fn(*args)
+        out = fn(*args)
         return out.contiguous() if isinstance(out, Tensor) else out
     return run
 

@@ -21,7 +21,6 @@ folded into the product by _ln_fold_step; used by :mod:`.norm_conv`).
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -29,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
+from ..settings import SETTINGS
 from ..expert_stage.layouts import META_ROW_WIDTH, GemmCol, PwDwCol, PwDwMode, WgradCol
 
 # The meta tables' layouts as Triton constexprs (Triton kernels read module globals only as constexprs).
@@ -511,8 +511,8 @@ PWDW_WARPS = 8
 
 
 def _pwdw_warps() -> int:
-    """Warps of the fused pw->dw kernels: ``MOCE_PWDW_WARPS`` (read at each launch), else PWDW_WARPS."""
-    return int(os.environ.get("MOCE_PWDW_WARPS", PWDW_WARPS))
+    """Warps of the fused pw->dw kernels: the setting ``pwdw_warps`` (``MOCE_PWDW_WARPS``), else PWDW_WARPS."""
+    return PWDW_WARPS if SETTINGS.pwdw_warps is None else SETTINGS.pwdw_warps
 
 
 class _PwDwGrid(NamedTuple):

@@ -35,7 +35,6 @@ is sized by N and programs outside the range exit at once.
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, NamedTuple, Tuple
 
 import torch
@@ -43,6 +42,7 @@ import triton
 import triton.language as tl
 
 from ..backends import FP32_AND_16BIT, register_all, triton_interpreted
+from ..settings import SETTINGS
 from ..expert_stage.implementations import window_attention_implementations
 
 WINDOW_SIZES = (4, 8, 16, 32, 64)
@@ -123,7 +123,7 @@ def dft_matrices(p: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tens
 def precision(dtype: torch.dtype, C: int) -> str:
     """input_precision of the kernels' dots for inputs of ``dtype`` with C channels."""
     if dtype == torch.float32:
-        return os.environ.get("MOCE_WFA_FP32_PRECISION", FP32_PRECISION)
+        return SETTINGS.wfa_fp32_precision or FP32_PRECISION
     return "tf32x3" if C <= LOWP_SMALL_C else "tf32"
 
 
@@ -159,7 +159,7 @@ def _num_warps(p: int) -> int:
 # forward fits the level-2 experts of both presets (C = 6, 12, 24 at p = 4, 8, 16); the backward keeps
 # more tensors live (the spectrum, yh, gy, its transform) and spills above half that (sm_90,
 # benchmarks/static_report.py), so its limit is half. Larger C keep the multi-pass recompute.
-ONE_SHOT_ELEMS = 8192  # MOCE_WFA_ONE_SHOT_ELEMS, read at each launch, overrides it
+ONE_SHOT_ELEMS = 8192  # the setting wfa_one_shot_elems (MOCE_WFA_ONE_SHOT_ELEMS) overrides it
 ONE_SHOT_WARPS = 8
 
 
@@ -168,7 +168,7 @@ def one_shot_channels(p: int, C: int, backward: bool = False, prec: str = "tf32"
     does not fit (limits halved for the backward and for split-operand precisions)."""
     lay = layout(p)
     cb = triton.next_power_of_2(C)
-    elems = int(os.environ.get("MOCE_WFA_ONE_SHOT_ELEMS", ONE_SHOT_ELEMS))
+    elems = ONE_SHOT_ELEMS if SETTINGS.wfa_one_shot_elems is None else SETTINGS.wfa_one_shot_elems
     limit = elems // (2 if backward else 1) // (2 if _wide(prec) else 1)
     return cb if cb * lay.br * lay.bc <= limit else 0
 
