@@ -359,5 +359,22 @@ DEFAULT = Tuner()
 
 
 def choose(op: str, key: Tuple, candidates: List[Tuple[str, Thunk]]) -> str:
-    """:meth:`Tuner.choose` of the process-wide :data:`DEFAULT` tuner (the dispatcher's hook)."""
+    """:meth:`Tuner.choose` of the process-wide :data:`DEFAULT` tuner."""
     return DEFAULT.choose(op, key, candidates)
+
+
+def _plain(part: Any) -> Any:
+    """A part of a dispatch key as the table keeps it: dtypes by name, shapes and tuples as tuples."""
+    if isinstance(part, torch.dtype):
+        return str(part).removeprefix("torch.")
+    if isinstance(part, (tuple, list, torch.Size)):
+        return tuple(_plain(p) for p in part)
+    if part is None or isinstance(part, (str, int, float, bool)):
+        return part
+    return str(part)
+
+
+def dispatch_chooser(op: str, key: Tuple, candidates: List[Tuple[str, Thunk]]) -> str:
+    """``auto``'s chooser on CUDA (installed by :mod:`moce_kernels.backends`): the dispatcher's memo key
+    (backend choice, device type, dtypes, shape class) in the table's form, then :func:`choose`."""
+    return DEFAULT.choose(op, (op,) + _plain(key), candidates)

@@ -23,8 +23,9 @@ with an input check, or a chooser on a tunable device). After the first call of 
 one dictionary lookup: no import, environment read or ``cuda.is_available()``. The memo is dropped when
 an implementation is registered, a setting changes, or the chooser changes.
 
-``auto`` on CUDA: the candidates are the eligible implementations in the op's declared order, and the
-chooser (:func:`set_chooser`; default: the first) picks one per key; :func:`explain` says why each
+``auto`` on CUDA: the candidates are the eligible implementations in the op's declared order, the
+reference included, and the chooser (:func:`set_chooser`; default :func:`measured_candidate`: the fastest
+as timed on this GPU at the key's first call, :mod:`moce_kernels.autotune`) picks one per key; :func:`explain` says why each
 implementation can or cannot run given inputs (also printed for every new key under
 ``MOCE_DEBUG_CHECKS=1``).
 """
@@ -327,18 +328,34 @@ def first_candidate(op: str, key: tuple, candidates: List[Candidate]) -> str:
     return candidates[0][0]
 
 
+def measured_candidate(op: str, key: tuple, candidates: List[Candidate]) -> str:
+    """The default chooser where the setting ``autotune`` is on (``MOCE_AUTOTUNE``, default on): the
+    fastest candidate as timed on this GPU on the key's first call (:mod:`moce_kernels.autotune`; its
+    table persists per GPU and versions); the first candidate where the setting is off."""
+    if not SETTINGS.autotune:
+        return candidates[0][0]
+    from . import autotune  # memo miss only
+    return autotune.dispatch_chooser(op, key, candidates)
+
+
 class _Chooser:
-    fn: Chooser = first_candidate
+    fn: Chooser = measured_candidate
 
 
 def set_chooser(fn: Optional[Chooser]) -> None:
     """Install ``fn(op, key, candidates) -> backend name`` as ``auto``'s choice among the eligible
     implementations on a tunable device (CUDA). ``key``: the memo key (backend choice, device type,
     dtypes, shape class); ``candidates``: ``(backend name, thunk)`` pairs in the declared order, each thunk
-    running that implementation on the call's real inputs. Its answer is memoized per key. ``None``
-    restores the default (:func:`first_candidate`)."""
-    _Chooser.fn = first_candidate if fn is None else fn
+    running that implementation on the call's real inputs. Its answer is memoized per key (not one given
+    during a CUDA graph capture, where nothing is timed). ``None`` restores the default
+    (:func:`measured_candidate`); :func:`first_candidate` takes the declared order untimed."""
+    _Chooser.fn = measured_candidate if fn is None else fn
     clear_choices()
+
+
+def _capturing(device: torch.device) -> bool:
+    """True while the current CUDA stream records a graph (a chooser's answer then is not final)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _auto_order(op: str, device: torch.device) -> Tuple[str, ...]:
@@ -471,8 +488,9 @@ def _choose(table: OpDispatch, key: tuple, args: Sequence[Any]) -> Callable:
             cls = table.shape_class(*call_args)
             fn = per_shape.get(cls)
             if fn is None:
-                fn = per_shape[cls] = _finish(table, key + (cls,), _eligible(table.name, found, dtypes, call_args),
-                                              call_args, device)
+                fn = _finish(table, key + (cls,), _eligible(table.name, found, dtypes, call_args), call_args, device)
+                if not _capturing(device):
+                    per_shape[cls] = fn
             return fn(*call_args)
 
         table.memo[key] = by_shape

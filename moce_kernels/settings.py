@@ -16,6 +16,8 @@ field                       variable                      meaning
 ``pwdw_warps``              ``MOCE_PWDW_WARPS``           warps of the Triton fused pw->dw kernels
 ``wfa_fp32_precision``      ``MOCE_WFA_FP32_PRECISION``   dot precision of the Triton window attention (fp32)
 ``wfa_one_shot_elems``      ``MOCE_WFA_ONE_SHOT_ELEMS``   element budget of its one-shot kernels
+``autotune``                ``MOCE_AUTOTUNE``             ``auto`` on CUDA times the candidates (``0``: the
+                                                          declared order, untimed); default on
 ==========================  ============================  =====================================================
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Callable, List, Mapping, Optional
 
 _FLAGS = {"debug_checks": "MOCE_DEBUG_CHECKS", "nvtx": "MOCE_NVTX", "cuda_emulation": "MOCE_CUDA_EMULATION",
           "triton_interpret": "TRITON_INTERPRET"}
-_VALUES = {"backend": "MOCE_BACKEND", "pwdw_warps": "MOCE_PWDW_WARPS",
+_VALUES = {"backend": "MOCE_BACKEND", "autotune": "MOCE_AUTOTUNE", "pwdw_warps": "MOCE_PWDW_WARPS",
            "wfa_fp32_precision": "MOCE_WFA_FP32_PRECISION", "wfa_one_shot_elems": "MOCE_WFA_ONE_SHOT_ELEMS"}
 
 
@@ -41,6 +43,7 @@ class Settings:
     pwdw_warps: Optional[int] = None
     wfa_fp32_precision: Optional[str] = None
     wfa_one_shot_elems: Optional[int] = None
+    autotune: bool = True
 
 
 SETTINGS = Settings()
@@ -69,6 +72,7 @@ def from_environment(env: Optional[Mapping[str, str]] = None) -> Settings:
                  wfa_one_shot_elems=_int("MOCE_WFA_ONE_SHOT_ELEMS", env.get("MOCE_WFA_ONE_SHOT_ELEMS")))
     for field, var in _FLAGS.items():
         setattr(s, field, _flag(env.get(var)))
+    s.autotune = env.get("MOCE_AUTOTUNE", "1") not in ("", "0")
     return s
 
 

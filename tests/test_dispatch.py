@@ -259,3 +259,43 @@ def test_whole_model_compiles_with_dynamic_shapes_without_breaks_or_recompile_li
             torch.testing.assert_close(compiled(x), model(x))
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["frames"]["total"] == counters["frames"]["ok"] <= 4, dict(counters["frames"])
+
+
+def test_auto_on_a_tunable_device_runs_what_the_tuner_measured_fastest(monkeypatch):
+    """``auto``'s default chooser is the tuner (the CPU treated as tunable, an injected timer that makes the
+    reference fastest): the first call of a shape times every eligible implementation once, later calls
+    time nothing, and a shape first met during a graph capture is not memoized."""
+    from moce_kernels import autotune
+    fast = [b for b in ("triton", "cuda") if b in moce_kernels.available_backends()]
+    if not fast:
+        pytest.skip("needs a kernel backend (interpreter or emulation) beside the reference")
+    monkeypatch.setattr(backends, "TUNABLE_DEVICES", frozenset({"cpu", "cuda"}))
+    timed = []
+
+    def timer(thunk):
+        timed.append(thunk)
+        thunk()
+        return 1.0 if len(timed) % 2 == 0 else 2.0  # the second candidate timed (the reference) is faster
+
+    monkeypatch.setattr(autotune, "DEFAULT", autotune.Tuner(timer=timer, persist=False))
+    backends.set_chooser(None)  # the default: the tuner
+    x, w, b = torch.randn(2, 8, 5, 7), torch.randn(4, 8, 1, 1), torch.randn(4)
+    with moce_kernels.backend("auto"):
+        y = ops.pointwise_conv(x, w, b)
+        n = len(timed)
+        ops.pointwise_conv(x, w, b)
+    assert n >= 2 and len(timed) == n, "the second call of a shape timed again"
+    (entry,) = autotune.DEFAULT.table()["entries"]
+    assert entry["op"] == "pointwise_conv" and entry["choice"] == "reference"
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, b))
+    with monkeypatch.context() as capture:  # a new shape first met while a CUDA graph is captured
+        capture.setattr(backends, "_capturing", lambda device: True)
+        capture.setattr(autotune, "capturing", lambda: True)
+        with moce_kernels.backend("auto"):
+            for _ in range(2):
+                ops.pointwise_conv(x[:1], w, b)
+    assert len(timed) == n and len(autotune.DEFAULT.table()["entries"]) == 1, "timed or recorded in a capture"
+    with moce_kernels.backend("auto"):
+        ops.pointwise_conv(x[:1], w, b)
+    assert len(timed) > n and len(autotune.DEFAULT.table()["entries"]) == 2, "the capture's untimed choice was kept"
+    backends.clear_choices()
