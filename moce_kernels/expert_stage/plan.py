@@ -3,16 +3,19 @@
 An :class:`ExpertPlan` holds, for one layer's expert weight tensors on one device and dtype:
   - the packed weights (``PACKED`` per expert, W_eff = [q; kv] @ proj0 folded in the accumulation
     dtype), one flat device buffer;
-  - the meta tables of every shape class (N rows of H x W pixels) it has run, each built once.
+  - the layout of every shape class (N rows of H x W pixels) it has run, and the meta tables of its
+    launches there: those come from the process-wide :func:`~.tables.cached_table`, keyed by what
+    determines their rows (channels, ranks, kernel sizes, depths, shape class), so plans of layers
+    alike (and a training step's per-call plans) share them.
 
 :func:`plan_for` returns the plan of a call's weights: the same plan while every weight is the same
 tensor (object, storage and ``_version``), with the same windows, depths, device and dtype. A
 weight changed in place bumps its version and the packed buffer is rewritten *in place* (same
 address); a new tensor, device, dtype, window or depth builds a new plan. While the current CUDA
 stream captures a graph, the packing runs on every call (so the graph re-packs on each replay and
-sees weights loaded in place) and the tables the launches read are pinned in the plan
-(:class:`~.tables.TableCache`); a plan used in a capture is kept for the life of the process once
-its weights are gone, since the graph still holds its addresses.
+sees weights loaded in place) and the tables the launches read are pinned for the life of the
+process (:class:`~.tables.TableCache`); a plan used in a capture is kept for the life of the process
+once its weights are gone, since the graph still holds the address of its packed buffer.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .tables import Rows, TableCache, capturing
+from .tables import Rows, cached_table, capturing
 from .weights import ExpertWeights, flatten
 
 PACKED = ("w_eff", "q_dw", "kv_dw", "q_dw_bias", "kv_dw_bias", "proj_out", "proj_out_bias", "proj1", "proj2")
@@ -140,8 +143,6 @@ def _signature(flat: Sequence[torch.Tensor]) -> Tuple[List[int], List[int], List
 class ExpertPlan:
     """Packed weights and meta tables of one layer's experts (see the module docstring)."""
 
-    TABLES_PER_PLAN = 256  # unpinned tables kept (a shape class of a depth-1 layer uses 2-14)
-
     def __init__(self, experts: Sequence[ExpertWeights], flat: Sequence[torch.Tensor], windows: Sequence[int],
                  depths: Sequence[int], C: int, dtype: torch.dtype, device: torch.device):
         # strong references to all but the first weight (whose death retires the plan): no id in
@@ -155,7 +156,7 @@ class ExpertPlan:
         self.sig = _signature(flat)
         self.captured = False  # used while a CUDA graph was captured
         self.retired = False   # dropped from the plans in use
-        self.tables = TableCache(self.TABLES_PER_PLAN)
+        self._table_key = (C, self.wl.ranks, self.wl.kq, self.wl.kkv, tuple(self.depths))
         self._layouts: Dict[Tuple[int, int], Layout] = {}
 
     def matches(self, flat: Sequence[torch.Tensor], windows: Sequence[int], depths: Sequence[int],
@@ -184,8 +185,9 @@ class ExpertPlan:
         return lay
 
     def table(self, key: Tuple, rows: Callable[[], Rows]) -> torch.Tensor:
-        """The meta table named ``key`` (which includes the shape class), built once from ``rows()``."""
-        return self.tables.get(key, rows, self.device)
+        """The meta table named ``key`` (which includes the shape class) of this plan's weight layout
+        and depths, built once from ``rows()``."""
+        return cached_table(self._table_key + key, rows, self.device)
 
 
 _PLANS: Dict[int, ExpertPlan] = {}

@@ -3,9 +3,9 @@
 A kernel launch reads its meta table (:mod:`.layouts`) through a raw device pointer; a CUDA graph
 captured around that launch replays the same pointer. So a table used while the current stream is
 capturing is never freed: :class:`TableCache` moves it out of its least-recently-used set into a
-pinned set that lives as long as the cache (the process-wide cache of :func:`device_table`, or the
-:class:`~.plan.ExpertPlan` that owns a layer's tables). Tables built outside any capture are
-bounded by the cache's capacity.
+pinned set that lives as long as the cache (the process-wide cache of :func:`device_table` and
+:func:`cached_table`, which the expert stage's plans and the plain ops use). Tables built outside
+any capture are bounded by the cache's capacity.
 """
 from __future__ import annotations
 
