@@ -8,7 +8,7 @@ map), so every forward maps them anew and touches every page for the first time:
 per 4 KiB page and the kernel zeroing it, a large share of the run in system time.
 
 :func:`keep_cpu_memory` sets ``M_MMAP_MAX = 0`` (large blocks come from the heap too) and
-``M_TRIM_THRESHOLD`` to 64 GiB (the heap keeps its freed top), so freed activations are reused in
+``M_TRIM_THRESHOLD`` to its largest value, 2 GiB (the heap keeps up to that much freed top), so freed activations are reused in
 place. The process's resident memory then stays at its high-water mark instead of dropping between
 forwards. :class:`~moce_kernels.MoCEIR` applies it at its first forward on a CPU tensor; set
 ``MOCE_CPU_MALLOC=default`` to leave the allocator alone. Only glibc is tuned; elsewhere (musl,
@@ -24,7 +24,7 @@ from typing import Optional
 
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_MAX = -4
-TRIM_THRESHOLD = 64 << 30
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: its largest value, about 2 GiB of free heap top kept
 
 _state: Optional[bool] = None  # None: not tried yet; else whether the settings were applied
 

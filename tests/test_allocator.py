@@ -28,12 +28,12 @@ def _run(code: str, **env: str) -> str:
 _FAULTS = """
     import resource, torch
     from moce_kernels import allocator
+    torch.set_num_threads(1)
     {setup}
-    def churn():
+    def churn():  # a forward's activations: blocks of 1-64 MiB, written, then freed
         for _ in range(4):
-            t = torch.empty(16 << 20)  # 64 MiB, freed at once: a forward's activation
-            t.fill_(1.0)
-            del t
+            blocks = [torch.empty(mib << 18).fill_(1.0) for mib in (40, 1, 8, 3, 64, 16, 2)]
+            del blocks
     churn()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     churn()
@@ -45,7 +45,7 @@ _FAULTS = """
 def test_freed_activations_are_reused_without_page_faults():
     default = int(_run(_FAULTS.format(setup="")))
     kept = int(_run(_FAULTS.format(setup="assert allocator.keep_cpu_memory()")))
-    assert default > 4 * 16384 * 0.5, f"the default allocator should map each 64 MiB block anew ({default} faults)"
+    assert default > 2000, f"the default allocator should return the large blocks to the kernel ({default} faults)"
     assert kept < default / 20, f"{kept} minor faults with the settings against {default} without"
 
 
