@@ -31,6 +31,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from . import allocator
 from .model.fixed_routing import moce_layers
 from .model.moe import ROUTE_OVERRIDES
 
@@ -133,6 +134,8 @@ class OptimizedModel(nn.Module):
         check = getattr(self.model, "_check_input", None)
         if check is not None:
             check(x)  # the model's own clear errors, before anything is compiled for a bad input
+        if x.device.type == "cpu" and allocator.applied() is None:
+            allocator.keep_cpu_memory()  # as MoCEIR's eager forward does (its compiled forward cannot)
         key = (tuple(x.shape), x.dtype, x.device)
         with torch.no_grad():
             use_graphs = x.is_cuda if self.cuda_graphs is None else self.cuda_graphs and x.is_cuda

@@ -16,6 +16,8 @@ field                       variable                      meaning
 ``pwdw_warps``              ``MOCE_PWDW_WARPS``           warps of the Triton fused pw->dw kernels
 ``wfa_fp32_precision``      ``MOCE_WFA_FP32_PRECISION``   dot precision of the Triton window attention (fp32)
 ``wfa_one_shot_elems``      ``MOCE_WFA_ONE_SHOT_ELEMS``   element budget of its one-shot kernels
+``cpu_malloc``              ``MOCE_CPU_MALLOC``           ``default``: leave glibc's malloc as it is
+                                                          (:mod:`moce_kernels.allocator`)
 ``autotune``                ``MOCE_AUTOTUNE``             ``auto`` on CUDA times the candidates (``0``: the
                                                           declared order, untimed); default on
 ==========================  ============================  =====================================================
@@ -28,7 +30,7 @@ from typing import Callable, List, Mapping, Optional
 
 _FLAGS = {"debug_checks": "MOCE_DEBUG_CHECKS", "nvtx": "MOCE_NVTX", "cuda_emulation": "MOCE_CUDA_EMULATION",
           "triton_interpret": "TRITON_INTERPRET"}
-_VALUES = {"backend": "MOCE_BACKEND", "autotune": "MOCE_AUTOTUNE", "pwdw_warps": "MOCE_PWDW_WARPS",
+_VALUES = {"backend": "MOCE_BACKEND", "autotune": "MOCE_AUTOTUNE", "cpu_malloc": "MOCE_CPU_MALLOC", "pwdw_warps": "MOCE_PWDW_WARPS",
            "wfa_fp32_precision": "MOCE_WFA_FP32_PRECISION", "wfa_one_shot_elems": "MOCE_WFA_ONE_SHOT_ELEMS"}
 
 
@@ -44,6 +46,7 @@ class Settings:
     wfa_fp32_precision: Optional[str] = None
     wfa_one_shot_elems: Optional[int] = None
     autotune: bool = True
+    cpu_malloc: Optional[str] = None
 
 
 SETTINGS = Settings()
@@ -68,6 +71,7 @@ def from_environment(env: Optional[Mapping[str, str]] = None) -> Settings:
     env = os.environ if env is None else env
     s = Settings(backend=env.get("MOCE_BACKEND") or "auto",
                  wfa_fp32_precision=env.get("MOCE_WFA_FP32_PRECISION") or None,
+                 cpu_malloc=env.get("MOCE_CPU_MALLOC") or None,
                  pwdw_warps=_int("MOCE_PWDW_WARPS", env.get("MOCE_PWDW_WARPS")),
                  wfa_one_shot_elems=_int("MOCE_WFA_ONE_SHOT_ELEMS", env.get("MOCE_WFA_ONE_SHOT_ELEMS")))
     for field, var in _FLAGS.items():

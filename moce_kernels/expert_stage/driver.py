@@ -24,91 +24,18 @@ The plain ops (``pointwise_depthwise_conv(_gated)``) run the same grouped kernel
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+import functools
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
 from ..outputs import new_output
 from .interface import ExpertStageKernels
 from .layouts import EpilogueCol, GemmCol, PwDwCol, PwDwMode, WgradCol, meta_row
+from .plan import (EPS, PACKED, Layout, _sizes, _w_cat, accumulation_dtype, grad_dtype,  # noqa: F401
+                   make_layout, plan_for)
+from .tables import Rows, cached_table, device_table  # noqa: F401  (device_table: the trunk's Triton ops)
 from .weights import ExpertWeights
-
-PACKED = ("w_eff", "q_dw", "kv_dw", "q_dw_bias", "kv_dw_bias", "proj_out", "proj_out_bias", "proj1", "proj2")
-"""Entries of an expert's block of packed weights, in order (W_eff: [q; kv] @ proj0, (3r, C))."""
-EPS = 1e-5  # the experts' LayerNorm epsilon
-
-
-@dataclass
-class Layout:
-    """Host-known sizes and offsets of the packed weights and activation buffers."""
-    C: int
-    N: int
-    HW: int
-    ranks: List[int]
-    kq: int
-    kkv: int
-    w: List[Dict[str, int]]  # per expert: packed-weight offset of each entry of PACKED
-    w_total: int
-    rb: List[int]  # per expert: base of its (N, r, H, W) block in a rank-sized buffer
-    R: int
-
-
-def _sizes(C: int, r: int, kq: int, kkv: int) -> Dict[str, int]:
-    return {"w_eff": 3 * r * C, "q_dw": r * kq * kq, "kv_dw": 2 * r * kkv * kkv, "q_dw_bias": r, "kv_dw_bias": 2 * r,
-            "proj_out": r * r, "proj_out_bias": r, "proj1": r * C, "proj2": C * r}
-
-
-def make_layout(x: torch.Tensor, N: int, experts: Sequence[ExpertWeights]) -> Layout:
-    """Lay out the packed buffers (the op layer has checked every weight's shape)."""
-    C, HW = x.shape[1], x.shape[2] * x.shape[3]
-    ranks = [w.rank for w in experts]
-    kqs, kkvs = {w.q_dw.shape[-1] for w in experts}, {w.kv_dw.shape[-1] for w in experts}
-    if len(kqs) > 1 or len(kkvs) > 1:
-        raise ValueError("all experts must share the depthwise kernel sizes")
-    kq, kkv = (kqs.pop() if kqs else 3), (kkvs.pop() if kkvs else 7)
-    offs, pos = [], 0
-    for r in ranks:
-        d = {}
-        for name, size in _sizes(C, r, kq, kkv).items():
-            d[name] = pos
-            pos += size
-        offs.append(d)
-    rb, acc = [], 0
-    for r in ranks:
-        rb.append(acc)
-        acc += N * r * HW
-    return Layout(C, N, HW, ranks, kq, kkv, offs, pos, rb, acc)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of intermediate gradient buffers: the input's for 16-bit inputs (as the reference's own
-    autograd rounds them), else the accumulation dtype."""
-    return dtype if dtype in (torch.float16, torch.bfloat16) else accumulation_dtype(dtype)
-
-
-def _w_cat(w: ExpertWeights, dtype: torch.dtype) -> torch.Tensor:
-    """[q; kv] as a (3r, r) matrix."""
-    r = w.rank
-    return torch.cat([w.q.reshape(r, r), w.kv.reshape(2 * r, r)]).to(dtype)
-
-
-def pack_weights(lay: Layout, experts: Sequence[ExpertWeights], dtype: torch.dtype) -> torch.Tensor:
-    """One flat buffer of every expert's weights (W_eff folded in the compute dtype)."""
-    parts = []
-    cdt = accumulation_dtype(dtype)
-    for w in experts:
-        w_eff = (_w_cat(w, cdt) @ w.proj0.reshape(w.rank, lay.C).to(cdt)).to(dtype)
-        parts += [w_eff] + [getattr(w, name) for name in PACKED[1:]]
-    if not parts:
-        return torch.zeros(1, dtype=dtype)
-    return torch.cat([t.reshape(-1).to(dtype) for t in parts])
-
 
 def _active(lay: Layout, depths: Sequence[int], step: int) -> List[int]:
     return [r if d > step else 0 for r, d in zip(lay.ranks, depths)]
@@ -147,20 +74,21 @@ def _wgrad_row(c_out: int, c_in: int, grad_weight: int, g: int, g_rs: int, x: in
                     X_ROW_STRIDE=x_rs, GRAD_BIAS=grad_bias)
 
 
-_TABLES: Dict[Tuple, torch.Tensor] = {}
-
-
-def device_table(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    """An int64 device tensor of ``rows``, cached per content, so that steady-state calls do no
-    host->device copy (and CUDA graphs can capture the launches)."""
-    key = (str(device),) + tuple(tuple(int(v) for v in r) for r in rows)
-    t = _TABLES.get(key)
-    if t is None:
-        t = torch.tensor([list(r) for r in rows], dtype=torch.int64, device=device)
-        if len(_TABLES) > 4096:
-            _TABLES.clear()
-        _TABLES[key] = t
-    return t
+def _backward_rows(lay: Layout, act_r: List[int], name: str) -> List[Tuple[int, ...]]:
+    """Rows of one of the backward's gemm (``d_*``: an input gradient) or wgrad (``w_*``) launches,
+    per expert: a = active rank, b = base and rs = row stride of its block in a rank-sized buffer."""
+    C, HW = lay.C, lay.HW
+    blocks = [(a, lay.rb[e], lay.ranks[e] * HW, lay.w[e]) for e, a in enumerate(act_r)]
+    row = {
+        "d_attn": lambda a, b, rs, w: gemm_t_row(a, a, w["proj_out"], b, rs, b, rs),
+        "w_proj_out": lambda a, b, rs, w: _wgrad_row(a, a, w["proj_out"], b, rs, b, rs, w["proj_out_bias"]),
+        "d_shared": lambda a, b, rs, w: gemm_t_row(a, C, w["proj1"], b, rs, 0, C * HW),
+        "w_proj1": lambda a, b, rs, w: _wgrad_row(a, C, w["proj1"], b, rs, 0, C * HW),
+        "w_proj2": lambda a, b, rs, w: _wgrad_row(C if a else 0, a, w["proj2"], 0, C * HW, b, rs),
+        "w_eff": lambda a, b, rs, w: _wgrad_row(3 * a, C, w["w_eff"], 3 * b, 3 * rs, 0, C * HW),
+        "d_src": lambda a, b, rs, w: gemm_t_row(3 * a, C, w["w_eff"], 3 * b, 3 * rs, 0, C * HW),
+    }[name]
+    return [row(*blk) for blk in blocks]
 
 
 class _Stage:
@@ -170,16 +98,18 @@ class _Stage:
                  offsets: torch.Tensor, k: int, experts: Sequence[ExpertWeights], windows: Sequence[int],
                  depths: Sequence[int]):
         self.K, self.x, self.shared, self.perm, self.offsets, self.k = kernels, x, shared, perm, offsets, int(k)
-        self.experts, self.windows, self.depths = list(experts), list(windows), list(depths)
-        self.N = perm.numel()
-        self.lay = make_layout(x, self.N, self.experts)
+        self.experts, self.windows, self.depths = experts, windows, depths
+        self.N = perm.shape[0]
         self.H, self.W = x.shape[2], x.shape[3]
         self.dev = x.device
-        self.wp = pack_weights(self.lay, self.experts, x.dtype)
-        self.steps = max(self.depths) if self.depths else 0
+        self.plan = plan_for(experts, windows, depths, x.shape[1], x.dtype, self.dev)
+        self.lay = self.plan.layout(self.N, self.H * self.W)
+        self.wp = self.plan.wp
+        self.steps = max(depths) if depths else 0
 
-    def _meta(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
-        return device_table(rows, self.dev)
+    def _meta(self, key: Tuple, rows: Callable[[], Rows]) -> torch.Tensor:
+        """The plan's meta table ``key`` at this call's shape class, built once from ``rows()``."""
+        return self.plan.table((self.N, self.H, self.W) + key, rows)
 
     def _views(self, buf: torch.Tensor, e: int, regions: int) -> List[torch.Tensor]:
         """Expert e's (N, r, H, W) blocks in the first ``regions`` rank-sized regions of ``buf``."""
@@ -198,7 +128,7 @@ class _Stage:
         if mr == 0:
             return
         for kv in (False, True):
-            self.K.pwdw(src, self.wp, self.wp, None, self.wp, act, self.offsets, self._meta(_pwdw_rows(lay, ra, kv)),
+            self.K.pwdw(src, self.wp, self.wp, None, self.wp, act, self.offsets, self._meta(("pwdw", step, kv), lambda: _pwdw_rows(lay, ra, kv)),
                         self.N, self.H, self.W, lay.kkv if kv else lay.kq, 2 * mr if kv else mr,
                         mode=PwDwMode.PLAIN, perm=perm, kslots=self.k)
         for e, r in enumerate(ra):
@@ -213,7 +143,8 @@ class _Stage:
         self.qkv_attn(src, step, act)
         ra = _active(self.lay, self.depths, step)
         self.K.epilogue(src, self.shared, self.attn_view(act), self.wp, out, self.offsets,
-                        self._meta(_epilogue_rows(self.lay, ra)), self.perm, self.k, self.N, self.lay.C, self.lay.HW,
+                        self._meta(("epilogue", step), lambda: _epilogue_rows(self.lay, ra)), self.perm, self.k,
+                        self.N, self.lay.C, self.lay.HW,
                         step == 0, max(ra) if ra else 0)
 
     def forward(self, keep_inputs: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -269,34 +200,28 @@ class _Stage:
         self.qkv_attn(src, s, act)
         attn, gattn = self.attn_view(act), self.attn_view(gact)
         gt, gu, h = (torch.empty(max(lay.R, 1), dtype=gdt, device=self.dev) for _ in range(3))
-        K.epilogue_backward(G, self.shared, attn, self.wp, gt, gu, h, off, self._meta(_epilogue_rows(lay, ra)),
-                            self.perm, self.k, N, C, HW, mr)
-        # per expert: a = active rank, b = base and rs = row stride of its block in a rank-sized buffer
-        blocks = [(a, lay.rb[e], lay.ranks[e] * HW, lay.w[e]) for e, a in enumerate(ra)]
-        K.gemm(gt, self.wp, None, gattn, off, self._meta([gemm_t_row(a, a, w["proj_out"], b, rs, b, rs)
-                                                          for a, b, rs, w in blocks]), N, HW, mr)
-        K.wgrad(gt, attn, gpack, gpack, off, self._meta([_wgrad_row(a, a, w["proj_out"], b, rs, b, rs,
-                                                                    w["proj_out_bias"])
-                                                         for a, b, rs, w in blocks]), HW, mr, mr, N)
-        K.gemm(gu, self.wp, None, gsh, off, self._meta([gemm_t_row(a, C, w["proj1"], b, rs, 0, C * HW)
-                                                        for a, b, rs, w in blocks]), N, HW, C, accumulate=True)
-        K.wgrad(gu, self.shared, gpack, None, off, self._meta([_wgrad_row(a, C, w["proj1"], b, rs, 0, C * HW)
-                                                               for a, b, rs, w in blocks]), HW, mr, C, N,
-                perm=self.perm, kslots=self.k)
-        K.wgrad(G, h, gpack, None, off, self._meta([_wgrad_row(C if a else 0, a, w["proj2"], 0, C * HW, b, rs)
-                                                    for a, b, rs, w in blocks]), HW, C, mr, N)
+        K.epilogue_backward(G, self.shared, attn, self.wp, gt, gu, h, off,
+                            self._meta(("epilogue", s), lambda: _epilogue_rows(lay, ra)), self.perm, self.k, N, C,
+                            HW, mr)
+        meta = functools.partial(self._backward_meta, s, ra)
+        K.gemm(gt, self.wp, None, gattn, off, meta("d_attn"), N, HW, mr)
+        K.wgrad(gt, attn, gpack, gpack, off, meta("w_proj_out"), HW, mr, mr, N)
+        K.gemm(gu, self.wp, None, gsh, off, meta("d_shared"), N, HW, C, accumulate=True)
+        K.wgrad(gu, self.shared, gpack, None, off, meta("w_proj1"), HW, mr, C, N, perm=self.perm, kslots=self.k)
+        K.wgrad(G, h, gpack, None, off, meta("w_proj2"), HW, C, mr, N)
         self._attention_backward(ra, act, gact, gnorm)
         gy = torch.empty(max(3 * lay.R, 1), dtype=gdt, device=self.dev)
         for kv in (False, True):
             K.pwdw_backward(src, self.wp, self.wp, None, gact, gy, gpack, gpack, off,
-                            self._meta(_pwdw_rows(lay, ra, kv)), N, self.H, self.W, lay.kkv if kv else lay.kq,
-                            2 * mr if kv else mr, perm=perm0, kslots=self.k)
-        K.wgrad(gy, src, gpack, None, off, self._meta([_wgrad_row(3 * a, C, w["w_eff"], 3 * b, 3 * rs, 0, C * HW)
-                                                       for a, b, rs, w in blocks]), HW, 3 * mr, C, N,
-                perm=perm0, kslots=self.k)
-        K.gemm(gy, self.wp, None, gx, off, self._meta([gemm_t_row(3 * a, C, w["w_eff"], 3 * b, 3 * rs, 0, C * HW)
-                                                       for a, b, rs, w in blocks]), N, HW, C, accumulate=True)
+                            self._meta(("pwdw", s, kv), lambda: _pwdw_rows(lay, ra, kv)), N, self.H, self.W,
+                            lay.kkv if kv else lay.kq, 2 * mr if kv else mr, perm=perm0, kslots=self.k)
+        K.wgrad(gy, src, gpack, None, off, meta("w_eff"), HW, 3 * mr, C, N, perm=perm0, kslots=self.k)
+        K.gemm(gy, self.wp, None, gx, off, meta("d_src"), N, HW, C, accumulate=True)
         return gx
+
+    def _backward_meta(self, s: int, ra: List[int], name: str) -> torch.Tensor:
+        """Meta table ``name`` of step s's backward gemm / wgrad launches (active ranks ``ra``)."""
+        return self._meta(("backward", s, name), lambda: _backward_rows(self.lay, ra, name))
 
     def _attention_backward(self, ra: List[int], act: torch.Tensor, gact: torch.Tensor,
                             gnorm: List[torch.Tensor]) -> None:
@@ -349,7 +274,7 @@ def experts_backward(kernels: ExpertStageKernels, grad, x, shared, perm, offsets
 # ----------------------------------------------------------------------------- the plain / gated ops (E = 1)
 def _one_group(B: int, device: torch.device) -> torch.Tensor:
     """``offsets`` of a single group of B rows."""
-    return device_table([[0, B]], device)[0]
+    return cached_table(("one_group", B), lambda: [[0, B]], device)[0]
 
 
 def _conv_row(c_in: int, c_out: int, HW: int, out_ch: int) -> Tuple[int, ...]:
@@ -359,13 +284,18 @@ def _conv_row(c_in: int, c_out: int, HW: int, out_ch: int) -> Tuple[int, ...]:
                     GRAD_PW=0, GRAD_PW_ROW_STRIDE=c_out * HW)
 
 
+def _conv_meta(c_in: int, c_out: int, HW: int, out_ch: int, device: torch.device) -> torch.Tensor:
+    """The device table of :func:`_conv_row`, built once per arguments."""
+    return cached_table(("conv", c_in, c_out, HW, out_ch), lambda: [_conv_row(c_in, c_out, HW, out_ch)], device)
+
+
 def pwdw_forward(kernels: ExpertStageKernels, x, pw_weight, dw_weight, pw_bias, dw_bias, gated: bool) -> torch.Tensor:
     """pointwise_depthwise_conv(_gated) forward: one fused launch."""
     B, c_in, H, W = x.shape
     c_out, ks = pw_weight.shape[0], dw_weight.shape[-1]
     n_out = c_out // 2 if gated else c_out
     out = new_output((B, n_out, H, W), x.dtype, x.device)
-    meta = device_table([_conv_row(c_in, c_out, H * W, n_out)], x.device)
+    meta = _conv_meta(c_in, c_out, H * W, n_out, x.device)
     kernels.pwdw(x, pw_weight, dw_weight, pw_bias, dw_bias, out, _one_group(B, x.device), meta, B, H, W, ks, n_out,
                  mode=PwDwMode.GATED if gated else PwDwMode.PLAIN)
     return out
@@ -382,7 +312,7 @@ def pwdw_backward(kernels: ExpertStageKernels, grad, x, pw_weight, dw_weight, pw
     if gated:
         go = torch.empty((B, c_out, H, W), dtype=gdt, device=dev)
         kernels.pwdw(x, pw_weight, dw_weight, pw_bias, dw_bias, go, offsets,
-                     device_table([_conv_row(c_in, c_out, HW, c_out // 2)], dev), B, H, W, ks, c_out // 2,
+                     _conv_meta(c_in, c_out, HW, c_out // 2, dev), B, H, W, ks, c_out // 2,
                      mode=PwDwMode.GATED_BACKWARD, g=grad, gofull=go)
     else:
         go = grad
@@ -390,14 +320,15 @@ def pwdw_backward(kernels: ExpertStageKernels, grad, x, pw_weight, dw_weight, pw
     gdw = torch.zeros(dw_weight.shape, dtype=cdt, device=dev)
     gdb = torch.zeros((c_out,), dtype=cdt, device=dev) if dw_bias is not None else None
     kernels.pwdw_backward(x, pw_weight, dw_weight, pw_bias, go, gy, gdw, gdb, offsets,
-                          device_table([_conv_row(c_in, c_out, HW, c_out)], dev), B, H, W, ks, c_out)
+                          _conv_meta(c_in, c_out, HW, c_out, dev), B, H, W, ks, c_out)
     gpw = torch.zeros((c_out, c_in), dtype=cdt, device=dev)
     gpb = torch.zeros((c_out,), dtype=cdt, device=dev) if pw_bias is not None else None
-    kernels.wgrad(gy, x, gpw, gpb, offsets, device_table([_wgrad_row(c_out, c_in, 0, 0, c_out * HW, 0, c_in * HW)],
-                                                         dev), HW, c_out, c_in, B)
+    kernels.wgrad(gy, x, gpw, gpb, offsets, cached_table(("conv_wgrad", c_out, c_in, HW), lambda: [
+        _wgrad_row(c_out, c_in, 0, 0, c_out * HW, 0, c_in * HW)], dev), HW, c_out, c_in, B)
     gx = new_output(x.shape, x.dtype, dev)
     kernels.gemm(gy, pw_weight, None, gx, offsets,
-                 device_table([gemm_t_row(c_out, c_in, 0, 0, c_out * HW, 0, c_in * HW)], dev), B, HW, c_in)
+                 cached_table(("conv_dx", c_out, c_in, HW), lambda: [
+                     gemm_t_row(c_out, c_in, 0, 0, c_out * HW, 0, c_in * HW)], dev), B, HW, c_in)
     res = [gx, _to(gpw, pw_weight), _to(gdw, dw_weight)]
     if pw_bias is not None:
         res.append(_to(gpb, pw_bias))

@@ -18,7 +18,7 @@ import argparse
 import sys
 import textwrap
 from enum import IntEnum
-from typing import List, Tuple, Type
+from typing import Dict, List, Tuple, Type
 
 META_ROW_WIDTH = 16
 """int64 columns of every meta row (the unused tail is zero)."""
@@ -106,15 +106,20 @@ class PwDwMode(IntEnum):
 TABLES: Tuple[Type[IntEnum], ...] = (PwDwCol, GemmCol, WgradCol, EpilogueCol)
 
 
+_COLUMNS: Dict[Type[IntEnum], Tuple[Tuple[str, int], ...]] = {t: tuple((c.name, int(c)) for c in t) for t in TABLES}
+"""Per table, its (column name, index) pairs."""
+_NAMES: Dict[Type[IntEnum], frozenset] = {t: frozenset(c.name for c in t) for t in TABLES}
+
+
 def meta_row(table: Type[IntEnum], **columns: int) -> Tuple[int, ...]:
     """One meta row of ``table``, every column given by name (``meta_row(GemmCol, C_IN=4, ...)``)."""
-    names = {c.name for c in table}
-    if set(columns) != names:
+    names = _NAMES[table]
+    if columns.keys() != names:
         missing, extra = sorted(names - set(columns)), sorted(set(columns) - names)
         raise ValueError(f"{table.__name__} row: missing columns {missing}, unknown columns {extra}")
     row = [0] * META_ROW_WIDTH
-    for c in table:
-        row[c] = int(columns[c.name])
+    for name, i in _COLUMNS[table]:
+        row[i] = int(columns[name])
     return tuple(row)
 
 

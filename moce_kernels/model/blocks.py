@@ -1,7 +1,7 @@
 """Encoder, decoder and residual-group blocks of MoCE-IR."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -10,6 +10,32 @@ from .. import ops
 from ..nvtx import annotate
 from .layers import Attention, CrossAttention, FeedForward, LayerNorm
 from .moe import AdapterLayer
+
+
+class ConcatCache:
+    """``torch.cat`` of a fixed list of parameters, built once and reused while each of them is the
+    same tensor with the same storage and ``_version`` (an in-place update bumps the version).
+
+    Built on every call instead where reusing it would be wrong: while autograd records (the
+    gradient must reach each parameter), inside ``torch.compile`` (the graph concatenates), and
+    while a CUDA graph is captured (the graph must read the parameters themselves, so that it sees
+    weights loaded in place).
+    """
+
+    def __init__(self) -> None:
+        self._sig: Optional[List[Tuple[int, int, int]]] = None
+        self._value: Optional[torch.Tensor] = None
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``torch.cat(tensors)``."""
+        t0 = tensors[0]
+        if ((torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or torch.compiler.is_compiling()
+                or (t0.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return torch.cat(list(tensors))
+        sig = [(id(t), t.data_ptr(), t._version) for t in tensors]
+        if sig != self._sig:
+            self._value, self._sig = torch.cat(list(tensors)), sig
+        return self._value
 
 
 class EncoderBlock(nn.Module):
@@ -46,12 +72,14 @@ class DecoderBlock(nn.Module):
                                     depth_type=depth_type, rank_type=rank_type, freq_dim=freq_dim,
                                     with_complexity=with_complexity, complexity_scale=complexity_scale,
                                     routing_noise=routing_noise)
+        self._proj_weight, self._proj_bias = ConcatCache(), ConcatCache()
 
     @annotate("DecoderBlock")
     def forward(self, x: torch.Tensor, freq_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         norm = self.norms[0]
+        p0, p1 = self.proj
         s, a = ops.layer_norm_pointwise_conv(  # both projections of LN(x) in one pass over x
-            x, norm.weight, norm.bias, torch.cat([p.weight for p in self.proj]), torch.cat([p.bias for p in self.proj]),
+            x, norm.weight, norm.bias, self._proj_weight((p0.weight, p1.weight)), self._proj_bias((p0.bias, p1.bias)),
             norm.eps, chunks=2)
         s = self.shared(s)
         a = self.adapter(a, freq_emb, s)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import allocator
 from ..nvtx import annotate
 from . import fixed_routing
 from .blocks import DecoderResidualGroup, EncoderResidualGroup
@@ -265,6 +266,8 @@ class MoCEIR(nn.Module):
         image in this forward end with ``grad None`` (one host synchronisation per step: see
         :class:`moce_kernels.model.moe.ExpertUsage`)."""
         self._check_input(x)
+        if not torch.compiler.is_compiling() and allocator.applied() is None and x.device.type == "cpu":
+            allocator.keep_cpu_memory()  # once per process: freed activations stay in the heap
         usage = ExpertUsage() if torch.is_grad_enabled() else None
         for adapter in self._adapters:
             adapter.usage = usage
