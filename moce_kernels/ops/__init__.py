@@ -5,19 +5,13 @@ input check, op family, autograd formula, optional lowering, and its implementat
 :mod:`moce_kernels.backends`), the choice memoized per call key. :func:`declarations` lists them,
 :func:`declaration` finds one by name, :func:`explain` says which implementation runs given inputs and why.
 """
+from .._submodules import import_all
 from ..expert_stage.weights import ExpertWeights
 from ._declare import declaration, declarations, explain
-from .channel_attention import channel_attention
-from .expert_conv import pointwise_depthwise_conv, pointwise_depthwise_conv_gated
-from .expert_stage import experts as moe_experts
-from .norm_conv import (layer_norm_pointwise_conv, layer_norm_pointwise_depthwise_conv,
-                        layer_norm_pointwise_depthwise_conv_gated, pointwise_conv)
-from .routing import combine as moe_combine
-from .routing import dispatch as moe_dispatch
-from .routing import route as moe_route
-from .window_attention import window_fft_attention
 
-__all__ = ["window_fft_attention", "pointwise_depthwise_conv", "pointwise_depthwise_conv_gated", "moe_route",
-           "moe_dispatch", "moe_experts", "moe_combine", "ExpertWeights", "channel_attention",
-           "layer_norm_pointwise_depthwise_conv", "layer_norm_pointwise_depthwise_conv_gated",
-           "layer_norm_pointwise_conv", "pointwise_conv", "declaration", "declarations", "explain"]
+__all__ = ["ExpertWeights", "declaration", "declarations", "explain"]
+for _module in import_all(__name__, __path__):  # one module per op family: its __all__ are its public ops
+    for _name in _module.__all__:
+        globals()[_name] = getattr(_module, _name)
+        __all__.append(_name)
+del _module, _name

@@ -134,3 +134,7 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tempera
     bias = None if proj_bias is None else proj_bias.contiguous()
     return _op(_planes(q), _planes(k), _planes(v), temperature.reshape(heads).contiguous(), proj_weight.contiguous(),
                bias, _planes(residual), float(eps))
+
+
+# the public entry points (moce_kernels.ops exports these names)
+__all__ = ["channel_attention"]

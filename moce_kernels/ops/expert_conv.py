@@ -101,3 +101,7 @@ def pointwise_depthwise_conv_gated(x: torch.Tensor, pw_weight: torch.Tensor, dw_
                                    dw_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``a, b = split(pointwise_depthwise_conv(...))``; returns ``gelu(a) * b``, (B, C_out/2, H, W)."""
     return _call(PW_DW_GATED.op, True, x, pw_weight, dw_weight, pw_bias, dw_bias)
+
+
+# the public entry points (moce_kernels.ops exports these names)
+__all__ = ["pointwise_depthwise_conv", "pointwise_depthwise_conv_gated"]

@@ -154,3 +154,8 @@ def experts(x: torch.Tensor, shared: torch.Tensor, perm: torch.Tensor, offsets: 
     ws = check_experts(x, shared, perm, offsets, k, weights, windows, depths)
     return DECLARATION.op(x.contiguous(), shared.contiguous(), perm, offsets, int(k), [t.contiguous() for w in ws for t in w],
                           [int(w) for w in windows], [int(d) for d in depths])
+
+
+# the public entry points (moce_kernels.ops exports these names)
+moe_experts = experts
+__all__ = ["moe_experts"]

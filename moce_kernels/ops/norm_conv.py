@@ -146,3 +146,8 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     """
     check_pointwise(x, weight, bias, residual)
     return PW.op(*_contiguous(x, weight, bias, residual))
+
+
+# the public entry points (moce_kernels.ops exports these names)
+__all__ = ["layer_norm_pointwise_depthwise_conv", "layer_norm_pointwise_depthwise_conv_gated",
+           "layer_norm_pointwise_conv", "pointwise_conv"]

@@ -205,3 +205,8 @@ def combine(expert_out: torch.Tensor, gates: torch.Tensor, perm: torch.Tensor) -
     if debug_checks():
         check_permutation("perm", perm)
     return COMBINE.op(expert_out.contiguous(), gates.contiguous(), perm.contiguous())
+
+
+# the public entry points (moce_kernels.ops exports these names)
+moe_route, moe_dispatch, moe_combine = route, dispatch, combine
+__all__ = ["moe_route", "moe_dispatch", "moe_combine"]

@@ -95,3 +95,7 @@ def window_fft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     check_positive("eps", eps)
     return _op(q.contiguous(), k.contiguous(), v.contiguous(), int(window_size), norm_weight.contiguous(),
                norm_bias.contiguous(), float(eps))
+
+
+# the public entry points (moce_kernels.ops exports these names)
+__all__ = ["window_fft_attention"]

@@ -1,2 +1,4 @@
 """Pure-PyTorch implementations of every op: the oracle, and the CPU path."""
-from . import channel_attention, expert_conv, expert_stage, norm_conv, routing, window_attention  # noqa: F401
+from .._submodules import import_all
+
+import_all(__name__, __path__)  # each module registers its op family's implementations
