@@ -123,10 +123,6 @@ def test_func_grad_through_the_unused_expert_gate():
             assert torch.equal(g, leaf.grad) and torch.equal(g, coeffs[i]), f"tensor {i} of a used expert"
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="the ops' autograd comes from torch.library's register_autograd, whose generated "
-                          "autograd.Function lacks setup_context, so functorch refuses it (pytorch/pytorch#170834, "
-                          "torch 2.13); moce_kernels.ops._common.register_autograd is the one place to work around it")
 def test_func_grad_over_functional_call_in_training():
     """The whole model under ``torch.func.grad(functional_call)`` in training: autograd's gradients, zeros for
     the experts autograd leaves at None."""

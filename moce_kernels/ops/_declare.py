@@ -13,8 +13,9 @@ The op is registered with the dispatcher directly (``torch.library.Library``), n
 
 * ``CompositeExplicitAutograd``: the op's :class:`~moce_kernels.backends.OpDispatch`, which runs the
   memoized implementation for the call's key.
-* ``Autograd``: with gradients needed, PyTorch's generated ``autograd.Function`` around the formula
-  (what ``torch.library.register_autograd`` installs); otherwise straight below autograd.
+* ``Autograd``: with gradients needed, an autograd node around the formula (:func:`_autograd_kernel`:
+  what ``torch.library.register_autograd`` generates, as a single-level ``autograd.Function`` that
+  ``torch.func`` accepts); otherwise straight below autograd.
 * ``AutocastCPU`` / ``AutocastCUDA``: floating inputs (not float64) cast to autocast's dtype, the
   rule of autocast's lower-precision ops; the public functions apply the same rule before their checks
   (:func:`autocast_entry`).
@@ -27,7 +28,10 @@ import functools
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
-from torch._library.autograd import Info, make_autograd_impl
+from torch._functorch.utils import enable_single_level_autograd_function
+from torch._library.autograd import Info, supports_tensorlist
+from torch._library.utils import fill_defaults, is_tensorlist_like_type
+from torch.autograd.function import _SingleLevelFunction
 
 from .. import backends
 
@@ -127,16 +131,33 @@ def _define(name: str, schema: str, fake: Callable, cuda_order: Sequence[str],
     return op, table
 
 
+def _no_second_derivative(op: torch._ops.OpOverload, outputs: List[torch.Tensor]) -> List[torch.Tensor]:
+    """A backward op's ``outputs`` where gradients are being recorded (``create_graph=True``, which
+    ``torch.func.grad`` always uses): the values as computed, each behind a node that raises if it is
+    differentiated, as ``torch.autograd.function.once_differentiable`` does."""
+    err = torch._C._functions.DelayedError(
+        f"{op._name}: the moce ops have no second derivative (double backward is not supported)".encode(),
+        len(outputs))
+    aliases = []
+    for t in outputs:
+        t = t.detach()
+        t.requires_grad = True
+        aliases.append(t)
+    out = err(*aliases)
+    return list(out) if isinstance(out, tuple) else [out]
+
+
 def _no_grad_kernel(op: torch._ops.OpOverload, differentiable: Optional[Callable]) -> Callable:
-    """The Autograd kernel: ``differentiable`` (PyTorch's generated autograd.Function) when a gradient is
-    needed, else the op below autograd. Without ``differentiable`` (a backward op), a gradient request
-    is an error (no double backward)."""
+    """The Autograd kernel: ``differentiable`` (:func:`_autograd_kernel`) when a gradient is needed, else
+    the op below autograd. Without ``differentiable`` (a backward op) the result is the same when a
+    gradient is recorded, but differentiating it again raises (no double backward)."""
 
     def kernel(keyset, *args):
         if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            if differentiable is None:
-                raise RuntimeError(f"{op._name} has no gradient (double backward is not supported)")
-            return differentiable(keyset, *args)
+            if differentiable is not None:
+                return differentiable(keyset, *args)
+            with torch._C._AutoDispatchBelowAutograd():
+                return _no_second_derivative(op, op.redispatch(keyset & _AFTER_AUTOGRAD, *args))
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & _AFTER_AUTOGRAD, *args)
 
@@ -198,6 +219,45 @@ def _autocast_kernel(op: torch._ops.OpOverload, device_type: str, key: str) -> C
     return kernel
 
 
+def _autograd_kernel(op: torch._ops.OpOverload, info: Info) -> Callable:
+    """The op's kernel when a gradient is needed: an autograd node around the op below autograd, whose
+    ``setup_context`` and backward are ``info``'s (what ``torch.library.register_autograd`` generates).
+    The node is a single-level ``autograd.Function``, as functorch's own transform-local nodes are, so
+    that ``torch.func.grad`` differentiates through it too; torch 2.13's generated node, a plain
+    ``autograd.Function`` without ``setup_context``, is refused there (pytorch/pytorch#170834). As in
+    the generated node, the dispatch key set travels as the last argument and lists of tensors are
+    flattened (``supports_tensorlist``)."""
+
+    def forward(ctx, *args):
+        keyset, args = args[-1], args[:-1]
+        with torch._C._AutoDispatchBelowAutograd():
+            result = op.redispatch(keyset & _AFTER_AUTOGRAD, *args)
+        inputs, _ = fill_defaults(op._schema, args, {})
+        info._setup_context_fn(ctx=ctx, inputs=inputs, output=result)
+        return result
+
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad
+        try:
+            ctx.needs_input_grad = needs[:-1]
+            result = info._backward_fn(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        return (*result, None) if isinstance(result, tuple) else (result, None)
+
+    node = type(f"Backward_{op._namespace}_{op._opname}", (_SingleLevelFunction,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    schema = op._schema
+    if any(is_tensorlist_like_type(a.type) for a in (*schema.arguments, *schema.returns)):
+        node = supports_tensorlist(node)
+
+    def kernel(keyset, *args):
+        with enable_single_level_autograd_function():
+            return node.apply(*args, keyset)
+
+    return kernel
+
+
 def _with_backend_choice(backward: Backward) -> Info:
     """The formula run under the backend choice that was in force for the forward: backend blocks are
     per thread, and the autograd engine runs the backward of CUDA tensors on threads of its own."""
@@ -233,7 +293,7 @@ def declare(name: str, schema: str, *, family: str, fake: Callable, check: Optio
                                       fake=backward.fake, dispatch=btable, op=bop, forward=decl)
         _LIB.impl(bop._name.split("::")[1], _no_grad_kernel(bop, None), "Autograd", with_keyset=True)
         _DECLARATIONS[decl.backward.name] = decl.backward
-        differentiable = make_autograd_impl(op, _with_backend_choice(backward))
+        differentiable = _autograd_kernel(op, _with_backend_choice(backward))
     _LIB.impl(name, _no_grad_kernel(op, differentiable), "Autograd", with_keyset=True)
     _DECLARATIONS[name] = decl
     return decl
