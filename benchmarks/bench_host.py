@@ -75,11 +75,13 @@ def triton_launches_stubbed() -> Iterator[Optional[str]]:
 
     JITFunction.run = run
     backends.triton_interpreted = lambda: True
+    backends._on_settings(None)  # forget the availability and choices found without the stub
     try:
         yield None
     finally:
         JITFunction.run = saved_run
         backends.triton_interpreted = saved_interp
+        backends._on_settings(None)
 
 
 def measure(forward: Callable[[], object]) -> Dict[str, float]:
