@@ -84,6 +84,18 @@ def triton_launches_stubbed() -> Iterator[Optional[str]]:
         backends._on_settings(None)
 
 
+def count_calls(forward: Callable[[], object], warmups: int = 1) -> int:
+    """cProfile's calls (built-ins included) of one ``forward()`` after ``warmups`` unprofiled ones:
+    deterministic for a given model, input and set of installed packages."""
+    for _ in range(warmups):
+        forward()
+    prof = cProfile.Profile()
+    prof.enable()
+    forward()
+    prof.disable()
+    return sum(ncalls for _, ncalls, *_rest in pstats.Stats(prof).stats.values())
+
+
 def measure(forward: Callable[[], object]) -> Dict[str, float]:
     """Host microseconds (median of FORWARDS, after a warm-up) and cProfile's calls of one forward,
     with the calls in this package's expert stage and blocks and in importlib / os frames."""

@@ -536,9 +536,11 @@ class _PwDwGrid(NamedTuple):
 def _pwdw_grid(src: torch.Tensor, N: int, H: int, W: int, K: int, max_ch: int) -> _PwDwGrid:
     """8 x 16 pixel tiles, 32 channels per block, for ``max_ch`` output channels per row."""
     TH, TW, BC, BHC = 8, 16, 32, 64
-    hstride = cdiv((TH + K - 1) * (TW + K - 1), BHC) * BHC  # the tile and its halo, padded
-    tiles_w, tiles = cdiv(W, TW), cdiv(W, TW) * cdiv(H, TH)
-    blocks = cdiv(max_ch, BC)
+    # ceil divisions written out (``cdiv``'s ``(a + b - 1) // b``): this runs once per fused pw->dw launch
+    hstride = ((TH + K - 1) * (TW + K - 1) + BHC - 1) // BHC * BHC  # the tile and its halo, padded
+    tiles_w = (W + TW - 1) // TW
+    tiles = tiles_w * ((H + TH - 1) // TH)
+    blocks = (max_ch + BC - 1) // BC
     total = N * tiles * blocks
     cx = dict(K=K, TH=TH, TW=TW, BC=BC, BK=16 if src.dtype == torch.float64 else 32, BHC=BHC, BP=128,
               HSTRIDE=hstride)
