@@ -66,3 +66,38 @@ def test_stubbed_gpu_path_calls_within_budget(counts):
     assert counts["stubbed"] <= STUBBED_GPU_BUDGET, (
         f"the triton path (launches stubbed) makes {counts['stubbed']:,} Python calls per 16 x 16 px forward, "
         f"over the budget of {STUBBED_GPU_BUDGET:,}")
+
+
+def test_parameter_reads_match_the_attributes_and_follow_parametrizations():
+    """The model's dict reads of its parameters (one Python call for several) return what the attributes
+    return, registered parameters or not (a parametrized weight takes the attribute path)."""
+    import torch
+    import torch.nn.utils.parametrize as parametrize
+
+    from moce_kernels.model.layers import LayerNorm, weight_bias
+    from moce_kernels.model.moe import ModExpert
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    expert = ModExpert(8, 4, 1, 4)
+    assert all(a is b for a, b in zip(expert.weights(), expert._weights_by_attribute()))
+    parametrize.register_parametrization(expert.proj[1], "weight", Double())
+    parametrize.register_parametrization(expert.body.q_dwconv, "bias", Double())
+    got = expert.weights()
+    torch.testing.assert_close(got.proj1, 2 * expert.proj[1].parametrizations.weight.original, rtol=0, atol=0)
+    torch.testing.assert_close(got.q_dw_bias, 2 * expert.body.q_dwconv.parametrizations.bias.original,
+                               rtol=0, atol=0)
+    assert got.proj0 is expert.proj[0].weight
+    conv = expert.body.q_dwconv
+    w, b = weight_bias(conv)
+    assert w is conv.weight
+    torch.testing.assert_close(b, conv.bias, rtol=0, atol=0)
+    nobias = torch.nn.Conv2d(4, 4, 1, bias=False)
+    w, b = weight_bias(nobias)
+    assert w is nobias.weight and b is None
+    for kind in ("WithBias", "BiasFree"):
+        norm = LayerNorm(4, kind)
+        w, b = norm.affine()
+        assert w is norm.weight and (b is norm.bias if kind == "WithBias" else b is None)
