@@ -75,11 +75,25 @@ def triton_launches_stubbed() -> Iterator[Optional[str]]:
 
     JITFunction.run = run
     backends.triton_interpreted = lambda: True
+    backends._on_settings(None)  # forget the availability and choices found without the stub
     try:
         yield None
     finally:
         JITFunction.run = saved_run
         backends.triton_interpreted = saved_interp
+        backends._on_settings(None)
+
+
+def count_calls(forward: Callable[[], object], warmups: int = 1) -> int:
+    """cProfile's calls (built-ins included) of one ``forward()`` after ``warmups`` unprofiled ones:
+    deterministic for a given model, input and set of installed packages."""
+    for _ in range(warmups):
+        forward()
+    prof = cProfile.Profile()
+    prof.enable()
+    forward()
+    prof.disable()
+    return sum(ncalls for _, ncalls, *_rest in pstats.Stats(prof).stats.values())
 
 
 def measure(forward: Callable[[], object]) -> Dict[str, float]:

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..nvtx import annotate
-from .layers import Attention, CrossAttention, FeedForward, LayerNorm
+from .layers import Attention, CrossAttention, FeedForward, LayerNorm, weight_bias
 from .moe import AdapterLayer
 
 
@@ -78,9 +78,9 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, freq_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         norm = self.norms[0]
         p0, p1 = self.proj
+        (w0, b0), (w1, b1), (norm_w, norm_b) = weight_bias(p0), weight_bias(p1), norm.affine()
         s, a = ops.layer_norm_pointwise_conv(  # both projections of LN(x) in one pass over x
-            x, norm.weight, norm.bias, self._proj_weight((p0.weight, p1.weight)), self._proj_bias((p0.bias, p1.bias)),
-            norm.eps, chunks=2)
+            x, norm_w, norm_b, self._proj_weight((w0, w1)), self._proj_bias((b0, b1)), norm.eps, chunks=2)
         s = self.shared(s)
         a = self.adapter(a, freq_emb, s)
         x = self.mixer(a, s, residual=x)

@@ -2,13 +2,23 @@
 so the released state dicts load unchanged; the computations go through :mod:`moce_kernels.ops`."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .. import ops
 from ..nvtx import annotate
+
+
+def weight_bias(m: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(m.weight, m.bias)``: read from ``m._parameters`` when both are registered parameters there
+    (what ``nn.Module.__getattr__`` returns for them, without its two Python calls), else the attributes
+    (a parametrization, a buffer, a plain attribute)."""
+    p = m._parameters
+    if "weight" in p and "bias" in p:
+        return p["weight"], p["bias"]
+    return m.weight, m.bias
 
 
 class _WithBias(nn.Module):
@@ -43,6 +53,14 @@ class LayerNorm(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.body.weight
 
+    def affine(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(self.weight, self.bias)`` in one call (the body's registered parameters, else its attributes)."""
+        body = self._modules["body"]
+        p = body._parameters
+        if "weight" in p:
+            return p["weight"], (p["bias"] if "bias" in p else getattr(body, "bias", None))
+        return self.weight, self.bias
+
     @property
     def bias(self) -> Optional[torch.Tensor]:
         """The shift, or None for BiasFree."""
@@ -71,18 +89,20 @@ def _dwconv(dim: int, k: int, bias: bool) -> nn.Conv2d:
 def pw_dw(x: torch.Tensor, pw: nn.Conv2d, dw: nn.Conv2d, norm: Optional[LayerNorm] = None,
           gated: bool = False) -> torch.Tensor:
     """``dw(pw(norm(x)))`` (gated: ``gelu(a) * b`` of its halves) through one fused op."""
+    (pw_w, pw_b), (dw_w, dw_b) = weight_bias(pw), weight_bias(dw)
     if norm is None:
         op = ops.pointwise_depthwise_conv_gated if gated else ops.pointwise_depthwise_conv
-        return op(x, pw.weight, dw.weight, pw.bias, dw.bias)
+        return op(x, pw_w, dw_w, pw_b, dw_b)
     op = ops.layer_norm_pointwise_depthwise_conv_gated if gated else ops.layer_norm_pointwise_depthwise_conv
-    return op(x, norm.weight, norm.bias, pw.weight, dw.weight, pw.bias, dw.bias, norm.eps)
+    norm_w, norm_b = norm.affine()
+    return op(x, norm_w, norm_b, pw_w, dw_w, pw_b, dw_b, norm.eps)
 
 
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
                       project_out: nn.Conv2d, residual: Optional[torch.Tensor]) -> torch.Tensor:
     """Transposed attention (per head, softmax of the L2-normalised ``q k^T`` times the temperature, times
     v), then ``project_out`` and ``+ residual``: one op."""
-    return ops.channel_attention(q, k, v, temperature, project_out.weight, project_out.bias, residual)
+    return ops.channel_attention(q, k, v, temperature, *weight_bias(project_out), residual)
 
 
 class Attention(nn.Module):
@@ -140,7 +160,7 @@ class FeedForward(nn.Module):
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``GDFN(norm(x)) + residual`` (norm and residual optional): two fused ops."""
         h = pw_dw(x, self.project_in, self.dwconv, norm, gated=True)
-        return ops.pointwise_conv(h, self.project_out.weight, self.project_out.bias, residual)
+        return ops.pointwise_conv(h, *weight_bias(self.project_out), residual)
 
 
 class FFTAttention(nn.Module):

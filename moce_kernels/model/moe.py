@@ -45,7 +45,23 @@ class ModExpert(nn.Module):
         self.body = FFTAttention(rank, patch_size=patch_size)
 
     def weights(self) -> ops.ExpertWeights:
-        """The expert's 13 tensors by name (the ``moe_experts`` contract)."""
+        """The expert's 13 tensors by name (the ``moe_experts`` contract).
+
+        Read from the modules' own ``_modules`` / ``_parameters`` dicts (what ``nn.Module.__getattr__``
+        returns for them, without its Python call per name); a tensor that is not a registered
+        parameter there (a parametrization, a buffer, a plain attribute) takes the attribute path."""
+        try:
+            proj, body = self._modules["proj"]._modules, self._modules["body"]._modules
+            q_dw, kv_dw = body["q_dwconv"]._parameters, body["kv_dwconv"]._parameters
+            norm, out = body["norm"]._modules["body"]._parameters, body["proj_out"]._parameters
+            return ops.ExpertWeights(
+                proj["0"]._parameters["weight"], proj["1"]._parameters["weight"], proj["2"]._parameters["weight"],
+                body["q"]._parameters["weight"], q_dw["weight"], q_dw["bias"], body["kv"]._parameters["weight"],
+                kv_dw["weight"], kv_dw["bias"], norm["weight"], norm["bias"], out["weight"], out["bias"])
+        except KeyError:
+            return self._weights_by_attribute()
+
+    def _weights_by_attribute(self) -> ops.ExpertWeights:
         b = self.body
         return ops.ExpertWeights(
             proj0=self.proj[0].weight, proj1=self.proj[1].weight, proj2=self.proj[2].weight, q=b.q.weight,
@@ -254,7 +270,8 @@ class AdapterLayer(nn.Module):
         return torch.zeros(shape, device=x.device, dtype=dt)
 
     def expert_modules(self) -> List[ModExpert]:
-        return [seq[0] for seq in self.experts]
+        """Each expert's module (the first, and only, module of its ``nn.Sequential``)."""
+        return [next(iter(seq._modules.values())) for seq in self.experts._modules.values()]
 
     def expert_weights(self) -> List[ops.ExpertWeights]:
         return [e.weights() for e in self.expert_modules()]
@@ -286,7 +303,7 @@ class AdapterLayer(nn.Module):
         cannot hold that host read, their gradients are zeros instead."""
         counts, offsets, perm = ops.moe_dispatch(indices, self.num_experts)
         experts = self.expert_modules()
-        weights = self.expert_weights()
+        weights = [e.weights() for e in experts]
         if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(t.requires_grad for t in weights[0]):
             usage = self.usage if self.usage is not None else ExpertUsage()
             n = len(ops.ExpertWeights._fields)

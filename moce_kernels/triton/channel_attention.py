@@ -61,6 +61,7 @@ import triton.language as tl
 from ..backends import register
 from ..outputs import new_output
 from .expert_conv import _mm
+from ._host import cdiv, next_power_of_2
 
 BLOCK_N = 64        # pixels per tile of the Gram and GEMM passes, and of the q, k gradient on tensor cores
 BLOCK_O = 64        # rows per block of the GEMM, and of the fold, gA and grad_W on tensor cores
@@ -93,21 +94,21 @@ def _warps(blk: int) -> int:
 
 def head_block(c: int) -> int:
     """Tile edge for a head of c channels: a power of two >= 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(c))
+    return max(16, next_power_of_2(c))
 
 
 def splits(groups: int, N: int, device: torch.device) -> Tuple[int, int]:
     """(S, chunk): the N pixels cut into S chunks of ``chunk`` (a multiple of BLOCK_N) so that
     ``groups * S`` programs fill the device."""
-    tiles = triton.cdiv(N, BLOCK_N)
+    tiles = cdiv(N, BLOCK_N)
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-        most = triton.cdiv(N, MIN_SPLIT_PIXELS)
+        most = cdiv(N, MIN_SPLIT_PIXELS)
     else:
         target, most = CPU_TARGET_PROGRAMS, tiles
-    s = max(1, min(most, triton.cdiv(target, groups)))
-    chunk = triton.cdiv(tiles, s) * BLOCK_N
-    return triton.cdiv(N, chunk), chunk
+    s = max(1, min(most, cdiv(target, groups)))
+    chunk = cdiv(tiles, s) * BLOCK_N
+    return cdiv(N, chunk), chunk
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def _gemm(m: torch.Tensor, m_strides: Tuple[int, int, int], x: torch.Tensor, out
     """``out[b] = M_b x[b] (+ bias) (+ res[b])`` with M given by (batch, row, col) strides."""
     B, R = out.shape[0], out.shape[1]
     K, N = x.shape[1], out.shape[2] * out.shape[3]
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(R, BLOCK_O), B)
+    grid = (cdiv(N, BLOCK_N), cdiv(R, BLOCK_O), B)
     _gemm_kernel[grid](m, x, m if bias is None else bias, out if res is None else res, out, R, K, N, *m_strides,
                        x.stride(0), x.stride(1), 0 if res is None else res.stride(0),
                        0 if res is None else res.stride(1), HAS_BIAS=bias is not None, HAS_RES=res is not None,
@@ -444,7 +445,7 @@ def _backward(grad, q, k, v, temperature, proj_weight, eps):
     m, part, sums, S = _fold(q, k, temperature, w2d, eps)
     gv = new_output(v.shape, v.dtype, dev)
     _gemm(m, (m.stride(0), m.stride(2), m.stride(1)), grad, gv)
-    n_rb, n_cb = triton.cdiv(c_out, BLOCK_F), triton.cdiv(C, BLOCK_F)
+    n_rb, n_cb = cdiv(c_out, BLOCK_F), cdiv(C, BLOCK_F)
     S2, chunk2 = splits(B * n_rb * n_cb, N, dev)
     ppart = new_output((B, S2, c_out, C), acc, dev)
     bsum = new_output((B, S2, c_out), acc, dev)
@@ -461,10 +462,10 @@ def _backward(grad, q, k, v, temperature, proj_weight, eps):
     gw = new_output(proj_weight.shape, proj_weight.dtype, dev)
     gb = new_output((c_out,), proj_weight.dtype, dev)
     gt = new_output(temperature.shape, temperature.dtype, dev)
-    _wgrad_kernel[(triton.cdiv(c_out, bo), heads)](pred, amat, bsum, gtp, gw, gb, gt, B, S2, heads, c, C, c_out,
+    _wgrad_kernel[(cdiv(c_out, bo), heads)](pred, amat, bsum, gtp, gw, gb, gt, B, S2, heads, c, C, c_out,
                                                     BC=bc, BO=bo, IEEE=ieee, num_warps=_warps(bc))
     gq = new_output(q.shape, q.dtype, dev)
     gk = new_output(k.shape, k.dtype, dev)
-    _qk_grad_kernel[(B * heads, triton.cdiv(N, bn))](q, k, dq, dk, scales, gq, gk, heads, c, C, N, q.stride(0),
+    _qk_grad_kernel[(B * heads, cdiv(N, bn))](q, k, dq, dk, scales, gq, gk, heads, c, C, N, q.stride(0),
                                                      q.stride(1), k.stride(0), k.stride(1), BC=bc, BN=bn, IEEE=ieee)
     return gq, gk, gv, gt, gw, gb

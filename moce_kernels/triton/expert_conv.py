@@ -30,6 +30,7 @@ import triton.language as tl
 from ..backends import triton_interpreted
 from ..settings import SETTINGS
 from ..expert_stage.layouts import META_ROW_WIDTH, GemmCol, PwDwCol, PwDwMode, WgradCol
+from ._host import cdiv
 
 # The meta tables' layouts as Triton constexprs (Triton kernels read module globals only as constexprs).
 META_ROW = tl.constexpr(META_ROW_WIDTH)
@@ -535,9 +536,11 @@ class _PwDwGrid(NamedTuple):
 def _pwdw_grid(src: torch.Tensor, N: int, H: int, W: int, K: int, max_ch: int) -> _PwDwGrid:
     """8 x 16 pixel tiles, 32 channels per block, for ``max_ch`` output channels per row."""
     TH, TW, BC, BHC = 8, 16, 32, 64
-    hstride = triton.cdiv((TH + K - 1) * (TW + K - 1), BHC) * BHC  # the tile and its halo, padded
-    tiles_w, tiles = triton.cdiv(W, TW), triton.cdiv(W, TW) * triton.cdiv(H, TH)
-    blocks = triton.cdiv(max_ch, BC)
+    # ceil divisions written out (``cdiv``'s ``(a + b - 1) // b``): this runs once per fused pw->dw launch
+    hstride = ((TH + K - 1) * (TW + K - 1) + BHC - 1) // BHC * BHC  # the tile and its halo, padded
+    tiles_w = (W + TW - 1) // TW
+    tiles = tiles_w * ((H + TH - 1) // TH)
+    blocks = (max_ch + BC - 1) // BC
     total = N * tiles * blocks
     cx = dict(K=K, TH=TH, TW=TW, BC=BC, BK=16 if src.dtype == torch.float64 else 32, BHC=BHC, BP=128,
               HSTRIDE=hstride)
@@ -601,8 +604,8 @@ def launch_gemm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: 
     E = meta.shape[0]
     ieee = _ieee(x.dtype) or _ieee(w.dtype)  # 16-bit operands: tensor cores, also into an fp32 output
     BC, BK, BP = 32, (16 if torch.float64 in (x.dtype, w.dtype, y.dtype) else 32), 128
-    n_pt = triton.cdiv(HW, BP)
-    grid = (N * n_pt, triton.cdiv(max_cout, BC))
+    n_pt = cdiv(HW, BP)
+    grid = (N * n_pt, cdiv(max_cout, BC))
     norm_w, norm_b, eps, norm_mode = _norm_args(norm, w)
     _gemm_kernel[grid](x, w, b if b is not None else w, y, residual if residual is not None else y, norm_w, norm_b,
                        offsets, meta, perm if perm is not None else offsets, kslots, HW, n_pt, eps, E=E,
@@ -617,9 +620,9 @@ def launch_wgrad(g: torch.Tensor, x: torch.Tensor, o: torch.Tensor, bo: Optional
     E = meta.shape[0]
     ieee = _ieee(g.dtype) or _ieee(x.dtype)
     BC, BK, BP = 32, 32, 64
-    npc = triton.cdiv(HW, BP)
+    npc = cdiv(HW, BP)
     n_split = max(1, min(N * npc, 64 if g.device.type == "cuda" else 2))
-    grid = (E * n_split, triton.cdiv(max_cout, BC), triton.cdiv(max_cin, BK))
+    grid = (E * n_split, cdiv(max_cout, BC), cdiv(max_cin, BK))
     _wgrad_kernel[grid](g, x, o, bo if bo is not None else o, offsets, meta, perm if perm is not None else offsets,
                         kslots, HW, npc, n_split, GATHER=perm is not None, HAS_B=bo is not None, BC=BC, BK=BK,
                         BP=BP, IEEE=ieee, num_warps=4)

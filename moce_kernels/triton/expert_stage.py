@@ -22,6 +22,7 @@ from ..reference import window_attention as reference_rows
 from . import expert_conv as xc
 from . import window_attention as wattn
 from .expert_conv import _acc_zeros, _mm, _out_tile, _row_program
+from ._host import cdiv
 
 # The epilogue table's layout as Triton constexprs.
 EP_RANK = tl.constexpr(int(EpilogueCol.RANK))
@@ -163,8 +164,8 @@ def launch_epilogue(xs, shared, attn, w, out, offsets, meta, perm, kslots: int, 
                     x_gather: bool, max_r: int) -> None:
     """``ExpertStageKernels.epilogue`` (``max_r`` sizes the CUDA launcher's shared memory; unused here)."""
     BC, BR, BK, BP = 32, 32, 32, 64
-    n_pt = triton.cdiv(HW, BP)
-    _epilogue_kernel[(N * n_pt, triton.cdiv(C, BC))](
+    n_pt = cdiv(HW, BP)
+    _epilogue_kernel[(N * n_pt, cdiv(C, BC))](
         xs, shared, attn, w, out, offsets, meta, perm, kslots, C, HW, n_pt, E=meta.shape[0], XGATHER=x_gather,
         BC=BC, BR=BR, BK=BK, BP=BP, IEEE=_ieee(w), F64=_f64(w), num_warps=4)
 
@@ -173,8 +174,8 @@ def launch_epilogue_backward(g, shared, attn, w, gt, gu, h, offsets, meta, perm,
                              HW: int, max_r: int) -> None:
     """``ExpertStageKernels.epilogue_backward``."""
     BR, BK, BP = 32, 32, 64
-    n_pt = triton.cdiv(HW, BP)
-    _epilogue_bwd_kernel[(N * n_pt, triton.cdiv(max(max_r, 1), BR))](
+    n_pt = cdiv(HW, BP)
+    _epilogue_bwd_kernel[(N * n_pt, cdiv(max(max_r, 1), BR))](
         g, shared, attn, w, gt, gu, h, offsets, meta, perm, kslots, C, HW, n_pt, E=meta.shape[0], BR=BR, BK=BK,
         BP=BP, IEEE=_ieee(w, g), F64=_f64(w), num_warps=4)
 
@@ -184,7 +185,7 @@ def launch_gather_sum(src: torch.Tensor, inv: torch.Tensor, out: torch.Tensor, k
     B = out.shape[0]
     L = out[0].numel()
     BL = 1024
-    _gather_sum_kernel[(B, triton.cdiv(L, BL))](src, inv, out, L, kslots, BL=BL, F64=_f64(out), num_warps=4)
+    _gather_sum_kernel[(B, cdiv(L, BL))](src, inv, out, L, kslots, BL=BL, F64=_f64(out), num_warps=4)
 
 
 def _attention_rows(q, *args) -> None:

@@ -60,6 +60,7 @@ from ..expert_stage.layouts import GemmCol, WgradCol, meta_row
 from ..outputs import new_output
 from . import expert_conv as xc
 from .expert_stage import KERNELS, TritonExpertStage
+from ._host import cdiv
 
 Tensor = torch.Tensor
 
@@ -183,7 +184,7 @@ def layer_norm_forward(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tenso
     HW = H * W
     n = torch.empty_like(x)
     stats = torch.empty((B, 2, HW), dtype=accumulation_dtype(x.dtype), device=x.device)
-    n_pt = triton.cdiv(HW, LN_BP)
+    n_pt = cdiv(HW, LN_BP)
     _ln_fwd_kernel[(B * n_pt,)](x, norm_weight, norm_bias if norm_bias is not None else norm_weight, n, stats, C,
                                 HW, n_pt, float(eps), NORM=_norm_mode(norm_bias), BC=LN_BC, BP=LN_BP,
                                 F64=x.dtype == torch.float64, num_warps=4)
@@ -203,7 +204,7 @@ def layer_norm_backward(gn: Tensor, x: Tensor, norm_weight: Tensor, norm_bias: O
     stats of :func:`layer_norm_forward`: one launch, then one reduction of its partial sums per grad."""
     B, C, H, W = x.shape
     HW = H * W
-    n_pt = triton.cdiv(HW, LN_BP)
+    n_pt = cdiv(HW, LN_BP)
     total = B * n_pt
     nprog = max(1, min(total, xc._num_programs_cap(x.device)))
     gx = new_output(x.shape, x.dtype, x.device)

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ..backends import FP32_AND_16BIT, register
 from ..outputs import new_output
+from ._host import cdiv, next_power_of_2
 
 _TARGET_PROGRAMS = 2048  # pool grid size to aim for (fills an H200's 132 SMs many times over)
 _POOL_BLOCK = 1024
@@ -31,7 +32,7 @@ _MAX_SPLIT = 256
 
 
 def _np2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_power_of_2(max(int(n), 1))
 
 
 # ----------------------------------------------------------------------------- pool
@@ -53,10 +54,10 @@ def _pool_partials(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """(B*C, S) fp32 partial row sums of x (B, C, H, W) and S."""
     B, C, H, W = x.shape
     HW, rows = H * W, B * C
-    max_split = max(1, triton.cdiv(HW, _POOL_BLOCK))
-    split = max(1, min(_MAX_SPLIT, max_split, triton.cdiv(_TARGET_PROGRAMS, rows)))
-    chunk = triton.cdiv(triton.cdiv(HW, split), _POOL_BLOCK) * _POOL_BLOCK
-    split = triton.cdiv(HW, chunk)
+    max_split = max(1, cdiv(HW, _POOL_BLOCK))
+    split = max(1, min(_MAX_SPLIT, max_split, cdiv(_TARGET_PROGRAMS, rows)))
+    chunk = cdiv(cdiv(HW, split), _POOL_BLOCK) * _POOL_BLOCK
+    split = cdiv(HW, chunk)
     part = torch.empty((rows, split), dtype=torch.float32, device=x.device)  # scratch, fully written
     _pool_partial_kernel[(rows, split)](x, part, HW, chunk, split, BLOCK=_POOL_BLOCK)
     return part, split
@@ -325,7 +326,7 @@ def route_backward(grad_gates, grad_logits, grad_loss, x, freq_emb, gate_weight,
                                  BLOCK_B=bb, BLOCK_E=be, BLOCK_C=bc)
     gx = new_output(x.shape, x.dtype, dev)
     blk = 1024
-    _broadcast_rows_kernel[(B * C, triton.cdiv(H * W, blk))](gpool, gx, H * W, BLOCK=blk)
+    _broadcast_rows_kernel[(B * C, cdiv(H * W, blk))](gpool, gx, H * W, BLOCK=blk)
     return gx, gfe, ggw, gfw
 
 
@@ -411,7 +412,7 @@ def combine(expert_out, gates, perm):
     out = new_output((B,) + tuple(expert_out.shape[1:]), expert_out.dtype, expert_out.device)
     if N == 0 or B == 0:
         return out
-    _combine_kernel[(triton.cdiv(N, _COMBINE_BLOCK), B)](
+    _combine_kernel[(cdiv(N, _COMBINE_BLOCK), B)](
         expert_out, gates, perm, out, N, B * k, K=int(k), BLOCK_K=_np2(k), BLOCK_P=min(256, _np2(B * k)),
         BLOCK=_COMBINE_BLOCK)
     return out
@@ -459,7 +460,7 @@ def combine_backward(grad, expert_out, gates, perm):
     ggates = new_output(gates.shape, gates.dtype, gates.device)
     if nslot == 0:
         return geo, ggates
-    nblk = triton.cdiv(N, _COMBINE_BLOCK)
+    nblk = cdiv(N, _COMBINE_BLOCK)
     part = torch.empty((nslot, max(nblk, 1)), dtype=torch.float32, device=expert_out.device)
     if nblk == 0:
         part.zero_()

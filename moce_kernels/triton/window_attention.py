@@ -44,6 +44,7 @@ import triton.language as tl
 from ..backends import FP32_AND_16BIT, register_all, triton_interpreted
 from ..settings import SETTINGS
 from ..expert_stage.implementations import window_attention_implementations
+from ._host import cdiv, next_power_of_2
 
 WINDOW_SIZES = (4, 8, 16, 32, 64)
 # Dot precision (all accumulate in fp32). fp32 inputs: "tf32x3" (three tf32 products per dot, about
@@ -94,7 +95,7 @@ def layout(p: int) -> Layout:
 
 def n_tiles(p: int, H: int, W: int) -> int:
     lay = layout(p)
-    return triton.cdiv(H, lay.tile_h) * triton.cdiv(W, lay.tile_w)
+    return cdiv(H, lay.tile_h) * cdiv(W, lay.tile_w)
 
 
 def dft_matrices(p: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +147,7 @@ def _wide(prec: str) -> bool:
 def channel_block(p: int, C: int, prec: str = "tf32") -> int:
     """Channels per block for window p, C channels and dot precision (a power of two, at most C rounded up)."""
     cb = (CHANNEL_BLOCK_WIDE if _wide(prec) else CHANNEL_BLOCK)[p]
-    return max(1, min(cb, triton.next_power_of_2(C)))
+    return max(1, min(cb, next_power_of_2(C)))
 
 
 def _num_warps(p: int) -> int:
@@ -167,7 +168,7 @@ def one_shot_channels(p: int, C: int, backward: bool = False, prec: str = "tf32"
     """Channel block of the one-shot kernels for window p, C channels and dot precision, or 0 when C
     does not fit (limits halved for the backward and for split-operand precisions)."""
     lay = layout(p)
-    cb = triton.next_power_of_2(C)
+    cb = next_power_of_2(C)
     elems = ONE_SHOT_ELEMS if SETTINGS.wfa_one_shot_elems is None else SETTINGS.wfa_one_shot_elems
     limit = elems // (2 if backward else 1) // (2 if _wide(prec) else 1)
     return cb if cb * lay.br * lay.bc <= limit else 0
@@ -658,11 +659,11 @@ def _split(N: int, C: int, tiles: int, device: torch.device, cb: int = 1) -> Tup
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     if tiles * N >= target or C == 1:
         return 1, C
-    s = min(C, triton.cdiv(target, tiles * N))
-    cs = triton.cdiv(C, s)
+    s = min(C, cdiv(target, tiles * N))
+    cs = cdiv(C, s)
     if cs > cb:
-        cs = triton.cdiv(cs, cb) * cb
-    return triton.cdiv(C, cs), cs
+        cs = cdiv(cs, cb) * cb
+    return cdiv(C, cs), cs
 
 
 def _stats_workspace(N: int, S: int, tiles: int, p: int, device: torch.device) -> torch.Tensor:
