@@ -488,7 +488,10 @@ def _choose(table: OpDispatch, key: tuple, args: Sequence[Any]) -> Callable:
             cls = table.shape_class(*call_args)
             fn = per_shape.get(cls)
             if fn is None:
-                fn = _finish(table, key + (cls,), _eligible(table.name, found, dtypes, call_args), call_args, device)
+                eligible = _eligible(table.name, found, dtypes, call_args)
+                if not eligible and choice != "auto" and found == [choice]:
+                    _refuse_named(table, choice, dtypes, call_args)
+                fn = _finish(table, key + (cls,), eligible, call_args, device)
                 if not _capturing(device):
                     per_shape[cls] = fn
             return fn(*call_args)
@@ -497,6 +500,22 @@ def _choose(table: OpDispatch, key: tuple, args: Sequence[Any]) -> Callable:
         return by_shape
     table.memo[key] = fn = _finish(table, key, found, args, device)
     return fn
+
+
+def _refuse_named(table: OpDispatch, name: str, dtypes: Iterable[torch.dtype], args: Sequence[Any]) -> None:
+    """Backend ``name``, chosen by name, whose implementation's check refuses ``args`` (it takes their
+    dtypes): a ``ValueError`` with the check's reason and the backends that take them. (An undeclared
+    dtype instead runs the reference: the declaration rule of :func:`resolve`.)"""
+    support = table.support.get(name)
+    if support is None or support.check is None or not support.dtypes.issuperset(dtypes):
+        return
+    why = support.check(*args)
+    if why is None:
+        return
+    others = [b for b in dict.fromkeys(table.cuda_order + BACKENDS) if b != name and b in table.impls and _why_unavailable(b) is None
+              and _input_error(table.name, b, dtypes, args) is None]
+    raise ValueError(f"{table.name}: {why}; run this op with backend "
+                     f"{' or '.join(repr(b) for b in others) or 'auto'}")
 
 
 def _finish(table: OpDispatch, key: tuple, eligible: List[str], args: Sequence[Any],
