@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import warnings
 from typing import Iterator, Optional, Union
@@ -27,6 +28,7 @@ from .lowerings import LOWERINGS
 DEFAULT_OPSET = 18
 EXPORT_DTYPES = (torch.float32, torch.float16)
 STANDARD_DOMAINS = ("", "ai.onnx")
+METADATA_KEY = "moce_config"  # the model's constructor arguments and pad_multiple, JSON
 
 
 class ExportError(ValueError):
@@ -110,7 +112,8 @@ def export_onnx(model: MoCEIR, path: Union[str, os.PathLike], *, dtype: torch.dt
         opset: ONNX opset, >= 18.
         sample_size: (B, H, W) of the tracing input; the graph takes any B, H, W >= 1.
     Returns:
-        The ``onnx.ModelProto`` written. Input ``image`` (B, 3, H, W), output ``restored``.
+        The ``onnx.ModelProto`` written. Input ``image`` (B, 3, H, W), output ``restored``; metadata
+        ``moce_config``: the model's configuration (JSON) with its ``pad_multiple``.
     Raises:
         ExportError: a model in training mode, router noise in eval, fixed routes in force, another
             dtype or opset; ImportError when onnx or onnxscript is missing (``pip install
@@ -133,5 +136,7 @@ def export_onnx(model: MoCEIR, path: Union[str, os.PathLike], *, dtype: torch.dt
                                     verbose=verbose, report=False)
     onnx_model = program.model_proto
     _check_standard(onnx_model)
-    program.save(os.fspath(path), external_data=False)
+    entry = onnx_model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(dict(model.config, pad_multiple=model.pad_multiple))
+    onnx.save(onnx_model, os.fspath(path))
     return onnx_model

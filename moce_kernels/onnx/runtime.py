@@ -8,12 +8,16 @@ fixed routes.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Optional, Union
+import tempfile
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .export import METADATA_KEY
 
 RUNTIMES = ("onnxruntime", "openvino")
 _NUMPY_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
@@ -23,12 +27,17 @@ class RuntimeUnavailable(ImportError):
     """The requested runtime's Python package is not installed."""
 
 
-def _graph_dtype(path: str) -> torch.dtype:
-    """The element type of the graph's input ``image`` (float32 or float16)."""
+def graph_info(path: str) -> Tuple[torch.dtype, Dict]:
+    """The element type of the graph's input ``image`` (float32 or float16) and the model configuration
+    stored by :func:`~moce_kernels.onnx.export_onnx` (``{}`` for a graph from elsewhere)."""
     import onnx
     model = onnx.load(path, load_external_data=False)
     elem = model.graph.input[0].type.tensor_type.elem_type
-    return {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16}[elem]
+    dtypes = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16}
+    if elem not in dtypes:
+        raise ValueError(f"{path}: the graph's input has ONNX element type {elem}; float32 or float16 expected")
+    meta = {p.key: p.value for p in model.metadata_props}
+    return dtypes[elem], json.loads(meta.get(METADATA_KEY, "{}"))
 
 
 def _onnxruntime_session(path: str, threads: Optional[int]):
@@ -62,12 +71,12 @@ class OnnxTileRunner(nn.Module):
     """An exported graph (``path``, from :func:`moce_kernels.export_onnx`) in ``runtime``.
 
     ``forward(x)``: x (N, 3, h, w) float tensor on the CPU, any N, h, w -> (N, 3, h, w) in x's dtype,
-    computed in the graph's dtype. ``pad_multiple``, ``inp_channels`` and ``config['dim']`` are what
-    :func:`moce_kernels.restore` reads to size tiles (``dim``: the model's width, for the memory budget).
+    computed in the graph's dtype. ``pad_multiple``, ``inp_channels`` and ``config['dim']`` (from the
+    graph's metadata; 8, 3 and 32 without it) are what :func:`moce_kernels.restore` reads to size tiles.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], runtime: str = "onnxruntime", *, dim: int = 32,
-                 pad_multiple: int = 8, threads: Optional[int] = None):
+    def __init__(self, path: Union[str, os.PathLike], runtime: str = "onnxruntime", *,
+                 threads: Optional[int] = None):
         super().__init__()
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -76,11 +85,11 @@ class OnnxTileRunner(nn.Module):
             raise FileNotFoundError(f"ONNX file not found: {path}")
         self.runtime = runtime
         self.path = path
-        self.graph_dtype = _graph_dtype(path)
+        self.graph_dtype, config = graph_info(path)
         self._run = (_onnxruntime_session if runtime == "onnxruntime" else _openvino_model)(path, threads)
-        self.pad_multiple = pad_multiple
-        self.inp_channels = 3
-        self.config = {"dim": dim}
+        self.pad_multiple = int(config.get("pad_multiple", 8))
+        self.inp_channels = int(config.get("inp_channels", 3))
+        self.config = {"dim": int(config.get("dim", 32))}
         # restore() reads the device and dtype of the first parameter: the CPU, float32 tiles
         self.register_parameter("_device_anchor", nn.Parameter(torch.zeros(1), requires_grad=False))
         self.eval()
@@ -92,3 +101,19 @@ class OnnxTileRunner(nn.Module):
             raise ValueError(f"the {self.runtime} runner takes CPU tensors, got one on {x.device}")
         feed = x.detach().to(self.graph_dtype).contiguous().numpy()
         return torch.from_numpy(np.asarray(self._run(feed))).to(x.dtype)
+
+
+def load_runner(src: Union[str, os.PathLike], runtime: str, *, preset: Optional[str] = None,
+                threads: Optional[int] = None) -> OnnxTileRunner:
+    """A runner for ``src``: an exported ``.onnx`` file as it is, or a checkpoint (anything
+    ``MoCEIR.from_checkpoint`` reads, with ``preset``) exported to a temporary fp32 graph first."""
+    src = os.fspath(src)
+    if src.lower().endswith(".onnx"):
+        return OnnxTileRunner(src, runtime, threads=threads)
+    from ..model.moce_ir import MoCEIR
+    from .export import export_onnx
+    model = MoCEIR.from_checkpoint(src, preset=preset).eval()
+    with tempfile.TemporaryDirectory(prefix="moce_onnx_") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        export_onnx(model, path)
+        return OnnxTileRunner(path, runtime, threads=threads)  # the runtimes keep the graph in memory
