@@ -1,7 +1,8 @@
 """Export a MoCE-IR model to ONNX: :func:`export_onnx`.
 
-The model is traced by ``torch.onnx.export(dynamo=True)`` (``torch.export`` with symbolic batch,
-height and width, then onnxscript's translation to ONNX) inside :func:`lowered_ops`, a context in
+The model is traced by the TorchScript exporter ``torch.onnx.export(dynamo=False)`` with dynamic
+batch, height and width axes (tracing records the shape arithmetic on ``x.shape`` as graph ops;
+``torch.export``'s symbolic-shape reasoning took minutes per model) inside :func:`lowered_ops`, a context in
 which every ``moce_kernels.ops`` entry the model calls runs its lowering
 (:data:`moce_kernels.onnx.lowerings.LOWERINGS`) and the model's reflect padding to a multiple of 8 is
 the gather form of :func:`reflect_pad_to_multiple` (the same values, with symbolic sizes). The graph
@@ -86,7 +87,7 @@ def check_exportable(model: torch.nn.Module, dtype: torch.dtype, opset: int) -> 
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype must be one of {EXPORT_DTYPES}, got {dtype}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < DEFAULT_OPSET:
-        raise ExportError(f"opset must be an integer >= {DEFAULT_OPSET} (the dynamo exporter's lowest), "
+        raise ExportError(f"opset must be an integer >= {DEFAULT_OPSET} (the lowest tested), "
                           f"got {opset!r}")
 
 
@@ -128,13 +129,13 @@ def export_onnx(model: MoCEIR, path: Union[str, os.PathLike], *, dtype: torch.dt
     net = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
     B, H, W = sample_size
     image = torch.rand(B, net.inp_channels, H, W, dtype=dtype)
-    dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    axes = {0: "batch", 2: "height", 3: "width"}
     with lowered_ops(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore" if not verbose else "default")
-        program = torch.onnx.export(net, (image,), dynamo=True, input_names=["image"], output_names=["restored"],
-                                    opset_version=opset, dynamic_shapes={"x": dims}, external_data=False,
-                                    verbose=verbose, report=False)
-    onnx_model = program.model_proto
+        torch.onnx.export(net, (image,), os.fspath(path), dynamo=False, input_names=["image"],
+                          output_names=["restored"], opset_version=opset, verbose=verbose,
+                          dynamic_axes={"image": axes, "restored": axes})
+    onnx_model = onnx.load(os.fspath(path))
     _check_standard(onnx_model)
     entry = onnx_model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(dict(model.config, pad_multiple=model.pad_multiple))
