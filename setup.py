@@ -45,11 +45,14 @@ setup(
     python_requires=">=3.9",
     # opencv: image files with 16-bit colour, alpha and EXIF orientation (moce-restore); tqdm: progress bars
     install_requires=["torch>=2.4", "numpy", "opencv-python-headless>=5.1", "safetensors>=0.4", "tqdm>=4.60"],
-    # spandrel: moce_kernels.spandrel (chaiNNer, ComfyUI; needs torchvision); ray: moce-restore --ray
+    # spandrel: moce_kernels.spandrel (chaiNNer, ComfyUI; needs torchvision); ray: moce-restore --ray;
+    # onnx: export_onnx / moce-export and the CPU runtimes (ONNX Runtime, OpenVINO)
     extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"],
-                    "spandrel": ["spandrel>=0.4.1"], "ray": ["ray[data]>=2.20"]},
+                    "spandrel": ["spandrel>=0.4.1"], "ray": ["ray[data]>=2.20"],
+                    "onnx": ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.22", "openvino>=2025.2"]},
     entry_points={"console_scripts": ["moce-restore=moce_kernels.cli.restore:main",
-                                      "moce-convert-ckpt=moce_kernels.cli.convert:main"]},
+                                      "moce-convert-ckpt=moce_kernels.cli.convert:main",
+                                      "moce-export=moce_kernels.cli.export:main"]},
     ext_modules=[ext] if ext is not None else [],
     cmdclass=cmdclass,
     zip_safe=False,

@@ -15,5 +15,7 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 pip_install numpy pybind11 ninja pytest pytest-benchmark pytest-xdist "setuptools>=64" wheel
 pip_install "opencv-python-headless>=5.1" "safetensors>=0.4" "tqdm>=4.60"
 pip_install "ray[data]==2.58.0"
+# the onnx extra (export and the CPU runtimes; tests/test_onnx.py): versions checked with torch 2.13.0, Python 3.11
+pip_install "onnx>=1.18" "onnxscript>=0.5" "onnxruntime>=1.22" "openvino>=2025.2"
 pip_install --no-build-isolation -e .
 "$PY" -c "import moce_kernels, torch; print('moce_kernels ready: torch', torch.__version__, '| backends:', moce_kernels.available_backends())"

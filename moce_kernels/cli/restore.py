@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16/fp16 need a GPU")
     ap.add_argument("--backend", default="auto", help="moce_kernels backend (default auto)")
     ap.add_argument("--optimize", action="store_true", help="run moce_kernels.optimize(model) first")
+    ap.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                    help="run the tiles in PyTorch (default) or, on the CPU, through the exported ONNX graph in "
+                         "ONNX Runtime or OpenVINO (--ckpt: an .onnx from moce-export, or a checkpoint, exported "
+                         "first); routing is then per tile")
     ap.add_argument("--no-progress", action="store_true",
                     help="no progress bars (on terminals) and no line per file (elsewhere)")
     ap.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -121,6 +125,8 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     """The model the arguments ask for, in eval mode on its device and dtype (UsageError if impossible)."""
     import moce_kernels
     from moce_kernels import MoCEIR
+    if args.runtime != "torch":
+        return load_runner(args)
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -142,6 +148,20 @@ def load_model(args: argparse.Namespace) -> nn.Module:
             raise UsageError("--optimize needs moce_kernels.optimize(), which this version of moce_kernels lacks")
         model = optimize(model)
     return model
+
+
+def load_runner(args: argparse.Namespace) -> nn.Module:
+    """``--runtime onnxruntime|openvino``: the exported graph as a tile runner (CPU, fp32 tiles)."""
+    if args.dtype != "fp32" or args.optimize:
+        raise UsageError(f"--runtime {args.runtime} runs the graph on the CPU in its own dtype (--device is not "
+                         f"used): leave out --dtype and --optimize")
+    from moce_kernels.onnx.runtime import load_runner as runner_for
+    try:
+        runner = runner_for(args.ckpt, args.runtime, preset=args.preset)
+    except (ValueError, RuntimeError, OSError, ImportError) as e:
+        raise UsageError(one_line(e)) from None
+    _check_tiling(args, runner.pad_multiple)
+    return runner
 
 
 def model_restorer(model: nn.Module, options: RestoreOptions) -> RestoreImage:
