@@ -24,6 +24,7 @@ import torch
 from .. import ops as _ops
 from ..model import moce_ir as _moce_ir
 from ..model.moce_ir import MoCEIR
+from ..model.moe import ROUTE_OVERRIDES
 from .lowerings import LOWERINGS
 
 DEFAULT_OPSET = 18
@@ -80,7 +81,7 @@ def check_exportable(model: torch.nn.Module, dtype: torch.dtype, opset: int) -> 
     if model.routing_noise == "always":
         raise ExportError("routing_noise='always' samples router noise in eval, which an ONNX graph would "
                           "make random per run; set model.routing_noise = 'train' (or 'never') to export")
-    fixed = [a for a in model.adapters() if a.route_override is not None]
+    fixed = [a for a in model.adapters() if a in ROUTE_OVERRIDES.active]
     if fixed:
         raise ExportError("the model is inside a record_routes()/fixed_routes() block; export it outside, "
                           "where each MoCE layer routes with its own router")

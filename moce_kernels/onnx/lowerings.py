@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..expert_stage.weights import PER_EXPERT, ExpertWeights
+from ..ops import declaration
 from ..reference import channel_attention as _ref_attention
 from ..reference import expert_conv as _ref_conv
 from ..reference import norm_conv as _ref_norm
@@ -237,4 +238,8 @@ LOWERINGS: Dict[str, Callable] = {
     "moe_experts": moe_experts,
     "moe_combine": moe_combine,
 }
+
 """Op name (as in ``moce_kernels.ops``) -> its lowering."""
+
+for _name, _lowering in LOWERINGS.items():  # each op's declaration carries its lowering
+    declaration(_name).lowering = _lowering
