@@ -1,6 +1,8 @@
 """What the console scripts share: one-line messages, warnings and checkpoint loading."""
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import sys
 import warnings
@@ -42,3 +44,12 @@ def load_checkpoint(path: str, preset: Optional[str] = None, **kwargs: Any):
     except (CheckpointError, ValueError, TypeError, RuntimeError, OSError) as e:
         message = one_line(e)
         raise UsageError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def add_checkpoint_options(ap: argparse.ArgumentParser) -> None:
+    """``--preset``, ``--set NAME=VALUE`` (repeatable) and ``--force``: how ``moce-convert-ckpt`` and
+    ``moce-export`` are told what a checkpoint cannot tell, and whether to replace ``dst``."""
+    ap.add_argument("--preset", choices=["MoCE_IR", "MoCE_IR_S"], help="the configuration to assume")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
+                    help="a constructor argument (repeatable), e.g. topk=1")
+    ap.add_argument("--force", action="store_true", help="replace dst if it exists")

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from ._common import UsageError, load_checkpoint, one_line, plain_warnings
+from ._common import UsageError, add_checkpoint_options, load_checkpoint, one_line, plain_warnings
 
 
 def _parse_sets(items: Sequence[str]) -> Dict[str, Any]:
@@ -36,10 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="released .ckpt, plain state dict or .safetensors")
     ap.add_argument("dst", help="the .safetensors file to write")
-    ap.add_argument("--preset", choices=["MoCE_IR", "MoCE_IR_S"], help="the configuration to assume")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
-                    help="a constructor argument (repeatable), e.g. topk=1")
-    ap.add_argument("--force", action="store_true", help="replace dst if it exists")
+    add_checkpoint_options(ap)
     return ap
 
 

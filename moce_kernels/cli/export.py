@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ._common import UsageError, one_line, plain_warnings
+from ._common import UsageError, add_checkpoint_options, one_line, plain_warnings
 from .convert import _parse_sets
 
 
@@ -29,10 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("dst", help="the .onnx file to write")
     ap.add_argument("--fp16", action="store_true", help="float16 weights, input and output (default float32)")
     ap.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
-    ap.add_argument("--preset", choices=["MoCE_IR", "MoCE_IR_S"], help="the configuration to assume")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
-                    help="a constructor argument (repeatable), e.g. topk=1")
-    ap.add_argument("--force", action="store_true", help="replace dst if it exists")
+    add_checkpoint_options(ap)
     return ap
 
 
