@@ -30,16 +30,15 @@ multiple of 8 and crops back, so no size requirement is declared), tiling suppor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import warnings
 from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from .model.checkpoint import (SAFETENSORS_CONFIG_KEY, AssumedConfigWarning, CheckpointError, _from_hparams,
-                               assumed_arguments, describe_mismatch, extract_state_dict, infer_config,
-                               matching_preset)
+from .model.checkpoint import (AssumedConfigWarning, CheckpointError, _from_hparams, assumed_arguments,
+                               describe_mismatch, extract_state_dict, infer_config, matching_preset)
+from .model.checkpoint import stored_config as config_in_metadata
 from .model.moce_ir import MoCEIR
 from .model.presets import preset_config
 
@@ -82,15 +81,7 @@ def stored_config(path: "str | os.PathLike") -> Optional[Dict[str, Any]]:
     from safetensors import safe_open
     with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
-    if SAFETENSORS_CONFIG_KEY not in meta:
-        return None
-    try:
-        config = json.loads(meta[SAFETENSORS_CONFIG_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{os.fspath(path)}: the stored model configuration is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{os.fspath(path)}: the stored model configuration is not a mapping: {config!r}")
-    return config
+    return config_in_metadata(os.fspath(path), meta)
 
 
 def _tensors(state_dict: Mapping[str, Any]) -> Optional[Dict[str, torch.Tensor]]:

@@ -375,6 +375,20 @@ def _verify_crcs(path: str, meta: Mapping[str, str], sd: Mapping[str, torch.Tens
                               "(a damaged or edited file)")
 
 
+def stored_config(path: str, meta: Mapping[str, str]) -> Optional[Dict[str, Any]]:
+    """The constructor arguments in a ``.safetensors`` file's metadata ``meta``, or None if it stores
+    none; :class:`CheckpointError` (naming ``path``) for a stored configuration that is not a JSON mapping."""
+    if SAFETENSORS_CONFIG_KEY not in meta:
+        return None
+    try:
+        config = json.loads(meta[SAFETENSORS_CONFIG_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the stored model configuration is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the stored model configuration is not a mapping: {config!r}")
+    return config
+
+
 def read_safetensors(path: "str | os.PathLike", map_location="cpu") -> Tuple[Dict[str, torch.Tensor],
                                                                              Optional[Dict[str, Any]]]:
     """(state dict, stored constructor arguments or None) from a safetensors file, with clear errors;
@@ -382,14 +396,7 @@ def read_safetensors(path: "str | os.PathLike", map_location="cpu") -> Tuple[Dic
     path = os.fspath(path)
     meta, sd = _open_safetensors(path)
     _verify_crcs(path, meta, sd)
-    config = None
-    if SAFETENSORS_CONFIG_KEY in meta:
-        try:
-            config = json.loads(meta[SAFETENSORS_CONFIG_KEY])
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: the stored model configuration is not valid JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{path}: the stored model configuration is not a mapping: {config!r}")
+    config = stored_config(path, meta)
     if map_location not in (None, "cpu"):
         sd = {k: v.to(map_location) for k, v in sd.items()}
     return sd, config
